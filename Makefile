@@ -1,0 +1,77 @@
+# Carrara: `make demo` runs the showcase, `make test` runs every check. Both install what they
+# need on a fresh Debian 12 machine (apt packages, a virtualenv in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+APT_PACKAGES := g++ cmake protobuf-compiler libprotobuf-dev libbenchmark-dev libgtest-dev \
+                postgresql redis-server postgresql-client redis-tools
+STAMP := $(VENV)/.installed
+NATIVE_BUILD := build/native-asan
+
+.PHONY: all install apt demo test lint typecheck stubs stubcheck native-test pytest bench services clean
+
+all: test
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml CMakeLists.txt | apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
+	$(PIP) install -q --no-build-isolation -e '.[platform,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+	@# Rebuild the native module when C++ sources changed (the editable install does not).
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(VENV)/bin/carrara demo
+
+services:
+	bash scripts/start-services.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Stubs are generated from the built module, never edited by hand.
+stubs: install
+	$(VENV)/bin/pybind11-stubgen carrara._native -o build/stubs --numpy-array-use-type-var
+	cp build/stubs/carrara/_native.pyi python/carrara/_native.pyi
+	$(VENV)/bin/ruff format -q python/carrara/_native.pyi
+
+stubcheck: install
+	$(VENV)/bin/pybind11-stubgen carrara._native -o build/stubs --numpy-array-use-type-var
+	cp build/stubs/carrara/_native.pyi build/stubs/_native.pyi && $(VENV)/bin/ruff format -q build/stubs/_native.pyi
+	diff -u python/carrara/_native.pyi build/stubs/_native.pyi || { echo "python/carrara/_native.pyi is stale: run 'make stubs'"; exit 1; }
+	$(PY) -m mypy.stubtest carrara._native --concise
+
+# The core's C++ tests, built with AddressSanitizer + UndefinedBehaviorSanitizer.
+native-test: apt
+	cmake -S . -B $(NATIVE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCARRARA_NATIVE_TESTS=ON \
+	  -DCARRARA_SANITIZE=ON -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja >/dev/null
+	cmake --build $(NATIVE_BUILD) -j2
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(NATIVE_BUILD)/core/tests/carrara_core_tests --gtest_brief=1
+
+pytest: install services
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test: install services lint typecheck stubcheck native-test pytest
+
+bench: install
+	$(PY) -m bench.core
+
+clean:
+	rm -rf build $(VENV)

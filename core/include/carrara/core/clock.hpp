@@ -1,0 +1,42 @@
+// Time source for TTLs; injectable so tests can move time by hand.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+namespace carrara::core {
+
+class Clock {
+ public:
+  virtual ~Clock() = default;
+  // Monotonic nanoseconds; only differences are meaningful.
+  virtual std::int64_t now_ns() const noexcept = 0;
+};
+
+class SteadyClock final : public Clock {
+ public:
+  std::int64_t now_ns() const noexcept override {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+};
+
+// A clock that only moves when told to: for TTL tests.
+class ManualClock final : public Clock {
+ public:
+  explicit ManualClock(std::int64_t start_ns = 0) : now_(start_ns) {}
+  std::int64_t now_ns() const noexcept override { return now_.load(std::memory_order_acquire); }
+  void set_ns(std::int64_t t) noexcept { now_.store(t, std::memory_order_release); }
+  void advance_ns(std::int64_t d) noexcept { now_.fetch_add(d, std::memory_order_acq_rel); }
+
+ private:
+  std::atomic<std::int64_t> now_;
+};
+
+// The process-wide steady clock, shared by caches built without an explicit clock.
+std::shared_ptr<Clock> steady_clock();
+
+}  // namespace carrara::core

@@ -1,0 +1,5 @@
+import sys
+
+from carrara.cli import main
+
+sys.exit(main())

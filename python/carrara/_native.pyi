@@ -1,0 +1,191 @@
+"""
+Carrara's native serving core (private: import carrara.core instead).
+"""
+
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+
+__all__: list[str] = [
+    "Assembler",
+    "ERROR_CODES",
+    "FeatureCache",
+    "FeatureVector",
+    "ManualClock",
+    "Plan",
+    "Router",
+    "stable_hash",
+]
+
+class ManualClock:
+    """
+    A clock that moves only when told to (for TTL tests).
+    """
+    def __init__(
+        self, start_seconds: typing.SupportsFloat | typing.SupportsIndex = 0.0
+    ) -> None: ...
+    def advance(self, seconds: typing.SupportsFloat | typing.SupportsIndex) -> None: ...
+    def now(self) -> float: ...
+    def set(self, seconds: typing.SupportsFloat | typing.SupportsIndex) -> None: ...
+
+class FeatureVector:
+    """
+    One entity's values in one feature-group version (read-only).
+    """
+
+    __hash__: typing.ClassVar[None] = None
+    @staticmethod
+    def decode(data: typing.Any) -> FeatureVector: ...
+    def __eq__(self, arg0: typing.Any) -> bool: ...
+    def __init__(
+        self,
+        entity_id: str,
+        group: str,
+        group_version: typing.SupportsInt | typing.SupportsIndex,
+        values: typing.Annotated[numpy.typing.ArrayLike, numpy.float32],
+        missing: typing.Annotated[numpy.typing.ArrayLike, numpy.bool] | None = None,
+        event_timestamp_us: typing.SupportsInt | typing.SupportsIndex = 0,
+        created_timestamp_us: typing.SupportsInt | typing.SupportsIndex = 0,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __repr__(self) -> str: ...
+    def encode(self) -> bytes: ...
+    @property
+    def created_timestamp_us(self) -> int: ...
+    @property
+    def entity_id(self) -> str: ...
+    @property
+    def event_timestamp_us(self) -> int: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def group_version(self) -> int: ...
+    @property
+    def missing(self) -> numpy.typing.NDArray[numpy.bool]:
+        """
+        bool mask, True = missing (a copy)
+        """
+    @property
+    def values(self) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        float32 values (a copy)
+        """
+
+class FeatureCache:
+    """
+    Sharded LRU cache of decoded feature vectors with per-entry TTL.
+    """
+    def __contains__(self, key: typing.Any) -> bool: ...
+    def __init__(
+        self,
+        capacity: typing.SupportsInt | typing.SupportsIndex = 10000,
+        ttl_seconds: typing.SupportsFloat | typing.SupportsIndex = 30.0,
+        shards: typing.SupportsInt | typing.SupportsIndex = 16,
+        clock: ManualClock = None,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+    def erase(self, key: typing.Any) -> bool: ...
+    def get(self, key: typing.Any) -> typing.Any: ...
+    def get_many(self, keys: collections.abc.Sequence) -> list: ...
+    def keys_by_recency(
+        self, shard: typing.SupportsInt | typing.SupportsIndex = 0
+    ) -> list[str]: ...
+    def purge_expired(self) -> int: ...
+    def put(
+        self,
+        key: typing.Any,
+        value: typing.Any,
+        ttl_seconds: typing.SupportsFloat | typing.SupportsIndex | None = None,
+    ) -> None: ...
+    def put_many(
+        self,
+        keys: collections.abc.Sequence,
+        values: collections.abc.Sequence,
+        ttl_seconds: typing.SupportsFloat | typing.SupportsIndex | None = None,
+    ) -> None: ...
+    def stats(self) -> dict: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def shards(self) -> int: ...
+    @property
+    def ttl_seconds(self) -> float: ...
+
+class Plan:
+    """
+    Cache lookups for one batch: hits kept, misses to fetch.
+    """
+    @property
+    def missing_keys(self) -> list[str]: ...
+    @property
+    def size(self) -> int: ...
+
+class Assembler:
+    """
+    Feature vectors of several groups -> one float32 [n, d] tensor.
+    """
+    def __init__(self, spec: typing.Any) -> None: ...
+    def assemble(self, vectors: collections.abc.Sequence, overrides: typing.Any = None) -> tuple:
+        """
+        vectors: one list per group of bytes | FeatureVector | None per entity.
+        """
+    def assemble_plan(self, plan: Plan, overrides: typing.Any = None) -> tuple: ...
+    def column_index(self, name: str) -> int | None: ...
+    def fill(
+        self, plan: Plan, values: collections.abc.Sequence, cache: FeatureCache = None
+    ) -> None: ...
+    def key(
+        self, group: typing.SupportsInt | typing.SupportsIndex, entity_id: typing.Any
+    ) -> str: ...
+    def plan(self, cache: FeatureCache, entity_ids: collections.abc.Sequence) -> Plan: ...
+    @property
+    def column_names(self) -> list[str]: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def group_count(self) -> int: ...
+
+class Router:
+    """
+    Deterministic, sticky split of entities over variants.
+    """
+    def __init__(self, policy: typing.Any) -> None: ...
+    def bucket(self, entity_id: typing.Any) -> int: ...
+    def route(self, entity_id: typing.Any) -> int: ...
+    def route_many(
+        self, entity_ids: collections.abc.Sequence
+    ) -> numpy.typing.NDArray[numpy.uint32]: ...
+    def route_name(self, entity_id: typing.Any) -> str: ...
+    @property
+    def fallback_index(self) -> int | None: ...
+    @property
+    def shadows(self) -> list[str]: ...
+    @property
+    def variant_names(self) -> list[str]: ...
+
+def _raise_error(code: typing.SupportsInt | typing.SupportsIndex, message: str) -> None:
+    """
+    Raise a core error with this code (for tests).
+    """
+
+def stable_hash(salt: typing.Any, entity_id: typing.Any) -> int:
+    """
+    The router's stable 64-bit hash of salt + id.
+    """
+
+ERROR_CODES: dict = {
+    "OK": 0,
+    "INVALID_ARGUMENT": 1,
+    "NOT_FOUND": 2,
+    "DECODE": 3,
+    "RESOURCE_EXHAUSTED": 4,
+    "FAILED_PRECONDITION": 5,
+    "INTERNAL": 6,
+    "CANCELLED": 7,
+    "DEADLINE_EXCEEDED": 8,
+    "UNAVAILABLE": 9,
+}
+__version__: str = "0.1.0"

@@ -1,0 +1,67 @@
+"""The ``carrara`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+import carrara
+
+__all__ = ["main"]
+
+# Each part adds its own commands: a module with ``register(subparsers) -> None`` whose
+# handlers import their heavy dependencies lazily, so ``carrara --help`` stays fast.
+PART_CLIS = (
+    "carrara.feature_cache.cli",
+    "carrara.registry.cli",
+    "carrara.training.cli",
+    "carrara.gateway.cli",
+    "carrara.monitoring.cli",
+)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from carrara.demo import run_core_showcase
+
+    return run_core_showcase(entities=args.entities)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carrara",
+        description="Carrara: feature store, training, registry, serving and monitoring.",
+    )
+    parser.add_argument("--version", action="version", version=f"carrara {carrara.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="run the end-to-end showcase on this machine")
+    demo.add_argument("--entities", type=int, default=10_000, help="entities to serve")
+    demo.set_defaults(func=_cmd_demo)
+    for name in PART_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the part exists but something it imports is missing
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    try:
+        return func(args)
+    except carrara.CarraraError as exc:
+        print(f"carrara: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

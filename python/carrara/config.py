@@ -1,0 +1,105 @@
+"""One typed configuration object: defaults < TOML file < ``CARRARA_*`` environment variables.
+
+Every part receives a ``Settings`` (or the piece of it it needs) from its caller; nothing deep in
+the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from carrara.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "CARRARA_"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where Carrara keeps its state and which backends it talks to.
+
+    URLs select the backend: ``sqlite:///path`` or ``postgresql://...`` for the registry and
+    catalog; ``memory://`` or ``redis://host:port/db`` for the online store; ``local:///path``
+    (SQLite-backed durable log) or ``redis://...`` (Redis Streams) for the event log.
+    """
+
+    home: str = ".carrara"
+    registry_url: str = ""  # "" = sqlite:///{home}/registry.db
+    online_store_url: str = "memory://"
+    offline_store_path: str = ""  # "" = {home}/offline
+    event_log_url: str = ""  # "" = local:///{home}/events.db
+    artifact_path: str = ""  # "" = {home}/artifacts
+    cache_capacity: int = 10_000
+    cache_ttl_seconds: float = 30.0
+    api_token: str = ""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.cache_capacity <= 0:
+            raise ConfigError(f"cache_capacity must be > 0, got {self.cache_capacity}")
+        if self.cache_ttl_seconds <= 0:
+            raise ConfigError(f"cache_ttl_seconds must be > 0, got {self.cache_ttl_seconds}")
+
+    @property
+    def resolved_registry_url(self) -> str:
+        return self.registry_url or f"sqlite:///{Path(self.home) / 'registry.db'}"
+
+    @property
+    def resolved_offline_store_path(self) -> str:
+        return self.offline_store_path or str(Path(self.home) / "offline")
+
+    @property
+    def resolved_event_log_url(self) -> str:
+        return self.event_log_url or f"local:///{Path(self.home) / 'events.db'}"
+
+    @property
+    def resolved_artifact_path(self) -> str:
+        return self.artifact_path or str(Path(self.home) / "artifacts")
+
+
+_FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(_FIELDS))
+            raise ConfigError(f"unknown setting {key}; known: {known}")
+        out[name] = value
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Build ``Settings`` from a TOML file (``path`` or ``$CARRARA_CONFIG``), the environment
+    and keyword overrides, later sources winning. Values are type-checked and converted."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    file = path if path is not None else env.get(f"{ENV_PREFIX}CONFIG")
+    if file:
+        try:
+            with open(file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {file} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+        values.update(doc.get("carrara", doc))
+    values.update(_from_env(env))
+    values.update(overrides)
+    try:
+        # str_values: environment strings like "42" convert to the field's type.
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,103 @@
+"""The native serving core, under its public names.
+
+Specs and policies are plain msgspec structs; they go once into a native object whose hot
+methods take strings/bytes and return numpy arrays (see DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from numpy.typing import ArrayLike
+
+from carrara._native import (
+    Assembler,
+    FeatureCache,
+    FeatureVector,
+    ManualClock,
+    Plan,
+    Router,
+    stable_hash,
+)
+
+__all__ = [
+    "Assembler",
+    "AssemblerSpec",
+    "FeatureCache",
+    "FeatureRef",
+    "FeatureVector",
+    "GroupSchema",
+    "ManualClock",
+    "Plan",
+    "Router",
+    "RoutingPolicy",
+    "Variant",
+    "decode_feature_vector",
+    "encode_feature_vector",
+    "stable_hash",
+]
+
+
+class GroupSchema(msgspec.Struct, frozen=True):
+    """A feature-group version: its features in the order its FeatureVector values use."""
+
+    name: str
+    version: int
+    features: tuple[str, ...]
+
+
+class FeatureRef(msgspec.Struct, frozen=True):
+    """One output column: ``group.feature``, and the value used when it is missing."""
+
+    group: str
+    feature: str
+    default: float = 0.0
+
+
+class AssemblerSpec(msgspec.Struct, frozen=True):
+    """What a model reads: the group versions involved and the ordered output columns."""
+
+    groups: tuple[GroupSchema, ...]
+    features: tuple[FeatureRef, ...]
+
+
+class Variant(msgspec.Struct, frozen=True):
+    """A model variant in a deployment and its share of traffic in basis points."""
+
+    name: str
+    weight_bp: int
+    canary: bool = False
+
+
+class RoutingPolicy(msgspec.Struct, frozen=True):
+    """Traffic split: routed variants (weights sum to 10,000 bp), shadows, fallback."""
+
+    variants: tuple[Variant, ...]
+    salt: str = ""
+    shadows: tuple[str, ...] = ()
+    fallback: str | None = None
+
+
+def encode_feature_vector(
+    entity_id: str,
+    group: str,
+    group_version: int,
+    values: ArrayLike,
+    missing: ArrayLike | None = None,
+    event_timestamp_us: int = 0,
+    created_timestamp_us: int = 0,
+) -> bytes:
+    """Serialize one entity's values to the online-store ``FeatureVector`` protobuf."""
+    return FeatureVector(
+        entity_id,
+        group,
+        group_version,
+        values,
+        missing,
+        event_timestamp_us,
+        created_timestamp_us,
+    ).encode()
+
+
+def decode_feature_vector(data: bytes) -> FeatureVector:
+    """Parse ``FeatureVector`` bytes; raises ``carrara.DecodeError`` on malformed input."""
+    return FeatureVector.decode(data)

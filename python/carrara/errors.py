@@ -1,0 +1,140 @@
+"""Carrara's one exception hierarchy, shared by the Python services and the native core.
+
+Each class also inherits the builtin it resembles, so ``except ValueError`` keeps working.
+``CODES`` pairs the native core's numeric error codes with these classes; the binding
+(``cpp/_native.cpp``) raises through the same table.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CODES",
+    "AlreadyExistsError",
+    "CancelledError",
+    "CarraraError",
+    "ConfigError",
+    "DecodeError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "error_for_code",
+]
+
+
+class CarraraError(Exception):
+    """Base of every error Carrara raises on purpose."""
+
+    #: HTTP status a service answers with for this error.
+    http_status: int = 500
+    #: gRPC status code name for this error.
+    grpc_code: str = "UNKNOWN"
+
+
+class InvalidArgumentError(CarraraError, ValueError):
+    """The caller sent something that can never work (bad spec, wrong shape, unknown name)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class DecodeError(InvalidArgumentError):
+    """Bytes that do not parse as the expected message."""
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration value (file or ``CARRARA_*`` variable) is invalid."""
+
+
+class NotFoundError(CarraraError, LookupError):
+    """A named thing (model, version, feature group, entity) does not exist."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class AlreadyExistsError(CarraraError, ValueError):
+    """Creating something whose name or id is taken."""
+
+    http_status = 409
+    grpc_code = "ALREADY_EXISTS"
+
+
+class FailedPreconditionError(CarraraError, RuntimeError):
+    """The system is not in a state where this call can succeed (e.g. a gate failed)."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ResourceExhaustedError(CarraraError, RuntimeError):
+    """Over a limit: load shedding, batch size, quota."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UnauthenticatedError(CarraraError, PermissionError):
+    """No or unknown credentials."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(CarraraError, PermissionError):
+    """Known caller without the role the call needs."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class CancelledError(CarraraError):
+    """The operation was cancelled by its caller."""
+
+    http_status = 499
+    grpc_code = "CANCELLED"
+
+
+class DeadlineExceededError(CarraraError, TimeoutError):
+    """The operation did not finish within its deadline."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(CarraraError, ConnectionError):
+    """A dependency (store, backend) cannot be reached right now; retrying may work."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class InternalError(CarraraError, RuntimeError):
+    """A bug: an invariant of Carrara itself broke."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+
+#: Native error code (core/include/carrara/core/error.hpp) -> exception class.
+CODES: dict[int, type[CarraraError]] = {
+    1: InvalidArgumentError,
+    2: NotFoundError,
+    3: DecodeError,
+    4: ResourceExhaustedError,
+    5: FailedPreconditionError,
+    6: InternalError,
+    7: CancelledError,
+    8: DeadlineExceededError,
+    9: UnavailableError,
+}
+
+
+def error_for_code(code: int) -> type[CarraraError]:
+    """The exception class for a native error code; unknown codes are internal errors."""
+    return CODES.get(code, InternalError)

@@ -1,0 +1,3 @@
+"""Model registry: versions, lineage, evaluation gates, approvals, deployments."""
+
+__all__: list[str] = []
