@@ -55,7 +55,8 @@ def run_core_showcase(entities: int = 10_000, console: Console | None = None) ->
             store[assembler.key(g, entity)] = encode_feature_vector(
                 entity, group.name, group.version, truth[g, i]
             )
-    cache = FeatureCache(capacity=entities * len(GROUPS), ttl_seconds=30.0)
+    # Headroom: capacity is split evenly over shards, and keys do not spread perfectly evenly.
+    cache = FeatureCache(capacity=2 * entities * len(GROUPS), ttl_seconds=30.0)
 
     def serve(batch: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         plan = assembler.plan(cache, batch)
