@@ -55,7 +55,7 @@ stubcheck: install
 	$(VENV)/bin/pybind11-stubgen carrara._native -o build/stubs --numpy-array-use-type-var
 	cp build/stubs/carrara/_native.pyi build/stubs/_native.pyi && $(VENV)/bin/ruff format -q build/stubs/_native.pyi
 	diff -u python/carrara/_native.pyi build/stubs/_native.pyi || { echo "python/carrara/_native.pyi is stale: run 'make stubs'"; exit 1; }
-	$(PY) -m mypy.stubtest carrara._native --concise
+	$(PY) -m mypy.stubtest carrara._native --concise --mypy-config-file pyproject.toml --allowlist cpp/stubtest-allowlist.txt
 
 # The core's C++ tests, built with AddressSanitizer + UndefinedBehaviorSanitizer.
 native-test: apt

@@ -148,10 +148,10 @@ py::array_t<bool> missing_array(const cc::DecodedVector& v) {
 class PyFeatureCache {
  public:
   PyFeatureCache(std::size_t capacity, double ttl_seconds, std::size_t shards,
-                 std::shared_ptr<cc::ManualClock> clock)
+                 std::optional<std::shared_ptr<cc::ManualClock>> clock)
       : cache_(std::make_shared<cc::FeatureCache>(
             cc::CacheOptions{capacity, seconds_to_ns(ttl_seconds, "ttl_seconds"), shards},
-            clock)) {}
+            clock.value_or(nullptr))) {}
 
   void put(py::handle key, py::handle value, std::optional<double> ttl_seconds) {
     std::string_view k = str_view(key, "key");
@@ -445,9 +445,10 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<PyFeatureCache>(m, "FeatureCache",
                              "Sharded LRU cache of decoded feature vectors with per-entry TTL.")
-      .def(py::init<std::size_t, double, std::size_t, std::shared_ptr<cc::ManualClock>>(),
+      .def(py::init<std::size_t, double, std::size_t,
+                    std::optional<std::shared_ptr<cc::ManualClock>>>(),
            py::arg("capacity") = 10'000, py::arg("ttl_seconds") = 30.0, py::arg("shards") = 16,
-           py::arg("clock") = nullptr)
+           py::arg("clock") = py::none())
       .def("put", &PyFeatureCache::put, py::arg("key"), py::arg("value"),
            py::arg("ttl_seconds") = py::none())
       .def("put_many", &PyFeatureCache::put_many, py::arg("keys"), py::arg("values"),
@@ -499,7 +500,8 @@ PYBIND11_MODULE(_native, m) {
            },
            py::arg("cache"), py::arg("entity_ids"))
       .def("fill",
-           [](const cc::Assembler& a, PyPlan& p, const py::sequence& values, PyFeatureCache* cache) {
+           [](const cc::Assembler& a, PyPlan& p, const py::sequence& values,
+              std::optional<PyFeatureCache*> cache) {
              std::vector<std::optional<std::string_view>> vs;
              vs.reserve(static_cast<std::size_t>(py::len(values)));
              for (py::handle h : values) {
@@ -510,9 +512,10 @@ PYBIND11_MODULE(_native, m) {
                }
              }
              py::gil_scoped_release nogil;
-             a.fill(p.plan, vs, cache == nullptr ? nullptr : &cache->native());
+             PyFeatureCache* c = cache.value_or(nullptr);
+             a.fill(p.plan, vs, c == nullptr ? nullptr : &c->native());
            },
-           py::arg("plan"), py::arg("values"), py::arg("cache") = nullptr)
+           py::arg("plan"), py::arg("values"), py::arg("cache") = py::none())
       .def("assemble_plan",
            [](const cc::Assembler& a, const PyPlan& p, const py::object& overrides) {
              std::vector<cc::Override> ov = overrides_from_python(a, overrides);
