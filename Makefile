@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml CMakeLists.txt | apt
 install: $(STAMP)
 	@# Rebuild the native module when C++ sources changed (the editable install does not).
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	bash scripts/mypy-tree.sh
 
 demo: install
 	$(VENV)/bin/carrara demo
@@ -43,6 +44,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
+	bash scripts/mypy-tree.sh
 	$(VENV)/bin/mypy
 
 # Stubs are generated from the built module, never edited by hand.
