@@ -49,6 +49,7 @@ class PredictionLogger:
         self.written = 0
         self.failures = 0
         self._closed = False
+        self._deadline = float("inf")
         self._thread = threading.Thread(
             target=self._run, name="carrara-prediction-log", daemon=True
         )

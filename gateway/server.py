@@ -1,0 +1,106 @@
+"""Run the gateway's gRPC and HTTP fronts in one event loop (``carrara serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import grpc
+import uvicorn
+
+from carrara.gateway.grpc_front import NOT_SERVING, SERVING, add_services
+from carrara.gateway.http_front import create_app
+from carrara.gateway.service import Gateway
+
+__all__ = ["GatewayServer", "ServerThread"]
+
+
+class GatewayServer:
+    """Both fronts on ``host`` (loopback by default); port 0 picks a free port."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        http_port: int = 0,
+        grace_s: float = 5.0,
+    ) -> None:
+        self.gateway = gateway
+        self.host = host
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.grace_s = grace_s
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._grpc = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)]
+        )
+        self._health = add_services(self._grpc, self.gateway)
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        await self._grpc.start()
+        await self._health.set("", SERVING)
+        config = uvicorn.Config(
+            create_app(self.gateway),
+            host=self.host,
+            port=self.http_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the startup error
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Graceful: report NOT_SERVING, drain in-flight requests, then close both fronts."""
+        if self._grpc is not None:
+            await self._health.set("", NOT_SERVING)
+        await self.gateway.drain(self.grace_s)
+        if self._grpc is not None:
+            await self._grpc.stop(self.grace_s)
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+
+
+class ServerThread:
+    """A ``GatewayServer`` on its own event loop in a background thread (tests, the demo)."""
+
+    def __init__(self, make_server: Callable[[], GatewayServer]) -> None:
+        self._make = make_server
+        self._loop = asyncio.new_event_loop()
+        self._started: Future[GatewayServer] = Future()
+        self._thread = threading.Thread(target=self._run, name="carrara-gateway", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            server = self._make()
+            self._loop.run_until_complete(server.start())
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(server)
+        self._loop.run_forever()
+
+    def start(self, timeout_s: float = 30.0) -> GatewayServer:
+        self._thread.start()
+        return self._started.result(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        server = self._started.result()
+        asyncio.run_coroutine_threadsafe(server.stop(), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+        self._loop.close()

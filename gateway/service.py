@@ -1,0 +1,86 @@
+"""The handler path shared by the gRPC and HTTP fronts: one ``Gateway`` per process.
+
+It runs ``ServingEngine.predict`` on a small thread pool (the engine releases the GIL in the
+native core and in ONNX Runtime), records metrics, and tracks readiness and draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numpy.typing import NDArray
+
+from carrara.errors import CarraraError, ResourceExhaustedError, UnavailableError
+from carrara.gateway.engine import PredictionResult, ServingEngine
+from carrara.gateway.metrics import GatewayMetrics
+
+__all__ = ["Gateway"]
+
+
+class Gateway:
+    def __init__(self, engine: ServingEngine, *, threads: int = 8) -> None:
+        self.engine = engine
+        self.metrics = GatewayMetrics(engine.cache)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="carrara-predict")
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and bool(self.engine.models())
+
+    async def predict(
+        self,
+        model: str,
+        entity_ids: Sequence[str],
+        overrides: Mapping[str, float | Sequence[float] | NDArray[np.float32]] | None = None,
+        request_id: str | None = None,
+    ) -> PredictionResult:
+        if self.draining:
+            raise UnavailableError("gateway is shutting down; retry on another replica")
+        self._active += 1
+        self._idle.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._pool, self.engine.predict, model, entity_ids, overrides, request_id
+            )
+        except CarraraError as exc:
+            if isinstance(exc, ResourceExhaustedError):
+                self.metrics.shed.inc()
+            self.metrics.errors.labels(model, exc.grpc_code).inc()
+            raise
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+        self._record(result)
+        return result
+
+    def _record(self, result: PredictionResult) -> None:
+        seconds = result.latency_us / 1e6
+        seen: dict[tuple[str, int], int] = {}
+        for variant, version in zip(result.variants, result.versions, strict=True):
+            seen[(variant, version)] = seen.get((variant, version), 0) + 1
+        for (variant, version), count in seen.items():
+            self.metrics.latency.labels(result.model, str(version), variant).observe(seconds)
+            self.metrics.predictions.labels(result.model, str(version), variant).inc(count)
+        degraded = sum(result.degraded)
+        if degraded:
+            self.metrics.degraded.labels(result.model).inc(degraded)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Refuse new work, wait for in-flight requests to finish."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.engine.close()

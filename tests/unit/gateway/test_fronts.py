@@ -1,0 +1,183 @@
+"""The gRPC (Carrara Predict, KServe v2 through the real tritonclient, health) and HTTP fronts
+give the same answers as the engine, and map errors to the right status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from carrara.core import (
+    AssemblerSpec,
+    FeatureCache,
+    FeatureRef,
+    GroupSchema,
+    RoutingPolicy,
+    Variant,
+    encode_feature_vector,
+)
+from carrara.gateway.backends import OnnxBackend
+from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
+from carrara.gateway.onnx_models import write_linear_model
+from carrara.gateway.server import GatewayServer, ServerThread
+from carrara.gateway.service import Gateway
+from carrara.v1 import predict_pb2
+
+GROUP = GroupSchema("user", 1, ("a", "b"))
+SPEC = AssemblerSpec(groups=(GROUP,), features=(FeatureRef("user", "a"), FeatureRef("user", "b")))
+W = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)[:2]  # [2, 2]: two outputs
+
+
+class Store:
+    def __init__(self) -> None:
+        self.data = {
+            f"user:1:u{i}": encode_feature_vector(f"u{i}", "user", 1, [float(i), float(-i)])
+            for i in range(100)
+        }
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self.data.get(k) for k in keys]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    path = write_linear_model(tmp_path_factory.mktemp("m") / "m.onnx", W, [0.5, -0.5])
+    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
+    engine.deploy(
+        ModelDeployment(
+            model="scorer",
+            policy=RoutingPolicy(variants=(Variant("v3", 10_000),)),
+            variants=(VariantSpec(name="v3", version=3, features=SPEC),),
+        ),
+        {"v3": OnnxBackend(path)},
+    )
+    gateway = Gateway(engine)
+    thread = ServerThread(lambda: GatewayServer(gateway))
+    srv = thread.start()
+    yield srv
+    thread.stop()
+    gateway.close()
+
+
+def expected(i: int) -> list[float]:
+    x = np.array([i, -i], np.float32)
+    return (x @ W + np.array([0.5, -0.5], np.float32)).tolist()
+
+
+def test_carrara_predict_over_grpc(server: GatewayServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = channel.unary_unary(
+            "/carrara.v1.Predict/Predict",
+            request_serializer=predict_pb2.PredictRequest.SerializeToString,
+            response_deserializer=predict_pb2.PredictResponse.FromString,
+        )
+        r = call(
+            predict_pb2.PredictRequest(
+                model="scorer", entity_ids=["u3", "u7", "nobody"], request_id="q1"
+            )
+        )
+        assert (r.model, r.model_version, r.variant, r.request_id) == ("scorer", 3, "v3", "q1")
+        assert [p.entity_id for p in r.predictions] == ["u3", "u7", "nobody"]
+        assert list(r.predictions[0].values) == pytest.approx(expected(3))
+        assert list(r.predictions[1].values) == pytest.approx(expected(7))
+        assert list(r.predictions[2].values) == pytest.approx(expected(0))  # defaults are 0
+        r = call(
+            predict_pb2.PredictRequest(
+                model="scorer",
+                entity_ids=["u3"],
+                overrides=[predict_pb2.FeatureOverride(name="b", values=[10.0])],
+            )
+        )
+        assert list(r.predictions[0].values) == pytest.approx([3.5, 19.5])
+        with pytest.raises(grpc.RpcError) as err:
+            call(predict_pb2.PredictRequest(model="nope", entity_ids=["u1"]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "not deployed" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err:
+            call(predict_pb2.PredictRequest(model="scorer"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_health(server: GatewayServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status = stub.Check(health_pb2.HealthCheckRequest(service="")).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unmodified_tritonclient(server: GatewayServer) -> None:
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("scorer") and not client.is_model_ready("nope")
+        assert client.get_server_metadata().name == "carrara"
+        meta = client.get_model_metadata("scorer")
+        assert meta.versions == ["3"]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("entity_ids", "BYTES", [-1])
+        ]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+            ("predictions", "FP32", [-1, 2])
+        ]
+        config = client.get_model_config("scorer").config
+        assert config.name == "scorer" and config.output[0].name == "predictions"
+
+        ids = np.array([b"u1", b"u42", b"u99"], dtype=np.object_)
+        inp = triton.InferInput("entity_ids", [3], "BYTES")
+        inp.set_data_from_numpy(ids)
+        result = client.infer("scorer", [inp], outputs=[triton.InferRequestedOutput("predictions")])
+        out = result.as_numpy("predictions")
+        assert out.shape == (3, 2)
+        np.testing.assert_allclose(out, [expected(1), expected(42), expected(99)], rtol=1e-6)
+
+        # Feature override as an extra FP32 input, per entity.
+        override = triton.InferInput("a", [3], "FP32")
+        override.set_data_from_numpy(np.array([0.0, 0.0, 1.0], np.float32))
+        out = client.infer("scorer", [inp, override]).as_numpy("predictions")
+        assert out[2].tolist() == pytest.approx([1.5, -198.5])
+
+        with pytest.raises(InferenceServerException, match="not deployed"):
+            client.infer("nope", [inp])
+        bad = triton.InferInput("entity_ids", [2], "FP32")
+        bad.set_data_from_numpy(np.zeros(2, np.float32))
+        with pytest.raises(InferenceServerException, match="must be BYTES"):
+            client.infer("scorer", [bad])
+        stats = client.get_inference_statistics("scorer").model_stats[0]
+        assert stats.inference_stats.success.count >= 2
+        assert stats.inference_stats.fail.count >= 1
+    finally:
+        client.close()
+
+
+def test_http_front(server: GatewayServer) -> None:
+    base = f"http://127.0.0.1:{server.http_port}"
+    with httpx.Client(base_url=base) as http:
+        r = http.post("/predict/scorer", json={"entity_ids": ["u5"], "request_id": "h1"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["request_id"] == "h1" and body["degraded"] is False
+        assert body["predictions"][0]["values"] == pytest.approx(expected(5))
+        assert body["predictions"][0]["model_version"] == 3
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json()["models"] == ["scorer"]
+        r = http.post("/predict/nope", json={"entity_ids": ["u5"]})
+        assert r.status_code == 404 and "not deployed" in r.json()["error"]["message"]
+        r = http.post("/predict/scorer", json={"entity_ids": "u5"})
+        assert r.status_code == 400 and "invalid predict request" in r.json()["error"]["message"]
+        r = http.post("/predict/scorer", content=b"{not json")
+        assert r.status_code == 400
+        r = http.post("/predict/scorer", json={"entity_ids": ["u1"], "overrides": {"zz": 1}})
+        assert r.status_code == 400 and "unknown feature 'zz'" in r.text
+        metrics = http.get("/metrics").text
+        assert (
+            'carrara_predict_latency_seconds_count{model="scorer",variant="v3",version="3"}'
+            in metrics
+        )
+        assert 'carrara_predict_errors_total{code="NOT_FOUND",model="nope"}' in metrics
+        assert "carrara_feature_cache_hit_ratio" in metrics
