@@ -10,7 +10,9 @@ APT_PACKAGES := g++ cmake protobuf-compiler libprotobuf-dev libbenchmark-dev lib
 STAMP := $(VENV)/.installed
 NATIVE_BUILD := build/native-asan
 
-.PHONY: all install apt demo test lint typecheck stubs stubcheck native-test pytest bench services clean
+TRITON_VENV := build/triton-venv
+
+.PHONY: all install apt triton-env demo test lint typecheck stubs stubcheck native-test pytest bench services clean
 
 all: test
 
@@ -32,6 +34,15 @@ install: $(STAMP)
 	@# Rebuild the native module when C++ sources changed (the editable install does not).
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	bash scripts/mypy-tree.sh
+
+# A real Triton server for the Triton-backend tests: nvidia-pytriton ships Triton 2.51 (CPU,
+# python backend) but pins numpy<2, so it gets its own virtualenv.
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0" onnxruntime
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
 
 demo: install
 	$(VENV)/bin/carrara demo
@@ -67,7 +78,7 @@ native-test: apt
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(NATIVE_BUILD)/core/tests/carrara_core_tests --gtest_brief=1
 
-pytest: install services
+pytest: install services triton-env
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test: install services lint typecheck stubcheck native-test pytest
