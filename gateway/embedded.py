@@ -1,0 +1,89 @@
+"""``Embedded``: the gateway's serving path in-process, for Python applications (no network hop).
+
+The same ``ServingEngine`` the gRPC/HTTP fronts use, plus the prediction logger, wired to an
+online store (anything with ``get_many(keys)``, e.g. ``carrara.feature_cache`` stores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from carrara.core import FeatureCache
+from carrara.gateway.backends import Backend
+from carrara.gateway.engine import ModelDeployment, PredictionResult, ServingEngine
+from carrara.gateway.prediction_log import Appender, PredictionLogger
+
+__all__ = ["Embedded", "KeyValueStore", "StoreReader"]
+
+
+class KeyValueStore(Protocol):
+    """An online store: raw-key batch reads in one round trip, keys under ``namespace``."""
+
+    namespace: str
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+
+class StoreReader:
+    """Adapts an online store to the engine: the core's keys are ``{group}:{version}:{entity}``;
+    the store may keep them under a ``{namespace}:`` prefix."""
+
+    def __init__(self, store: KeyValueStore) -> None:
+        self.store = store
+        self.prefix = f"{store.namespace}:" if store.namespace else ""
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self.prefix:
+            keys = [self.prefix + k for k in keys]
+        return self.store.get_many(keys)
+
+
+class Embedded:
+    """In-process predictions: ``deploy`` models, then ``predict(model, entity_ids)``."""
+
+    def __init__(
+        self,
+        store: KeyValueStore,
+        *,
+        event_log: Appender | None = None,
+        cache_capacity: int = 10_000,
+        cache_ttl_seconds: float = 30.0,
+        max_in_flight: int = 256,
+        **engine_options: Any,
+    ) -> None:
+        self.logger = PredictionLogger(event_log) if event_log is not None else None
+        self.engine = ServingEngine(
+            StoreReader(store),
+            cache=FeatureCache(capacity=cache_capacity, ttl_seconds=cache_ttl_seconds),
+            sink=self.logger,
+            max_in_flight=max_in_flight,
+            **engine_options,
+        )
+
+    def deploy(self, deployment: ModelDeployment, backends: Mapping[str, Backend]) -> None:
+        self.engine.deploy(deployment, backends)
+
+    def predict(
+        self,
+        model: str,
+        entity_ids: Sequence[str],
+        overrides: Mapping[str, float | Sequence[float] | NDArray[np.float32]] | None = None,
+        request_id: str | None = None,
+    ) -> PredictionResult:
+        return self.engine.predict(model, entity_ids, overrides, request_id)
+
+    def close(self) -> None:
+        """Stop serving and flush the prediction log."""
+        self.engine.close()
+        if self.logger is not None:
+            self.logger.close()
+
+    def __enter__(self) -> Embedded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
