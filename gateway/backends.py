@@ -37,6 +37,10 @@ class Backend(Protocol):
     @property
     def info(self) -> BackendInfo: ...
 
+    #: True when ``infer`` runs in the caller's process and needs no deadline enforcement
+    #: by a separate thread (the engine then calls it inline).
+    runs_in_process: bool
+
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         """[n, input_dim] float32 -> [n, output_dim] float32."""
         ...
@@ -60,6 +64,8 @@ _EXECUTION_PROVIDERS = {
 
 
 class OnnxBackend:
+    runs_in_process = True
+
     """An ONNX model in ONNX Runtime, for one float32 input of shape [batch, d].
 
     ``providers`` lists execution providers by short name in preference order ("tensorrt",

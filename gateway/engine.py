@@ -138,6 +138,7 @@ class _Variant:
                 f"its feature spec selects {self.assembler.dim}"
             )
         self.breaker = CircuitBreaker(spec.failure_threshold, spec.reset_after_s)
+        self.inline = bool(getattr(backend, "runs_in_process", False))
 
 
 class _Live:
@@ -264,30 +265,41 @@ class ServingEngine:
             )
         request_id = request_id or uuid.uuid4().hex
         routed = live.router.route_many(entity_ids)
-        outputs: list[NDArray[np.float32] | None] = [None] * n
+        first = int(routed[0])
+        groups = [first] if n == 1 or bool((routed == first).all()) else np.unique(routed).tolist()
+        outputs: NDArray[np.float32] | None = None
         variants: list[str] = [""] * n
         versions: list[int] = [0] * n
         degraded: list[bool] = [False] * n
         features_for_log: dict[int, tuple[_Variant, NDArray[np.float32], NDArray[np.bool_]]] = {}
-        for vi in np.unique(routed):
-            rows = np.flatnonzero(routed == vi)
-            variant = live.routed[int(vi)]
-            ids = [entity_ids[int(i)] for i in rows] if len(rows) != n else list(entity_ids)
-            sub_overrides = _slice_overrides(overrides, rows, n)
+        for vi in groups:
+            variant = live.routed[vi]
+            if len(groups) == 1:
+                rows = np.arange(n)
+                ids: Sequence[str] = entity_ids
+                sub_overrides = overrides
+            else:
+                rows = np.flatnonzero(routed == vi)
+                ids = [entity_ids[int(i)] for i in rows]
+                sub_overrides = _slice_overrides(overrides, rows, n)
             used, out, x, mask, was_degraded = self._run_variant(live, variant, ids, sub_overrides)
-            for j, i in enumerate(rows):
-                outputs[i] = out[j]
+            if outputs is None:
+                outputs = out if len(groups) == 1 else np.empty((n, out.shape[1]), np.float32)
+            if len(groups) != 1:
+                outputs[rows] = out
+            for i in rows.tolist():
                 variants[i] = used.spec.name
                 versions[i] = used.spec.version
                 degraded[i] = was_degraded
-            features_for_log[int(vi)] = (used, x, mask)
+            features_for_log[vi] = (used, x, mask)
             if live.shadows:
                 self._shadow(live, ids, sub_overrides, request_id, rows)
+        assert outputs is not None
         result = PredictionResult(
             model=model,
             request_id=request_id,
             entity_ids=list(entity_ids),
-            outputs=np.stack([o for o in outputs if o is not None]),
+            outputs=outputs,
             variants=variants,
             versions=versions,
             degraded=degraded,
@@ -318,6 +330,18 @@ class ServingEngine:
     def _infer(self, variant: _Variant, x: NDArray[np.float32]) -> NDArray[np.float32]:
         if not variant.breaker.allow():
             raise UnavailableError(f"variant {variant.spec.name!r} circuit breaker is open")
+        if variant.inline:
+            # In-process ONNX Runtime: a thread hop would cost more than small models take,
+            # and a native call cannot be abandoned anyway. Failures still feed the breaker.
+            try:
+                result = variant.backend.infer(x)
+            except InvalidArgumentError:
+                raise
+            except Exception:
+                variant.breaker.record_failure()
+                raise
+            variant.breaker.record_success()
+            return result
         future = self._pool.submit(variant.backend.infer, x)
         try:
             out: NDArray[np.float32] = future.result(timeout=variant.spec.timeout_s)

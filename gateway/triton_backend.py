@@ -26,6 +26,8 @@ __all__ = ["TritonBackend"]
 class TritonBackend:
     """A model on a Triton server with one FP32 ``[batch, d]`` input and an FP32 output."""
 
+    runs_in_process = False
+
     def __init__(
         self,
         url: str,

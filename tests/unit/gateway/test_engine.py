@@ -63,7 +63,9 @@ class Recorder:
 
 
 class SlowBackend:
-    """Wraps a backend and can be told to hang or fail."""
+    """Wraps a backend and can be told to hang or fail; behaves like a remote backend."""
+
+    runs_in_process = False
 
     def __init__(self, inner: OnnxBackend) -> None:
         self.inner = inner
@@ -247,7 +249,7 @@ def test_bad_requests(engine: ServingEngine, models: tuple[Path, Path]) -> None:
         engine.predict("ranker", ["u"] * 1_001)
     with pytest.raises(InvalidArgumentError, match="unknown feature 'zz'"):
         engine.predict("ranker", ["u1"], overrides={"zz": 1.0})
-    with pytest.raises(InvalidArgumentError, match="expected 1 or one per entity"):
+    with pytest.raises(InvalidArgumentError, match="2 values; expected 1 or"):
         engine.predict("ranker", ["u1", "u2", "u3"], overrides={"a": [1.0, 2.0]})
 
 
