@@ -127,6 +127,10 @@ class PredictionResult(msgspec.Struct, frozen=True, kw_only=True):
     latency_us: int
 
 
+class _NeedsStore(Exception):
+    """Raised inside ``try_cached`` when a feature is not cached (the store would be needed)."""
+
+
 class _Variant:
     def __init__(self, spec: VariantSpec, backend: Backend) -> None:
         self.spec = spec
@@ -217,6 +221,11 @@ class ServingEngine:
         with self._lock:
             self._live.pop(model, None)
 
+    def runs_inline(self, model: str) -> bool:
+        """Whether every variant of ``model`` computes in-process (no remote call to wait on)."""
+        live = self._live.get(model)
+        return live is not None and all(v.inline for v in live.all.values())
+
     def models(self) -> list[str]:
         return sorted(self._live)
 
@@ -243,7 +252,31 @@ class ServingEngine:
             self.shed += 1
             raise ResourceExhaustedError("gateway is at its in-flight limit; retry with backoff")
         try:
-            return self._predict(model, entity_ids, overrides, request_id)
+            result = self._predict(model, entity_ids, overrides, request_id, cached_only=False)
+        finally:
+            self._in_flight.release()
+        assert result is not None
+        return result
+
+    def try_cached(
+        self,
+        model: str,
+        entity_ids: Sequence[str],
+        overrides: Overrides | None = None,
+        request_id: str | None = None,
+    ) -> PredictionResult | None:
+        """``predict`` if every feature is in the cache and every variant runs in-process;
+        ``None`` (having done no I/O and logged nothing) when the online store would be needed.
+        Lets an event loop answer hot requests without a thread hop."""
+        if not self.runs_inline(model):
+            return None
+        if not self._in_flight.acquire(blocking=False):
+            self.shed += 1
+            raise ResourceExhaustedError("gateway is at its in-flight limit; retry with backoff")
+        try:
+            return self._predict(model, entity_ids, overrides, request_id, cached_only=True)
+        except _NeedsStore:
+            return None
         finally:
             self._in_flight.release()
 
@@ -253,6 +286,8 @@ class ServingEngine:
         entity_ids: Sequence[str],
         overrides: Overrides | None,
         request_id: str | None,
+        *,
+        cached_only: bool,
     ) -> PredictionResult:
         start = self._clock()
         live = self._get(model)
@@ -272,6 +307,7 @@ class ServingEngine:
         versions: list[int] = [0] * n
         degraded: list[bool] = [False] * n
         features_for_log: dict[int, tuple[_Variant, NDArray[np.float32], NDArray[np.bool_]]] = {}
+        shadow_jobs: list[tuple[Sequence[str], Overrides | None, NDArray[np.intp]]] = []
         for vi in groups:
             variant = live.routed[vi]
             if len(groups) == 1:
@@ -282,7 +318,9 @@ class ServingEngine:
                 rows = np.flatnonzero(routed == vi)
                 ids = [entity_ids[int(i)] for i in rows]
                 sub_overrides = _slice_overrides(overrides, rows, n)
-            used, out, x, mask, was_degraded = self._run_variant(live, variant, ids, sub_overrides)
+            used, out, x, mask, was_degraded = self._run_variant(
+                live, variant, ids, sub_overrides, cached_only
+            )
             if outputs is None:
                 outputs = out if len(groups) == 1 else np.empty((n, out.shape[1]), np.float32)
             if len(groups) != 1:
@@ -293,8 +331,10 @@ class ServingEngine:
                 degraded[i] = was_degraded
             features_for_log[vi] = (used, x, mask)
             if live.shadows:
-                self._shadow(live, ids, sub_overrides, request_id, rows)
+                shadow_jobs.append((ids, sub_overrides, rows))
         assert outputs is not None
+        for ids, sub_overrides, rows in shadow_jobs:  # only once the request cannot fail over
+            self._shadow(live, ids, sub_overrides, request_id, rows)
         result = PredictionResult(
             model=model,
             request_id=request_id,
@@ -310,11 +350,17 @@ class ServingEngine:
         return result
 
     def _features(
-        self, variant: _Variant, ids: Sequence[str], overrides: Overrides | None
+        self,
+        variant: _Variant,
+        ids: Sequence[str],
+        overrides: Overrides | None,
+        cached_only: bool = False,
     ) -> tuple[NDArray[np.float32], NDArray[np.bool_], bool]:
         plan = variant.assembler.plan(self.cache, ids)
         degraded = False
         misses = plan.missing_keys
+        if misses and cached_only:
+            raise _NeedsStore
         if misses:
             try:
                 values = self.store.mget(misses)
@@ -359,9 +405,14 @@ class ServingEngine:
         return out
 
     def _run_variant(
-        self, live: _Live, variant: _Variant, ids: Sequence[str], overrides: Overrides | None
+        self,
+        live: _Live,
+        variant: _Variant,
+        ids: Sequence[str],
+        overrides: Overrides | None,
+        cached_only: bool = False,
     ) -> tuple[_Variant, NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], bool]:
-        x, mask, degraded = self._features(variant, ids, overrides)
+        x, mask, degraded = self._features(variant, ids, overrides, cached_only)
         try:
             return variant, self._infer(variant, x), x, mask, degraded
         except InvalidArgumentError:
@@ -370,7 +421,7 @@ class ServingEngine:
             fb = live.fallback
             if fb is None or fb is variant:
                 raise
-            fx, fmask, _ = self._features(fb, ids, overrides)
+            fx, fmask, _ = self._features(fb, ids, overrides, cached_only)
             return fb, self._infer(fb, fx), fx, fmask, True
 
     def _shadow(

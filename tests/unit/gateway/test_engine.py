@@ -350,3 +350,29 @@ def test_artifact_checks(tmp_path: Path, models: tuple[Path, Path]) -> None:
             {"v1": OnnxBackend(wrong_dim)},
         )
     e.close()
+
+
+def test_try_cached_does_no_io(
+    engine: ServingEngine, store: DictStore, models: tuple[Path, Path]
+) -> None:
+    engine.deploy(deployment(), {"v1": OnnxBackend(models[0]), "v2": OnnxBackend(models[1])})
+    calls = store.calls
+    assert engine.try_cached("ranker", ["u1", "u2"]) is None  # not cached yet: no store call
+    assert store.calls == calls
+    sink = engine.sink
+    assert isinstance(sink, Recorder) and sink.batches == []  # nothing logged either
+    full = engine.predict("ranker", ["u1", "u2"])
+    cached = engine.try_cached("ranker", ["u1", "u2"])
+    assert cached is not None
+    np.testing.assert_array_equal(cached.outputs, full.outputs)
+    assert cached.variants == full.variants
+    assert store.calls == calls + 1
+
+
+def test_try_cached_declines_remote_backends(
+    engine: ServingEngine, models: tuple[Path, Path]
+) -> None:
+    remote = SlowBackend(OnnxBackend(models[0]))
+    engine.deploy(deployment((10_000, 0)), {"v1": remote, "v2": OnnxBackend(models[1])})
+    engine.predict("ranker", ["u1"])
+    assert engine.try_cached("ranker", ["u1"]) is None
