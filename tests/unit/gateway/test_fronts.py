@@ -3,7 +3,11 @@ give the same answers as the engine, and map errors to the right status codes.""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import httpx
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from carrara.core import (
@@ -22,7 +27,7 @@ from carrara.core import (
     Variant,
     encode_feature_vector,
 )
-from carrara.gateway.backends import OnnxBackend
+from carrara.gateway.backends import BackendInfo, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.server import GatewayServer, ServerThread
@@ -181,3 +186,106 @@ def test_http_front(server: GatewayServer) -> None:
         )
         assert 'carrara_predict_errors_total{code="NOT_FOUND",model="nope"}' in metrics
         assert "carrara_feature_cache_hit_ratio" in metrics
+
+
+def test_split_over_100k_entities_through_the_gateway(tmp_path: Path) -> None:
+    """90/10 over 100k entities lands within a chi-squared bound; an entity keeps its variant."""
+    from scipy import stats
+
+    path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
+    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
+    engine.deploy(
+        ModelDeployment(
+            model="ab",
+            policy=RoutingPolicy(
+                variants=(Variant("control", 9_000), Variant("treatment", 1_000)), salt="ab-7"
+            ),
+            variants=(
+                VariantSpec(name="control", version=1, features=SPEC),
+                VariantSpec(name="treatment", version=2, features=SPEC),
+            ),
+        ),
+        {"control": OnnxBackend(path), "treatment": OnnxBackend(path)},
+    )
+    ids = [f"user-{i}" for i in range(100_000)]
+    variants: list[str] = []
+    for start in range(0, len(ids), 1_000):
+        variants += engine.predict("ab", ids[start : start + 1_000]).variants
+    counts = [variants.count("control"), variants.count("treatment")]
+    assert stats.chisquare(counts, [90_000, 10_000]).pvalue > 0.001, counts
+    again = engine.predict("ab", ids[:1_000][::-1]).variants
+    assert again == variants[:1_000][::-1]
+    engine.close()
+
+
+class BlockingBackend:
+    """A remote-like backend that holds each call until released."""
+
+    runs_in_process = False
+
+    def __init__(self, inner: OnnxBackend) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.inner.info
+
+    def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        self.entered.release()
+        self.release.wait(10)
+        return self.inner.infer(x)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
+    path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
+    backend = BlockingBackend(OnnxBackend(path))
+    engine = ServingEngine(Store(), max_in_flight=2)
+    engine.deploy(
+        ModelDeployment(
+            model="slow",
+            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
+            variants=(VariantSpec(name="v1", version=1, features=SPEC, timeout_s=10.0),),
+        ),
+        {"v1": backend},
+    )
+    gateway = Gateway(engine)
+    thread = ServerThread(lambda: GatewayServer(gateway, grace_s=10.0))
+    srv = thread.start()
+    base = f"http://127.0.0.1:{srv.http_port}"
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        with httpx.Client(base_url=base, timeout=20) as http:
+            held = [
+                pool.submit(http.post, "/predict/slow", json={"entity_ids": [f"u{i}"]})
+                for i in range(2)
+            ]
+            assert backend.entered.acquire(timeout=5) and backend.entered.acquire(timeout=5)
+            shed = http.post("/predict/slow", json={"entity_ids": ["u9"]})
+            assert shed.status_code == 429 and "in-flight limit" in shed.text
+            with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+                call = channel.unary_unary(
+                    "/carrara.v1.Predict/Predict",
+                    request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                    response_deserializer=predict_pb2.PredictResponse.FromString,
+                )
+                with pytest.raises(grpc.RpcError) as err:
+                    call(predict_pb2.PredictRequest(model="slow", entity_ids=["u9"]))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Graceful stop while two requests are in flight: both still get their answer.
+            stopping = pool.submit(thread.stop)
+            time.sleep(0.3)
+            assert not stopping.done()
+            backend.release.set()
+            responses = [f.result(timeout=10) for f in held]
+            assert [r.status_code for r in responses] == [200, 200]
+            assert responses[0].json()["predictions"][0]["values"] == pytest.approx(expected(0))
+            stopping.result(timeout=20)
+    finally:
+        backend.release.set()
+        pool.shutdown()
+        gateway.close()
