@@ -1,0 +1,168 @@
+"""``carrara serve`` (run the gateway) and ``carrara predict`` (call one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the serving gateway (gRPC + HTTP)")
+    serve.add_argument("--config", required=True, help="gateway YAML: models, stores, limits")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    predict = sub.add_parser("predict", help="ask a running gateway for predictions")
+    predict.add_argument("model")
+    predict.add_argument("entity_ids", nargs="+")
+    predict.add_argument(
+        "--target",
+        default="http://127.0.0.1:8000",
+        help="http://host:port or grpc://host:port of the gateway",
+    )
+    predict.add_argument(
+        "--override", action="append", default=[], metavar="FEATURE=VALUE", help="feature override"
+    )
+    predict.add_argument("--timeout", type=float, default=10.0)
+    predict.set_defaults(func=_predict)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from carrara.gateway.config import build_backends, load_gateway_config
+    from carrara.gateway.embedded import StoreReader
+    from carrara.gateway.engine import ServingEngine
+    from carrara.gateway.server import GatewayServer
+    from carrara.gateway.service import Gateway
+
+    config = load_gateway_config(args.config)
+    from carrara.core import FeatureCache
+    from carrara.feature_cache.online_store import open_online_store
+
+    store = open_online_store(config.online_store_url)
+    logger = None
+    event_log = None
+    if config.event_log_url:
+        from carrara.eventlog import open_event_log
+        from carrara.gateway.prediction_log import PredictionLogger
+
+        event_log = open_event_log(config.event_log_url)
+        logger = PredictionLogger(event_log)
+    engine = ServingEngine(
+        StoreReader(store),
+        cache=FeatureCache(capacity=config.cache_capacity, ttl_seconds=config.cache_ttl_seconds),
+        sink=logger,
+        max_in_flight=config.max_in_flight,
+        max_batch=config.max_batch,
+    )
+    for model in config.models:
+        engine.deploy(model.deployment(), build_backends(model))
+    gateway = Gateway(engine)
+    server = GatewayServer(
+        gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port
+    )
+
+    async def main() -> None:
+        await server.start()
+        print(
+            f"carrara gateway: gRPC {args.host}:{server.grpc_port}, "
+            f"HTTP {args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    finally:
+        gateway.close()
+        if logger is not None:
+            logger.close()
+        if event_log is not None:
+            event_log.close()
+        store.close()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from carrara.errors import InvalidArgumentError
+
+    overrides: dict[str, float] = {}
+    for item in args.override:
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InvalidArgumentError(f"--override wants FEATURE=NUMBER, got {item!r}")
+    target: str = args.target
+    if target.startswith("grpc://"):
+        import grpc
+
+        from carrara.v1 import predict_pb2
+
+        with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+            call = channel.unary_unary(
+                "/carrara.v1.Predict/Predict",
+                request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                response_deserializer=predict_pb2.PredictResponse.FromString,
+            )
+            request = predict_pb2.PredictRequest(
+                model=args.model,
+                entity_ids=args.entity_ids,
+                overrides=[
+                    predict_pb2.FeatureOverride(name=k, values=[v]) for k, v in overrides.items()
+                ],
+            )
+            try:
+                r = call(request, timeout=args.timeout)
+            except grpc.RpcError as exc:
+                print(f"carrara: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            body = {
+                "model": r.model,
+                "request_id": r.request_id,
+                "latency_us": r.latency_us,
+                "degraded": r.degraded,
+                "predictions": [
+                    {
+                        "entity_id": p.entity_id,
+                        "values": list(p.values),
+                        "variant": p.variant,
+                        "model_version": p.model_version,
+                        "degraded": p.degraded,
+                    }
+                    for p in r.predictions
+                ],
+            }
+    else:
+        import httpx
+
+        payload: dict[str, Any] = {"entity_ids": args.entity_ids}
+        if overrides:
+            payload["overrides"] = overrides
+        response = httpx.post(
+            f"{target.rstrip('/')}/predict/{args.model}", json=payload, timeout=args.timeout
+        )
+        body = response.json()
+        if response.status_code != 200:
+            error = body.get("error", {})
+            print(f"carrara: error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+            return 1
+    print(json.dumps(body, indent=2))
+    return 0

@@ -1,0 +1,145 @@
+"""`carrara serve` as a real process (config file, real Redis online store) and `carrara predict`
+against it over HTTP and gRPC; SIGTERM shuts it down cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import yaml
+
+from carrara.core import encode_feature_vector
+from carrara.gateway.backends import file_sha256
+from carrara.gateway.onnx_models import write_linear_model
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def carrara(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "carrara", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_serve_and_predict(tmp_path: Path, redis_url: str, redis_namespace: str) -> None:
+    weights = np.array([1.0, -2.0], np.float32)
+    model = write_linear_model(tmp_path / "m.onnx", weights, 0.5)
+    client = redis.Redis.from_url(redis_url)
+    client.mset(
+        {
+            f"{redis_namespace}:trips:2:d{i}": encode_feature_vector(
+                f"d{i}", "trips", 2, [i, i / 10, 7.0]
+            )
+            for i in range(5)
+        }
+    )
+    client.close()
+    config = {
+        "online_store_url": f"{redis_url}?namespace={redis_namespace}",
+        "models": [
+            {
+                "name": "eta",
+                "policy": {"variants": [{"name": "v2", "weight_bp": 10_000}]},
+                "variants": [
+                    {
+                        "name": "v2",
+                        "version": 2,
+                        "artifact": "m.onnx",
+                        "sha256": file_sha256(model),
+                        "features": {
+                            "groups": [
+                                {"name": "trips", "version": 2, "features": ["count", "rate", "x"]}
+                            ],
+                            "features": [
+                                {"group": "trips", "feature": "count"},
+                                {"group": "trips", "feature": "rate", "default": -1.0},
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "carrara",
+                "serve",
+                "--config",
+                str(tmp_path / "gateway.yaml"),
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gateway did not become ready"
+            time.sleep(0.2)
+
+        def expected(i: int) -> float:
+            return float(np.float32(i) * 1.0 + np.float32(i / 10) * -2.0 + 0.5)
+
+        for target in (f"http://127.0.0.1:{http_port}", f"grpc://127.0.0.1:{grpc_port}"):
+            out = carrara("predict", "eta", "d3", "d4", "ghost", "--target", target)
+            assert out.returncode == 0, out.stderr
+            body = json.loads(out.stdout)
+            values = [p["values"][0] for p in body["predictions"]]
+            assert values == pytest.approx([expected(3), expected(4), 0.0 * 1 + -1.0 * -2.0 + 0.5])
+            assert {p["model_version"] for p in body["predictions"]} == {2}
+            out = carrara("predict", "eta", "d3", "--target", target, "--override", "rate=0")
+            assert json.loads(out.stdout)["predictions"][0]["values"][0] == pytest.approx(3.5)
+            out = carrara("predict", "nope", "d3", "--target", target)
+            assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, log.read_text()
+    assert "carrara gateway: gRPC" in log.read_text()
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "g.yaml").write_text("models: [{name: m}]\n")
+    out = carrara("serve", "--config", str(tmp_path / "g.yaml"))
+    assert out.returncode == 2
+    assert "invalid gateway config" in out.stderr and "policy" in out.stderr
