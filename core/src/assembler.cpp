@@ -75,6 +75,16 @@ Assembler::Assembler(AssemblerSpec spec) : spec_(std::move(spec)) {
     name_to_column_.emplace(qualified, col);
     if (name_count[ref.feature] == 1) name_to_column_.emplace(ref.feature, col);
   }
+  group_begin_.assign(spec_.groups.size() + 1, 0);
+  for (std::size_t g = 0; g < spec_.groups.size(); ++g) {
+    group_begin_[g] = by_group_.size();
+    for (std::size_t c = 0; c < columns_.size(); ++c) {
+      if (columns_[c].group != g) continue;
+      by_group_.push_back(GroupColumn{static_cast<std::uint32_t>(c), columns_[c].source,
+                                      columns_[c].default_value});
+    }
+  }
+  group_begin_.back() = by_group_.size();
 }
 
 std::optional<std::size_t> Assembler::column_index(std::string_view name) const {
@@ -106,6 +116,40 @@ void Assembler::check_vector(std::size_t g, const DecodedVector& v) const {
   }
 }
 
+template <class VectorAt>
+void Assembler::assemble_rows(VectorAt vector_at, std::size_t n, float* out,
+                              std::uint8_t* mask) const {
+  const std::size_t d = columns_.size();
+  const std::size_t groups = spec_.groups.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    float* row = out + i * d;
+    std::uint8_t* mrow = mask + i * d;
+    for (std::size_t g = 0; g < groups; ++g) {
+      const GroupColumn* begin = by_group_.data() + group_begin_[g];
+      const GroupColumn* end = by_group_.data() + group_begin_[g + 1];
+      const DecodedVector* v = vector_at(g, i);
+      if (v == nullptr) {
+        for (const GroupColumn* c = begin; c != end; ++c) {
+          row[c->column] = c->default_value;
+          mrow[c->column] = 1;
+        }
+        continue;
+      }
+      const std::size_t size = v->values.size();
+      const float* values = v->values.data();
+      const std::uint8_t* missing = v->missing.data();
+      const std::size_t missing_size = v->missing.size();
+      for (const GroupColumn* c = begin; c != end; ++c) {
+        // As DecodedVector::present(): a hand-built vector's mask may be shorter (or empty).
+        const bool present =
+            c->source < size && (c->source >= missing_size || missing[c->source] == 0);
+        row[c->column] = present ? values[c->source] : c->default_value;
+        mrow[c->column] = present ? 0 : 1;
+      }
+    }
+  }
+}
+
 void Assembler::assemble(std::span<const DecodedVector* const> vectors, std::size_t n, float* out,
                          std::uint8_t* mask) const {
   const std::size_t groups = spec_.groups.size();
@@ -114,28 +158,20 @@ void Assembler::assemble(std::span<const DecodedVector* const> vectors, std::siz
                 "assemble got " + std::to_string(vectors.size()) + " vectors for " +
                     std::to_string(groups) + " groups x " + std::to_string(n) + " entities");
   }
-  const std::size_t d = columns_.size();
-  for (std::size_t i = 0; i < n; ++i) {
-    float* row = out + i * d;
-    std::uint8_t* mrow = mask + i * d;
-    for (std::size_t c = 0; c < d; ++c) {
-      const Column& col = columns_[c];
-      const DecodedVector* v = vectors[col.group * n + i];
-      if (v != nullptr && v->present(col.source)) {
-        row[c] = v->values[col.source];
-        mrow[c] = 0;
-      } else {
-        row[c] = col.default_value;
-        mrow[c] = 1;
-      }
-    }
-  }
+  assemble_rows([&](std::size_t g, std::size_t i) { return vectors[g * n + i]; }, n, out, mask);
 }
 
 void Assembler::assemble(const Plan& plan, float* out, std::uint8_t* mask) const {
-  std::vector<const DecodedVector*> raw(plan.vectors.size());
-  for (std::size_t i = 0; i < raw.size(); ++i) raw[i] = plan.vectors[i].get();
-  assemble(raw, plan.n, out, mask);
+  if (plan.vectors.size() != spec_.groups.size() * plan.n) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "plan has " + std::to_string(plan.vectors.size()) + " vectors for " +
+                    std::to_string(spec_.groups.size()) + " groups x " + std::to_string(plan.n) +
+                    " entities");
+  }
+  const VectorPtr* vectors = plan.vectors.data();
+  const std::size_t n = plan.n;
+  assemble_rows([&](std::size_t g, std::size_t i) { return vectors[g * n + i].get(); }, n, out,
+                mask);
 }
 
 void Assembler::apply_overrides(std::span<const Override> overrides, std::size_t n, float* out,
@@ -167,13 +203,15 @@ Plan Assembler::plan(FeatureCache& cache, std::span<const std::string_view> enti
   p.n = entity_ids.size();
   const std::size_t groups = spec_.groups.size();
   p.vectors.resize(groups * p.n);
+  // One clock read for the whole batch: every lookup sees the same instant.
+  const std::int64_t now = cache.clock().now_ns();
   std::string k;
   for (std::size_t g = 0; g < groups; ++g) {
     for (std::size_t i = 0; i < p.n; ++i) {
       k.assign(key_prefixes_[g]);
       k.append(entity_ids[i]);
       const std::size_t slot = g * p.n + i;
-      if (!cache.get(k, p.vectors[slot])) {
+      if (!cache.get(k, p.vectors[slot], now)) {
         p.miss_slots.push_back(static_cast<std::uint32_t>(slot));
         p.miss_keys.push_back(k);
       }

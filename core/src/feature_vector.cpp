@@ -1,5 +1,7 @@
 #include "carrara/core/feature_vector.hpp"
 
+#include <bit>
+#include <climits>
 #include <cstring>
 
 #include "carrara/core/error.hpp"
@@ -14,6 +16,16 @@ namespace {
 carrara::v1::FeatureVector& scratch() {
   thread_local carrara::v1::FeatureVector msg;
   return msg;
+}
+
+// proto3 `string` fields must be UTF-8: the parser rejects anything else, so the encoder does
+// too (with protobuf's own check) rather than write a value that no reader can decode.
+void require_utf8(const std::string& s, const char* field) {
+  if (s.size() > static_cast<std::size_t>(INT32_MAX) ||
+      !google::protobuf::internal::IsStructurallyValidUTF8(s.data(), static_cast<int>(s.size()))) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string("FeatureVector ") + field + " is not valid UTF-8");
+  }
 }
 
 }  // namespace
@@ -36,6 +48,17 @@ void decode_feature_vector(std::string_view bytes, DecodedVector& out) {
     throw Error(ErrorCode::kDecode, "FeatureVector missing-bitmap has " + std::to_string(got) +
                                         " bytes for " + std::to_string(n) + " values");
   }
+  // Validate everything before touching `out`, so a failed decode leaves it as it was. A set bit
+  // past the last value can only sit in the final byte of a full-length bitmap.
+  if (n % 8 != 0 && bitmap.size() == (n + 7) / 8) {
+    const unsigned extra = static_cast<std::uint8_t>(bitmap.back()) >> (n % 8);
+    if (extra != 0) {
+      const std::size_t i = n + static_cast<std::size_t>(std::countr_zero(extra));
+      msg.Clear();
+      throw Error(ErrorCode::kDecode, "FeatureVector marks value " + std::to_string(i) +
+                                          " missing but has only " + std::to_string(n));
+    }
+  }
   out.entity_id.assign(msg.entity_id());
   out.group.assign(msg.group());
   out.group_version = msg.group_version();
@@ -48,15 +71,7 @@ void decode_feature_vector(std::string_view bytes, DecodedVector& out) {
     const auto byte = static_cast<std::uint8_t>(bitmap[b]);
     if (byte == 0) continue;
     for (std::size_t bit = 0; bit < 8; ++bit) {
-      const std::size_t i = b * 8 + bit;
-      if ((byte >> bit) & 1U) {
-        if (i >= n) {
-          msg.Clear();
-          throw Error(ErrorCode::kDecode, "FeatureVector marks value " + std::to_string(i) +
-                                              " missing but has only " + std::to_string(n));
-        }
-        out.missing[i] = 1;
-      }
+      if ((byte >> bit) & 1U) out.missing[b * 8 + bit] = 1;  // < n: checked above
     }
   }
 }
@@ -73,6 +88,8 @@ std::string encode_feature_vector(const DecodedVector& v) {
                 "missing mask has " + std::to_string(v.missing.size()) + " entries for " +
                     std::to_string(v.values.size()) + " values");
   }
+  require_utf8(v.entity_id, "entity_id");
+  require_utf8(v.group, "group");
   carrara::v1::FeatureVector msg;
   msg.set_entity_id(v.entity_id);
   msg.set_group(v.group);

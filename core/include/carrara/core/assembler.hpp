@@ -90,8 +90,22 @@ class Assembler {
     float default_value;
   };
 
+  // The columns again, grouped by source group: assembly looks at each group's vector once
+  // per row and then fills that group's columns.
+  struct GroupColumn {
+    std::uint32_t column;
+    std::uint32_t source;
+    float default_value;
+  };
+
+  // vector_at(g, i): the vector of group g for entity i, or nullptr.
+  template <class VectorAt>
+  void assemble_rows(VectorAt vector_at, std::size_t n, float* out, std::uint8_t* mask) const;
+
   AssemblerSpec spec_;
   std::vector<Column> columns_;
+  std::vector<GroupColumn> by_group_;
+  std::vector<std::size_t> group_begin_;  // group_count() + 1 offsets into by_group_
   std::vector<std::string> column_names_;
   std::unordered_map<std::string, std::size_t> name_to_column_;
   std::vector<std::string> key_prefixes_;  // "{group}:{version}:" per group

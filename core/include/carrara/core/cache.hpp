@@ -5,8 +5,10 @@
 // across shards, as in every sharded cache; a cache with one shard is an exact LRU.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -58,12 +60,14 @@ class LruTtlCache {
   LruTtlCache& operator=(const LruTtlCache&) = delete;
 
   // Copies the value into `out` and marks the entry most recently used. False on miss/expiry.
-  bool get(std::string_view key, V& out) {
-    const std::size_t h = hash_(key);
-    Shard& s = shard_for(h);
-    const std::int64_t now = clock_->now_ns();
+  bool get(std::string_view key, V& out) { return get(key, out, clock_->now_ns()); }
+
+  // The same, as of `now` on clock(): a batch of lookups can read the clock once.
+  bool get(std::string_view key, V& out, std::int64_t now) {
+    const HashedKey hk = hashed(key);
+    Shard& s = shard_for(hk.hash);
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.index.find(key);
+    auto it = s.index.find(hk);
     if (it == s.index.end()) {
       ++s.stats.misses;
       return false;
@@ -76,7 +80,7 @@ class LruTtlCache {
       ++s.stats.misses;
       return false;
     }
-    s.lru.splice(s.lru.begin(), s.lru, node);
+    if (node != s.lru.begin()) s.lru.splice(s.lru.begin(), s.lru, node);
     ++s.stats.hits;
     out = node->value;
     return true;
@@ -84,12 +88,12 @@ class LruTtlCache {
 
   // Inserts or replaces; ttl_ns <= 0 means the cache's default TTL.
   void put(std::string_view key, V value, std::int64_t ttl_ns = 0) {
-    const std::size_t h = hash_(key);
-    Shard& s = shard_for(h);
+    const HashedKey hk = hashed(key);
+    Shard& s = shard_for(hk.hash);
     const std::int64_t now = clock_->now_ns();
-    const std::int64_t expires = now + (ttl_ns > 0 ? ttl_ns : default_ttl_ns_);
+    const std::int64_t expires = expiry(now, ttl_ns > 0 ? ttl_ns : default_ttl_ns_);
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.index.find(key);
+    auto it = s.index.find(hk);
     if (it != s.index.end()) {
       auto node = it->second;
       node->value = std::move(value);
@@ -105,18 +109,19 @@ class LruTtlCache {
       } else {
         ++s.stats.evictions;
       }
-      s.index.erase(std::string_view(victim.key));
+      s.index.erase(HashedKey{victim.key, victim.hash});
       s.lru.pop_back();
     }
-    s.lru.emplace_front(Entry{std::string(key), std::move(value), expires});
-    s.index.emplace(std::string_view(s.lru.front().key), s.lru.begin());
+    s.lru.emplace_front(Entry{std::string(key), hk.hash, std::move(value), expires});
+    s.index.emplace(HashedKey{s.lru.front().key, hk.hash}, s.lru.begin());
     ++s.stats.insertions;
   }
 
   bool erase(std::string_view key) {
-    Shard& s = shard_for(hash_(key));
+    const HashedKey hk = hashed(key);
+    Shard& s = shard_for(hk.hash);
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.index.find(key);
+    auto it = s.index.find(hk);
     if (it == s.index.end()) return false;
     auto node = it->second;
     s.index.erase(it);
@@ -126,10 +131,11 @@ class LruTtlCache {
 
   // Whether a live entry exists; does not touch recency or counters.
   bool contains(std::string_view key) const {
-    const Shard& s = shard_for(hash_(key));
+    const HashedKey hk = hashed(key);
+    const Shard& s = shard_for(hk.hash);
     const std::int64_t now = clock_->now_ns();
     std::lock_guard<std::mutex> lock(s.mu);
-    auto it = s.index.find(key);
+    auto it = s.index.find(hk);
     return it != s.index.end() && it->second->expires_at_ns > now;
   }
 
@@ -141,7 +147,7 @@ class LruTtlCache {
       std::lock_guard<std::mutex> lock(s.mu);
       for (auto it = s.lru.begin(); it != s.lru.end();) {
         if (it->expires_at_ns <= now) {
-          s.index.erase(std::string_view(it->key));
+          s.index.erase(HashedKey{it->key, it->hash});
           it = s.lru.erase(it);
           ++s.stats.expirations;
           ++purged;
@@ -203,24 +209,47 @@ class LruTtlCache {
  private:
   struct Entry {
     std::string key;
+    std::size_t hash;  // of key, computed once per call and kept for eviction
     V value;
     std::int64_t expires_at_ns;
   };
   using Node = typename std::list<Entry>::iterator;
 
+  // A key with its hash: the shard and the index bucket come from one hash computation.
+  struct HashedKey {
+    std::string_view key;
+    std::size_t hash;
+  };
+  struct HashedKeyHash {
+    std::size_t operator()(const HashedKey& k) const noexcept { return k.hash; }
+  };
+  struct HashedKeyEq {
+    bool operator()(const HashedKey& a, const HashedKey& b) const noexcept {
+      return a.hash == b.hash && a.key == b.key;
+    }
+  };
+
   struct Shard {
     mutable std::mutex mu;
     std::list<Entry> lru;  // front = most recently used
-    std::unordered_map<std::string_view, Node> index;
+    std::unordered_map<HashedKey, Node, HashedKeyHash, HashedKeyEq> index;
     std::size_t capacity = 0;
     CacheStats stats;
   };
 
+  HashedKey hashed(std::string_view key) const noexcept { return HashedKey{key, hash_(key)}; }
   Shard& shard_for(std::size_t h) { return shards_[mix(h) % shards_.size()]; }
   const Shard& shard_for(std::size_t h) const { return shards_[mix(h) % shards_.size()]; }
-  // The index re-hashes the key with the same function; mixing keeps the shard choice and
+  // The index buckets by the same hash (modulo a prime); mixing keeps the shard choice and
   // the bucket choice from using the same bits.
   static std::size_t mix(std::size_t h) noexcept { return (h * 0x9E3779B97F4A7C15ULL) >> 32; }
+  // now + ttl, saturated: a huge TTL means "never expires", not a wrap into the past (and
+  // signed overflow is UB).
+  static std::int64_t expiry(std::int64_t now, std::int64_t ttl) noexcept {
+    return now > std::numeric_limits<std::int64_t>::max() - ttl
+               ? std::numeric_limits<std::int64_t>::max()
+               : now + ttl;
+  }
 
   std::shared_ptr<Clock> clock_;
   std::int64_t default_ttl_ns_;

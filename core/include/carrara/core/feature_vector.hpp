@@ -16,10 +16,13 @@ struct DecodedVector {
   std::int64_t event_timestamp_us = 0;
   std::int64_t created_timestamp_us = 0;
   std::vector<float> values;
-  // One byte per value: 1 = missing. Always values.size() long after decode.
+  // One byte per value: 1 = missing. Always values.size() long after decode; a hand-built
+  // vector may leave it empty (nothing missing), as encode_feature_vector() allows.
   std::vector<std::uint8_t> missing;
 
-  bool present(std::size_t i) const noexcept { return i < values.size() && missing[i] == 0; }
+  bool present(std::size_t i) const noexcept {
+    return i < values.size() && (i >= missing.size() || missing[i] == 0);
+  }
 };
 
 using VectorPtr = std::shared_ptr<const DecodedVector>;
