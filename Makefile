@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES := g++ cmake protobuf-compiler libprotobuf-dev libbenchmark-dev libgtest-dev \
-                postgresql redis-server postgresql-client redis-tools
+                postgresql redis-server postgresql-client redis-tools chromium
 STAMP := $(VENV)/.installed
 NATIVE_BUILD := build/native-asan
 

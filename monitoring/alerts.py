@@ -1,0 +1,298 @@
+"""Alerts: raised once when a condition starts, deduplicated while it holds, resolved when it
+ends; delivered to the ``alerts`` topic and to webhooks.
+
+State lives in ``monitoring_alerts`` (one row per condition key). Transitions are written in
+the same transaction as the evaluation that caused them, together with an outbox row, and the
+outbox is then drained to the sinks: a crash between commit and delivery delays an alert, it
+does not lose it (delivery is at-least-once; ``key`` + ``state`` + ``started_ms`` identify one
+transition for receivers that must dedupe).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from carrara.eventlog import EventLog
+from carrara.sql import Database, Transaction
+from carrara.types import TOPIC_ALERTS
+
+from .schema import ensure_schema
+
+__all__ = [
+    "Alert",
+    "AlertSink",
+    "AlertSubscriber",
+    "CallbackSink",
+    "Condition",
+    "EventLogSink",
+    "WebhookSink",
+    "active_alerts",
+    "apply_conditions",
+    "decode_alert",
+    "deliver_outbox",
+    "retrain_on_degradation",
+]
+
+log = logging.getLogger(__name__)
+
+AlertKind = Literal["drift", "performance"]
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """One transition of one condition, as sinks receive it."""
+
+    key: str  # "{model}:v{version}:{kind}:{subject}"
+    model: str
+    version: int
+    kind: AlertKind
+    subject: str  # the feature ("__prediction__" for the output) or the metric
+    state: Literal["firing", "resolved"]
+    severity: str = "critical"
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+    started_ms: int  # when the condition began (same on its firing and resolved alerts)
+    timestamp_ms: int  # when this transition happened
+    window_start: int | None = None  # the drift window that caused it
+
+
+class Condition(msgspec.Struct, frozen=True, kw_only=True):
+    """The current truth of one alertable condition, as an evaluation found it."""
+
+    model: str
+    version: int
+    kind: AlertKind
+    subject: str
+    active: bool
+    value: float | None = None
+    threshold: float | None = None
+    message: str = ""
+    window_start: int | None = None
+    clear_after: int = 1  # consecutive clear evaluations before a firing alert resolves
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}:v{self.version}:{self.kind}:{self.subject}"
+
+
+_msgpack = msgspec.msgpack.Encoder()
+_alert_decoder = msgspec.msgpack.Decoder(Alert)
+
+
+def decode_alert(payload: bytes) -> Alert:
+    return _alert_decoder.decode(payload)
+
+
+def apply_conditions(
+    tx: Transaction, conditions: Iterable[Condition], *, now_ms: int | None = None
+) -> list[Alert]:
+    """Record conditions; returns (and queues in the outbox) the transitions they cause."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    out: list[Alert] = []
+    for c in conditions:
+        row = tx.fetchone(
+            "SELECT active, alert, clear_streak FROM monitoring_alerts WHERE alert_key = ?",
+            (c.key,),
+        )
+        was_active = row is not None and bool(row[0])
+        streak = int(row[2]) if row is not None else 0
+        if was_active and not c.active and streak + 1 < c.clear_after:
+            # Hysteresis: not resolved until it has been clear ``clear_after`` times running.
+            tx.execute(
+                "UPDATE monitoring_alerts SET clear_streak = clear_streak + 1, updated_ms = ?"
+                " WHERE alert_key = ?",
+                (now, c.key),
+            )
+            continue
+        if c.active == was_active:
+            if c.active:  # still holding: no new alert
+                tx.execute(
+                    "UPDATE monitoring_alerts SET clear_streak = 0, updated_ms = ?"
+                    " WHERE alert_key = ?",
+                    (now, c.key),
+                )
+            continue
+        started = now
+        if not c.active and row is not None:
+            started = _alert_decoder.decode(bytes(row[1])).started_ms
+        alert = Alert(
+            key=c.key,
+            model=c.model,
+            version=c.version,
+            kind=c.kind,
+            subject=c.subject,
+            state="firing" if c.active else "resolved",
+            value=c.value,
+            threshold=c.threshold,
+            message=c.message,
+            started_ms=started,
+            timestamp_ms=now,
+            window_start=c.window_start,
+        )
+        blob = _msgpack.encode(alert)
+        if row is None:
+            tx.execute(
+                "INSERT INTO monitoring_alerts (alert_key, model, version, kind, subject, active,"
+                " alert, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (c.key, c.model, c.version, c.kind, c.subject, int(c.active), blob, now),
+            )
+        else:
+            tx.execute(
+                "UPDATE monitoring_alerts SET active = ?, alert = ?, updated_ms = ?,"
+                " clear_streak = 0 WHERE alert_key = ?",
+                (int(c.active), blob, now, c.key),
+            )
+        tx.execute("INSERT INTO monitoring_alert_outbox (payload) VALUES (?)", (blob,))
+        out.append(alert)
+    return out
+
+
+def active_alerts(db: Database, model: str | None = None) -> list[Alert]:
+    """Conditions firing now (the firing alert of each)."""
+    ensure_schema(db)
+    with db.transaction() as tx:
+        sql = "SELECT alert FROM monitoring_alerts WHERE active = 1"
+        params: tuple[Any, ...] = ()
+        if model is not None:
+            sql += " AND model = ?"
+            params = (model,)
+        rows = tx.fetchall(sql + " ORDER BY alert_key", params)
+    return [_alert_decoder.decode(bytes(r[0])) for r in rows]
+
+
+class AlertSink(Protocol):
+    def send(self, alert: Alert) -> None:
+        """Deliver one alert; raise to have it retried later."""
+
+
+class EventLogSink:
+    """Appends alerts (msgpack :class:`Alert`) to the ``alerts`` topic."""
+
+    def __init__(self, event_log: EventLog, topic: str = TOPIC_ALERTS) -> None:
+        self._log = event_log
+        self._topic = topic
+
+    def send(self, alert: Alert) -> None:
+        self._log.append(self._topic, _msgpack.encode(alert))
+
+
+class WebhookSink:
+    """POSTs each alert as JSON to ``url`` (a non-2xx answer counts as a failure)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0, headers: dict[str, str] | None = None):
+        import httpx
+
+        self.url = url
+        self._client = httpx.Client(timeout=timeout_s, headers=headers or {})
+
+    def send(self, alert: Alert) -> None:
+        response = self._client.post(
+            self.url,
+            content=msgspec.json.encode(alert),
+            headers={"content-type": "application/json"},
+        )
+        response.raise_for_status()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class CallbackSink:
+    """Calls a function in-process (tests, embedded subscribers)."""
+
+    def __init__(self, fn: Callable[[Alert], None]) -> None:
+        self._fn = fn
+
+    def send(self, alert: Alert) -> None:
+        self._fn(alert)
+
+
+def deliver_outbox(db: Database, sinks: Sequence[AlertSink], *, limit: int = 1000) -> int:
+    """Send queued alerts to every sink, oldest first; returns how many were delivered.
+
+    Stops at the first failure and keeps that alert (and later ones) queued, so order holds
+    and nothing is lost; sinks that already took it may see it again on the retry.
+    """
+    ensure_schema(db)
+    with db.transaction() as tx:
+        rows = tx.fetchall(
+            "SELECT id, payload FROM monitoring_alert_outbox ORDER BY id LIMIT ?", (limit,)
+        )
+    delivered = 0
+    for oid, payload in rows:
+        alert = _alert_decoder.decode(bytes(payload))
+        try:
+            for sink in sinks:
+                sink.send(alert)
+        except Exception as exc:  # any sink failure: retry on the next drain
+            log.warning("alert %s (%s) not delivered, will retry: %s", alert.key, alert.state, exc)
+            break
+        with db.transaction() as tx:
+            tx.execute("DELETE FROM monitoring_alert_outbox WHERE id = ?", (oid,))
+        delivered += 1
+    return delivered
+
+
+class AlertSubscriber:
+    """Reads the ``alerts`` topic with its own consumer group and calls ``handler`` for the
+    alerts that match (at-least-once: acked after the handler returns)."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        handler: Callable[[Alert], None],
+        *,
+        group: str,
+        consumer: str = "subscriber-1",
+        kinds: Sequence[AlertKind] = ("drift", "performance"),
+        states: Sequence[str] = ("firing",),
+        topic: str = TOPIC_ALERTS,
+    ) -> None:
+        self._log = event_log
+        self._handler = handler
+        self._group = group
+        self._consumer = consumer
+        self._kinds = set(kinds)
+        self._states = set(states)
+        self._topic = topic
+
+    def poll(self, *, count: int = 100, block_ms: int = 0) -> int:
+        """Handle one batch; returns how many alerts were passed to the handler."""
+        events = self._log.read(
+            self._topic, self._group, self._consumer, count=count, block_ms=block_ms
+        )
+        handled = 0
+        for event in events:
+            try:
+                alert = decode_alert(event.payload)
+            except msgspec.DecodeError:
+                log.warning("skipping undecodable alert %s", event.id)
+                continue
+            if alert.kind in self._kinds and alert.state in self._states:
+                self._handler(alert)
+                handled += 1
+        self._log.ack(self._topic, self._group, [e.id for e in events])
+        return handled
+
+
+def retrain_on_degradation(
+    event_log: EventLog,
+    trigger: Callable[[str, int, Alert], None],
+    *,
+    group: str = "retrain-on-degradation",
+    consumer: str = "trainer-1",
+) -> AlertSubscriber:
+    """A subscriber for the training trigger: ``trigger(model, version, alert)`` is called
+    each time a performance-degradation alert fires. Call ``poll()`` from the trigger's loop."""
+    return AlertSubscriber(
+        event_log,
+        lambda a: trigger(a.model, a.version, a),
+        group=group,
+        consumer=consumer,
+        kinds=("performance",),
+    )

@@ -1,0 +1,486 @@
+"""The event log: append-only topics with consumer groups and at-least-once delivery.
+
+Two backends behind one narrow interface (so a Kafka adapter fits later):
+
+- ``local:///path/events.db`` — a durable SQLite log (WAL, safe across processes);
+  ``local://`` alone is an in-memory log for tests.
+- ``redis://host:port/db[?prefix=...]`` — Redis Streams: XADD, XREADGROUP, XACK, and XAUTOCLAIM
+  for redelivery. Each topic is one stream key ``{prefix}:{topic}`` (one key per command, so
+  Redis Cluster-safe).
+
+Semantics, identical on both backends: a consumer group sees every event of a topic from the
+start of the retained log; each event goes to one consumer of the group; an event read but not
+acked within the visibility timeout (``?visibility_timeout_ms=``, default 30 s) is handed out
+again, possibly to another consumer. Event ids are opaque strings, increasing per topic.
+
+Topics used by the platform are listed in :data:`TOPICS`; any name of ``[A-Za-z0-9._-]`` works.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from carrara.errors import ConfigError, InvalidArgumentError, UnavailableError
+
+__all__ = [
+    "TOPICS",
+    "Event",
+    "EventLog",
+    "LocalEventLog",
+    "RedisEventLog",
+    "open_event_log",
+]
+
+#: Topics the platform itself publishes to.
+TOPICS = ("predictions", "training-events", "feature-updates", "alerts", "deployments")
+
+DEFAULT_VISIBILITY_TIMEOUT_MS = 30_000
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One event as a consumer receives it."""
+
+    topic: str
+    id: str
+    payload: bytes
+    timestamp_ms: int
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise InvalidArgumentError(
+            f"invalid {kind} name {name!r}: use 1-200 characters of letters, digits, '.', '_', '-'"
+        )
+
+
+class EventLog(ABC):
+    """Append-only topics with consumer groups (at-least-once)."""
+
+    visibility_timeout_ms: int
+
+    @abstractmethod
+    def append(self, topic: str, payload: bytes) -> str:
+        """Append one event; returns its id."""
+
+    @abstractmethod
+    def append_many(self, topic: str, payloads: Sequence[bytes]) -> list[str]:
+        """Append events in order in one round trip; returns their ids."""
+
+    @abstractmethod
+    def read(
+        self, topic: str, group: str, consumer: str, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        """Up to ``count`` events for ``consumer`` of ``group``: first events whose visibility
+        timeout expired without an ack, then new ones. Waits up to ``block_ms`` when there are
+        none (0: return at once)."""
+
+    @abstractmethod
+    def ack(self, topic: str, group: str, ids: Iterable[str]) -> None:
+        """Mark events as processed by ``group``; they are not delivered to it again."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the log is unusable afterwards."""
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- local (SQLite) ---------------------------------------------------------------------------
+
+_LOCAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_topic_seq ON events(topic, seq);
+CREATE TABLE IF NOT EXISTS consumer_groups (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (topic, grp)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    topic TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    consumer TEXT NOT NULL,
+    delivered_ms INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    PRIMARY KEY (topic, grp, seq)
+);
+CREATE INDEX IF NOT EXISTS pending_due ON pending(topic, grp, delivered_ms);
+"""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class LocalEventLog(EventLog):
+    """A durable event log in one SQLite file (or in memory), safe across threads and
+    processes: every read/append is one ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(
+        self,
+        path: str | None,
+        *,
+        visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS,
+        poll_interval_ms: int = 10,
+        maxlen: int | None = None,
+    ) -> None:
+        self.visibility_timeout_ms = visibility_timeout_ms
+        self._maxlen = maxlen
+        self._poll_s = poll_interval_ms / 1000
+        self._path = path or ":memory:"
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection guarded by a lock: the log is I/O-light and this keeps it simple.
+        self._lock = threading.Lock()
+        try:
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self._path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"cannot open event log {self._path}: {exc}") from exc
+        conn = self._conn
+        if self._path != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(_LOCAL_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise UnavailableError("the event log is closed")
+        return self._conn
+
+    def append(self, topic: str, payload: bytes) -> str:
+        return self.append_many(topic, [payload])[0]
+
+    def append_many(self, topic: str, payloads: Sequence[bytes]) -> list[str]:
+        _check_name("topic", topic)
+        if not payloads:
+            return []
+        now = _now_ms()
+        ids: list[str] = []
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for payload in payloads:
+                    cur = conn.execute(
+                        "INSERT INTO events (topic, payload, timestamp_ms) VALUES (?, ?, ?)",
+                        (topic, bytes(payload), now),
+                    )
+                    ids.append(str(cur.lastrowid))
+                if self._maxlen is not None:
+                    # Keep the newest maxlen events of the topic (like Redis XADD MAXLEN).
+                    conn.execute(
+                        "DELETE FROM events WHERE topic = ? AND seq < (SELECT seq FROM events"
+                        " WHERE topic = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                        (topic, topic, self._maxlen - 1),
+                    )
+                    conn.execute(
+                        "DELETE FROM pending WHERE topic = ? AND seq < (SELECT min(seq)"
+                        " FROM events WHERE topic = ?)",
+                        (topic, topic),
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return ids
+
+    def read(
+        self, topic: str, group: str, consumer: str, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        _check_name("topic", topic)
+        _check_name("consumer group", group)
+        if count <= 0:
+            raise InvalidArgumentError(f"count must be > 0, got {count}")
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            events = self._read_once(topic, group, consumer, count)
+            if events or time.monotonic() >= deadline:
+                return events
+            time.sleep(min(self._poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _read_once(self, topic: str, group: str, consumer: str, count: int) -> list[Event]:
+        now = _now_ms()
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT OR IGNORE INTO consumer_groups (topic, grp, last_seq) VALUES (?, ?, 0)",
+                    (topic, group),
+                )
+                # Redeliveries first: events handed out earlier whose visibility timeout expired.
+                rows: list[tuple[int, bytes, int]] = conn.execute(
+                    "SELECT e.seq, e.payload, e.timestamp_ms FROM pending p"
+                    " JOIN events e ON e.seq = p.seq"
+                    " WHERE p.topic = ? AND p.grp = ? AND p.delivered_ms <= ?"
+                    " ORDER BY p.seq LIMIT ?",
+                    (topic, group, now - self.visibility_timeout_ms, count),
+                ).fetchall()
+                if rows:
+                    conn.executemany(
+                        "UPDATE pending SET consumer = ?, delivered_ms = ?,"
+                        " deliveries = deliveries + 1 WHERE topic = ? AND grp = ? AND seq = ?",
+                        [(consumer, now, topic, group, r[0]) for r in rows],
+                    )
+                if len(rows) < count:
+                    (last,) = conn.execute(
+                        "SELECT last_seq FROM consumer_groups WHERE topic = ? AND grp = ?",
+                        (topic, group),
+                    ).fetchone()
+                    new: list[tuple[int, bytes, int]] = conn.execute(
+                        "SELECT seq, payload, timestamp_ms FROM events"
+                        " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                        (topic, last, count - len(rows)),
+                    ).fetchall()
+                    if new:
+                        conn.executemany(
+                            "INSERT INTO pending (topic, grp, seq, consumer, delivered_ms,"
+                            " deliveries) VALUES (?, ?, ?, ?, ?, 1)",
+                            [(topic, group, r[0], consumer, now) for r in new],
+                        )
+                        conn.execute(
+                            "UPDATE consumer_groups SET last_seq = ? WHERE topic = ? AND grp = ?",
+                            (new[-1][0], topic, group),
+                        )
+                        rows.extend(new)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return [Event(topic, str(seq), bytes(payload), ts) for seq, payload, ts in rows]
+
+    def ack(self, topic: str, group: str, ids: Iterable[str]) -> None:
+        seqs = []
+        for i in ids:
+            try:
+                seqs.append((topic, group, int(i)))
+            except ValueError as exc:
+                raise InvalidArgumentError(f"{i!r} is not an id of this event log") from exc
+        if not seqs:
+            return
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "DELETE FROM pending WHERE topic = ? AND grp = ? AND seq = ?", seqs
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def pending_count(self, topic: str, group: str) -> int:
+        """Events delivered to ``group`` and not acked yet."""
+        with self._lock:
+            row = (
+                self._db()
+                .execute("SELECT COUNT(*) FROM pending WHERE topic = ? AND grp = ?", (topic, group))
+                .fetchone()
+            )
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+# -- Redis Streams ----------------------------------------------------------------------------
+
+_PAYLOAD_FIELD = b"p"
+
+
+class RedisEventLog(EventLog):
+    """Redis Streams: one stream per topic, consumer groups created on first read (from the
+    start of the stream), XAUTOCLAIM for events whose consumer did not ack in time."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "carrara:events",
+        visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS,
+        maxlen: int | None = None,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.visibility_timeout_ms = visibility_timeout_ms
+        self._maxlen = maxlen
+        self._groups: set[tuple[str, str]] = set()
+
+    def _key(self, topic: str) -> str:
+        _check_name("topic", topic)
+        return f"{self._prefix}:{topic}"
+
+    def append(self, topic: str, payload: bytes) -> str:
+        return self.append_many(topic, [payload])[0]
+
+    def append_many(self, topic: str, payloads: Sequence[bytes]) -> list[str]:
+        import redis
+
+        key = self._key(topic)
+        if not payloads:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(
+                key,
+                {_PAYLOAD_FIELD: bytes(payload)},
+                maxlen=self._maxlen,
+                approximate=True,
+            )
+        try:
+            ids = pipe.execute()
+        except redis.exceptions.ConnectionError as exc:
+            raise UnavailableError(f"event log Redis is unreachable: {exc}") from exc
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def _ensure_group(self, key: str, group: str) -> None:
+        import redis
+
+        if (key, group) in self._groups:
+            return
+        try:
+            self._client.xgroup_create(key, group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((key, group))
+
+    def read(
+        self, topic: str, group: str, consumer: str, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        import redis
+
+        key = self._key(topic)
+        _check_name("consumer group", group)
+        if count <= 0:
+            raise InvalidArgumentError(f"count must be > 0, got {count}")
+        try:
+            self._ensure_group(key, group)
+            # Redeliveries first: pending events idle longer than the visibility timeout.
+            claimed = self._client.xautoclaim(
+                key,
+                group,
+                consumer,
+                min_idle_time=self.visibility_timeout_ms,
+                start_id="0-0",
+                count=count,
+            )
+            entries = [e for e in claimed[1] if e[1]]  # deleted (trimmed) entries come as None
+            if len(entries) < count:
+                streams = self._client.xreadgroup(
+                    group,
+                    consumer,
+                    {key: ">"},
+                    count=count - len(entries),
+                    block=block_ms if block_ms > 0 and not entries else None,
+                )
+                for _, stream_entries in streams or []:
+                    entries.extend(stream_entries)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the stream was deleted under us: recreate next time
+                self._groups.discard((key, group))
+                return []
+            raise
+        except redis.exceptions.ConnectionError as exc:
+            raise UnavailableError(f"event log Redis is unreachable: {exc}") from exc
+        out = []
+        for raw_id, fields in entries:
+            eid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            out.append(Event(topic, eid, bytes(fields[_PAYLOAD_FIELD]), int(eid.split("-")[0])))
+        return out
+
+    def ack(self, topic: str, group: str, ids: Iterable[str]) -> None:
+        import redis
+
+        id_list = list(ids)
+        if not id_list:
+            return
+        try:
+            self._client.xack(self._key(topic), group, *id_list)
+        except redis.exceptions.ResponseError as exc:
+            raise InvalidArgumentError(f"cannot ack {id_list[:3]}...: {exc}") from exc
+        except redis.exceptions.ConnectionError as exc:
+            raise UnavailableError(f"event log Redis is unreachable: {exc}") from exc
+
+    def pending_count(self, topic: str, group: str) -> int:
+        """Events delivered to ``group`` and not acked yet."""
+        key = self._key(topic)
+        self._ensure_group(key, group)
+        info = self._client.xpending(key, group)
+        return int(info["pending"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# -- opening by URL ---------------------------------------------------------------------------
+
+
+def _int_option(options: dict[str, list[str]], name: str, default: int | None) -> int | None:
+    if name not in options:
+        return default
+    try:
+        return int(options[name][-1])
+    except ValueError as exc:
+        raise ConfigError(f"event log option {name} must be an integer") from exc
+
+
+def open_event_log(url: str) -> EventLog:
+    """Open an event log by URL.
+
+    ``local:///path/events.db`` (durable SQLite), ``local://`` (in memory), or
+    ``redis://host:port/db?prefix=...``. Options for both: ``visibility_timeout_ms`` and
+    ``maxlen`` (keep about the newest N events per topic; exact locally, approximate on Redis;
+    trimmed events are gone even if a group has not acked them).
+    """
+    parts = urlsplit(url)
+    options = parse_qs(parts.query)
+    visibility = _int_option(options, "visibility_timeout_ms", DEFAULT_VISIBILITY_TIMEOUT_MS)
+    assert visibility is not None
+    maxlen = _int_option(options, "maxlen", None)
+    if maxlen is not None and maxlen <= 0:
+        raise ConfigError(f"event log option maxlen must be > 0, got {maxlen}")
+    if parts.scheme == "local":
+        path = (parts.netloc + parts.path) or None
+        return LocalEventLog(path, visibility_timeout_ms=visibility, maxlen=maxlen)
+    if parts.scheme in ("redis", "rediss", "unix"):
+        import redis
+
+        prefix = options.pop("prefix", ["carrara:events"])[-1]
+        options.pop("maxlen", None)
+        options.pop("visibility_timeout_ms", None)
+        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
+        client = redis.Redis.from_url(client_url)
+        return RedisEventLog(client, prefix=prefix, visibility_timeout_ms=visibility, maxlen=maxlen)
+    raise ConfigError(
+        f"unsupported event log URL {url!r}; use local:///path/events.db, local:// or "
+        "redis://host:port/db?prefix=..."
+    )

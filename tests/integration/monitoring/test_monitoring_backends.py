@@ -1,0 +1,126 @@
+"""The consumer on the production backends: PostgreSQL for state, Redis Streams for the log.
+Same guarantees as the embedded tests: shift alerted for the shifted feature only, restart
+without loss or double counting, degradation only once labels arrive."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from carrara.eventlog import EventLog, RedisEventLog, open_event_log
+from carrara.monitoring import (
+    Alert,
+    CallbackSink,
+    ModelMonitorConfig,
+    MonitoringConsumer,
+    active_alerts,
+    upgrade,
+)
+from carrara.monitoring.profiles import load_profile
+from carrara.monitoring.store import windows_of
+from carrara.monitoring.traffic import SyntheticModel, phased_records, publish, register_synthetic
+from carrara.monitoring.windows import Binner
+from carrara.sql import Database, connect
+from carrara.types import TOPIC_PREDICTIONS
+
+pytestmark = pytest.mark.integration
+
+MODEL = "fraud"
+WINDOW_MS = 60_000
+CONFIG = ModelMonitorConfig(window_ms=WINDOW_MS, allowed_lateness_ms=0)
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[Database]:
+    assert upgrade(postgres_url) == ["0001_monitoring", "0002_alert_clear_streak"]
+    db = connect(postgres_url)
+    yield db
+    db.close()
+
+
+def redis_log(redis_url: str, namespace: str) -> EventLog:
+    return open_event_log(f"{redis_url}?prefix={namespace}&visibility_timeout_ms=300")
+
+
+@pytest.fixture
+def rlog(redis_url: str, redis_namespace: str) -> Iterator[EventLog]:
+    log = redis_log(redis_url, redis_namespace)
+    yield log
+    log.close()
+
+
+def records(
+    sm: SyntheticModel, phases: list[tuple[int, dict[str, float]]], per_window: int, seed: int = 7
+) -> list:  # type: ignore[type-arg]
+    return phased_records(
+        sm, phases, model=MODEL, window_ms=WINDOW_MS, per_window=per_window, seed=seed
+    )
+
+
+def test_shift_on_postgres_and_redis(pg: Database, rlog: EventLog) -> None:
+    sm = SyntheticModel(seed=21)
+    register_synthetic(pg, sm, model=MODEL, config=CONFIG)
+    publish(rlog, records(sm, [(5, {}), (5, {"x3": 0.5}), (3, {})], per_window=1_000))
+    seen: list[Alert] = []
+    consumer = MonitoringConsumer(pg, rlog, sinks=[CallbackSink(seen.append)])
+    consumer.run(stop_when_idle=True, block_ms=0)
+    features = [(a.subject, a.state, a.window_start) for a in seen if a.subject != "__prediction__"]
+    assert features == [("x3", "firing", 5 * WINDOW_MS), ("x3", "resolved", 10 * WINDOW_MS)]
+
+
+def test_restart_on_postgres_and_redis(
+    postgres_url: str, pg: Database, redis_url: str, redis_namespace: str
+) -> None:
+    sm = SyntheticModel(seed=22)
+    register_synthetic(pg, sm, model=MODEL, config=CONFIG)
+    log = redis_log(redis_url, redis_namespace)
+    recs = records(sm, [(4, {})], per_window=1_000, seed=5)
+    publish(log, recs)
+    publish(log, recs[:250])  # retried appends
+    first = MonitoringConsumer(pg, log, consumer="a", batch_size=300)
+    first.poll()
+    first.handle_predictions(log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=300))  # no ack
+    log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=300)  # lost before the commit
+    log.close()
+
+    db = connect(postgres_url)
+    log = redis_log(redis_url, redis_namespace)
+    assert isinstance(log, RedisEventLog)
+    second = MonitoringConsumer(db, log, consumer="b", batch_size=300)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        second.run(stop_when_idle=True, block_ms=0)
+        if log.pending_count(TOPIC_PREDICTIONS, "monitoring") == 0 and second.poll().idle:
+            break
+        time.sleep(0.1)
+    expected = Binner(load_profile(db, MODEL, 1), WINDOW_MS).bin(recs)
+    stored = {start: state for start, _, state in windows_of(db, MODEL, 1)}
+    assert sorted(stored) == sorted(expected)
+    for start, state in expected.items():
+        assert (stored[start].n, stored[start].counts) == (state.n, state.counts)
+    with db.transaction() as tx:
+        assert tx.fetchone("SELECT COUNT(*) FROM monitoring_predictions") == (4_000,)
+    db.close()
+    log.close()
+
+
+def test_label_delay_on_postgres_and_redis(pg: Database, rlog: EventLog) -> None:
+    sm = SyntheticModel(seed=23)
+    register_synthetic(pg, sm, model=MODEL, config=CONFIG)
+    rng = np.random.default_rng(3)
+    cols = sm.sample(2_000, rng)
+    recs = sm.records(MODEL, 1, cols, start_ms=0, interval_ms=100, prefix="d")
+    publish(rlog, recs)
+    seen: list[Alert] = []
+    consumer = MonitoringConsumer(pg, rlog, sinks=[CallbackSink(seen.append)])
+    consumer.run(stop_when_idle=True, block_ms=0)
+    consumer.judge(flush=True)
+    assert [a for a in seen if a.kind == "performance"] == []
+    labels = sm.label_records(recs, sm.labels(sm.predict(cols), rng, flip=0.4), timestamp_ms=1)
+    publish(rlog, labels)
+    consumer.run(stop_when_idle=True, block_ms=0)
+    assert [(a.subject, a.state) for a in seen if a.kind == "performance"] == [("auc", "firing")]
+    assert [a.key for a in active_alerts(pg, MODEL)] == [f"{MODEL}:v1:performance:auc"]
