@@ -1,3 +1,85 @@
-"""Feature platform: catalog, offline store, point-in-time joins, online store, materialization."""
+"""Feature platform: catalog, offline store, point-in-time joins, online store, materialization.
 
-__all__: list[str] = []
+Define entities and feature groups in code (:mod:`.definitions`), ``apply`` them to the
+catalog, write rows offline, build point-in-time-correct training sets, materialize to the
+online store (batch or streaming) and read online values — all through
+:class:`FeatureService` (what ``carrara.Platform`` exposes as ``.features``).
+
+Names are imported lazily so ``carrara --help`` does not load the native core or Arrow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from carrara.feature_cache.catalog import Catalog, Change, RegisteredGroup, upgrade
+    from carrara.feature_cache.definitions import (
+        Definitions,
+        Entity,
+        Feature,
+        FeatureGroup,
+        load_definitions,
+        transform,
+    )
+    from carrara.feature_cache.offline_store import OfflineStore
+    from carrara.feature_cache.online_store import (
+        EmbeddedOnlineStore,
+        OnlineStore,
+        RedisOnlineStore,
+        open_online_store,
+    )
+    from carrara.feature_cache.pit_join import TrainingSet
+    from carrara.feature_cache.service import FeatureService, OnlineFeatures
+
+_WHERE = {
+    "Catalog": "catalog",
+    "Change": "catalog",
+    "RegisteredGroup": "catalog",
+    "upgrade": "catalog",
+    "Definitions": "definitions",
+    "Entity": "definitions",
+    "Feature": "definitions",
+    "FeatureGroup": "definitions",
+    "load_definitions": "definitions",
+    "transform": "definitions",
+    "OfflineStore": "offline_store",
+    "EmbeddedOnlineStore": "online_store",
+    "OnlineStore": "online_store",
+    "RedisOnlineStore": "online_store",
+    "open_online_store": "online_store",
+    "TrainingSet": "pit_join",
+    "FeatureService": "service",
+    "OnlineFeatures": "service",
+}
+
+__all__ = [
+    "Catalog",
+    "Change",
+    "Definitions",
+    "EmbeddedOnlineStore",
+    "Entity",
+    "Feature",
+    "FeatureGroup",
+    "FeatureService",
+    "OfflineStore",
+    "OnlineFeatures",
+    "OnlineStore",
+    "RedisOnlineStore",
+    "RegisteredGroup",
+    "TrainingSet",
+    "load_definitions",
+    "open_online_store",
+    "transform",
+    "upgrade",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'carrara.feature_cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"carrara.feature_cache.{module}"), name)
+    globals()[name] = value
+    return value

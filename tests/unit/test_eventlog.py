@@ -12,7 +12,7 @@ import pytest
 from carrara.errors import ConfigError, InvalidArgumentError
 from carrara.eventlog import Event, EventLog, LocalEventLog, open_event_log
 
-VISIBILITY_MS = 200
+VISIBILITY_MS = 600
 
 
 @pytest.fixture(
@@ -24,6 +24,17 @@ def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"local:///{tmp_path / 'events.db'}?{opts}"
     if request.param == "local-memory":
         return f"local://?{opts}"
+    redis_url = request.getfixturevalue("redis_url")
+    namespace = request.getfixturevalue("redis_namespace")
+    return f"{redis_url}?prefix={namespace}&{opts}"
+
+
+@pytest.fixture(params=["local-file", pytest.param("redis", marks=pytest.mark.integration)])
+def shared_log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A log several instances (threads, processes) share: not the in-memory one."""
+    opts = f"visibility_timeout_ms={VISIBILITY_MS}"
+    if request.param == "local-file":
+        return f"local:///{tmp_path / 'events.db'}?{opts}"
     redis_url = request.getfixturevalue("redis_url")
     namespace = request.getfixturevalue("redis_namespace")
     return f"{redis_url}?prefix={namespace}&{opts}"
@@ -81,9 +92,12 @@ def test_unacked_events_are_redelivered_after_the_visibility_timeout(log: EventL
     assert log.read("training-events", "g", "survivor") == []
 
 
-def test_blocking_read_waits_for_an_append(log: EventLog, log_url: str) -> None:
-    assert log.read("alerts", "g", "c", block_ms=50) == []
-    writer = open_event_log(log_url)
+def test_blocking_read_waits_for_an_append(shared_log_url: str) -> None:
+    reader = open_event_log(shared_log_url)
+    writer = open_event_log(shared_log_url)
+    started = time.monotonic()
+    assert reader.read("alerts", "g", "c", block_ms=50) == []
+    assert time.monotonic() - started >= 0.04
 
     def later() -> None:
         time.sleep(0.1)
@@ -93,15 +107,13 @@ def test_blocking_read_waits_for_an_append(log: EventLog, log_url: str) -> None:
     t.start()
     try:
         started = time.monotonic()
-        got = log.read("alerts", "g", "c", block_ms=3000)
-        if not got:  # the in-memory log is per-instance: the writer's append is elsewhere
-            assert "local://?" in log_url
-        else:
-            assert [e.payload for e in got] == [b"late"]
-            assert time.monotonic() - started < 2.5
+        got = reader.read("alerts", "g", "c", block_ms=5000)
+        assert [e.payload for e in got] == [b"late"]
+        assert time.monotonic() - started < 4
     finally:
         t.join()
         writer.close()
+        reader.close()
 
 
 def test_bad_names_and_urls_are_rejected(log: EventLog) -> None:
@@ -125,9 +137,10 @@ def test_local_log_is_durable_and_shared_across_instances(tmp_path: Path) -> Non
         assert b.pending_count("deployments", "g") == 2
 
 
-def test_concurrent_consumers_get_each_event_exactly_once_when_acked(log_url: str) -> None:
-    if "local://?" in log_url:
-        pytest.skip("an in-memory log is private to its instance")
+def test_concurrent_consumers_get_each_event_exactly_once_when_acked(
+    shared_log_url: str,
+) -> None:
+    log_url = shared_log_url
     writer = open_event_log(log_url)
     writer.append_many("predictions", [str(i).encode() for i in range(300)])
     seen: list[bytes] = []

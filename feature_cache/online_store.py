@@ -1,0 +1,268 @@
+"""The online store: latest feature vector per entity and group version.
+
+Key ``{group}:{version}:{entity_id}`` (with an optional ``{namespace}:`` prefix), value the
+``FeatureVector`` protobuf (its ``created_timestamp_us`` is the write time). A value expires
+when its event time is older than the group's TTL, matching the offline point-in-time rule.
+Two backends with one interface and one test suite: Redis (one ``MGET`` per batch read,
+one pipeline per batch write; each key is addressed on its own, so it works on Redis Cluster
+through ``mget_nonatomic``) and an in-process map.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from carrara.core import FeatureVector, decode_feature_vector
+from carrara.errors import ConfigError, UnavailableError
+
+__all__ = [
+    "EmbeddedOnlineStore",
+    "OnlineStore",
+    "RedisOnlineStore",
+    "open_online_store",
+]
+
+#: (key, FeatureVector bytes, absolute expiry in ms since the epoch or None for never)
+Item = tuple[str, bytes, int | None]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class OnlineStore(ABC):
+    """Key-value access to encoded feature vectors."""
+
+    namespace: str
+
+    def key_prefix(self, group: str, version: int) -> str:
+        ns = f"{self.namespace}:" if self.namespace else ""
+        return f"{ns}{group}:{version}:"
+
+    def keys(self, group: str, version: int, entity_ids: Sequence[str]) -> list[str]:
+        prefix = self.key_prefix(group, version)
+        return [prefix + e for e in entity_ids]
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values of ``keys`` in order (None: absent or expired), in one round trip."""
+
+    @abstractmethod
+    def set_many(self, items: Sequence[Item]) -> None:
+        """Write values with their absolute expiry, in one round trip."""
+
+    @abstractmethod
+    def delete_many(self, keys: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def now_ms(self) -> int:
+        return _now_ms()
+
+    def read(self, group: str, version: int, entity_ids: Sequence[str]) -> list[bytes | None]:
+        return self.get_many(self.keys(group, version, entity_ids))
+
+    def write_vectors(
+        self, vectors: Sequence[FeatureVector], ttl_us: int, *, only_newer: bool = True
+    ) -> int:
+        """Write vectors (all of one group version) unless expired, and with ``only_newer``
+        unless the stored value is at least as recent (event time, then write time): replays
+        and late events never move an entity back in time. Returns how many were written."""
+        if not vectors:
+            return 0
+        now_ms = self.now_ms()
+        keys = [self.key_prefix(v.group, v.group_version) + v.entity_id for v in vectors]
+        current: list[bytes | None] = self.get_many(keys) if only_newer else [None] * len(keys)
+        items: list[Item] = []
+        for key, vec, old in zip(keys, vectors, current, strict=True):
+            expires: int | None = None
+            if ttl_us:
+                expires = (vec.event_timestamp_us + ttl_us) // 1000
+                if expires <= now_ms:  # too old to serve already
+                    continue
+            if old is not None:
+                prev = decode_feature_vector(old)
+                if (prev.event_timestamp_us, prev.created_timestamp_us) >= (
+                    vec.event_timestamp_us,
+                    vec.created_timestamp_us,
+                ):
+                    continue
+            items.append((key, vec.encode(), expires))
+        if items:
+            self.set_many(items)
+        return len(items)
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EmbeddedOnlineStore(OnlineStore):
+    """An in-process dict with expiry; ``clock`` (ms) is injectable for TTL tests."""
+
+    def __init__(self, namespace: str = "", clock: Callable[[], int] | None = None) -> None:
+        self.namespace = namespace
+        self._clock = clock or _now_ms
+        self._data: dict[str, tuple[bytes, int | None]] = {}
+        self._lock = threading.Lock()
+
+    def now_ms(self) -> int:
+        return self._clock()
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        data = self._data
+        now = self._clock()
+        out: list[bytes | None] = []
+        for k in keys:
+            entry = data.get(k)
+            if entry is None or (entry[1] is not None and entry[1] <= now):
+                out.append(None)
+            else:
+                out.append(entry[0])
+        return out
+
+    def set_many(self, items: Sequence[Item]) -> None:
+        with self._lock:
+            for key, value, expires in items:
+                self._data[key] = (value, expires)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for k in keys:
+                self._data.pop(k, None)
+
+    def purge_expired(self) -> int:
+        """Drop expired entries (reads already ignore them); returns how many."""
+        now = self._clock()
+        with self._lock:
+            dead = [k for k, (_, exp) in self._data.items() if exp is not None and exp <= now]
+            for k in dead:
+                del self._data[k]
+        return len(dead)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        pass
+
+
+class RedisOnlineStore(OnlineStore):
+    """Redis or Redis Cluster through redis-py (hiredis parser when installed)."""
+
+    def __init__(self, client: Any, namespace: str = "") -> None:
+        import redis.cluster
+
+        self.namespace = namespace
+        self.client = client
+        self._cluster = isinstance(client, redis.cluster.RedisCluster)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        import redis
+
+        if not keys:
+            return []
+        if self._cluster:  # one MGET per hash slot, pipelined per node
+            try:
+                values: list[bytes | None] = self.client.mget_nonatomic(keys)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
+            return values
+        return self._mget(_pack_mget(keys))
+
+    def _mget(self, packed: bytes) -> list[bytes | None]:
+        """Send a packed MGET on a pooled connection and read the reply. This skips redis-py's
+        per-command layers (argument packing, retry and observability wrappers), which cost
+        more than the round trip itself for large batches; a broken connection is dropped and
+        the (idempotent) read retried once on a fresh one."""
+        import redis
+
+        pool = self.client.connection_pool
+        for attempt in range(2):
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command([packed], check_health=False)
+                values: list[bytes | None] = conn.read_response(disable_decoding=True)
+                return values
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                conn.disconnect()
+                if attempt:
+                    raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
+            except BaseException:
+                conn.disconnect()  # the reply may be half read: never reuse the connection
+                raise
+            finally:
+                pool.release(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def set_many(self, items: Sequence[Item]) -> None:
+        import redis
+
+        pipe = self.client.pipeline(transaction=False)
+        for key, value, expires in items:
+            if expires is None:
+                pipe.set(key, value)
+            else:
+                pipe.set(key, value, pxat=expires)
+        try:
+            pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.delete(k)
+        pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _pack_mget(keys: Sequence[str]) -> bytes:
+    """The RESP encoding of ``MGET keys...`` (bulk lengths are byte lengths)."""
+    head = f"*{len(keys) + 1}\r\n$4\r\nMGET\r\n"
+    body = "".join([f"${len(k)}\r\n{k}\r\n" for k in keys])
+    if body.isascii():  # the common case: character counts are byte counts
+        return (head + body).encode()
+    parts = [head.encode()]
+    for k in keys:
+        b = k.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+def open_online_store(url: str, *, namespace: str | None = None) -> OnlineStore:
+    """``memory://`` (in-process) or ``redis://host:port/db[?namespace=...]``
+    (``rediss://`` for TLS; ``?cluster=1`` for Redis Cluster)."""
+    parts = urlsplit(url)
+    options = parse_qs(parts.query)
+    ns = namespace if namespace is not None else options.pop("namespace", [""])[-1]
+    options.pop("namespace", None)
+    if parts.scheme == "memory":
+        return EmbeddedOnlineStore(ns)
+    if parts.scheme in ("redis", "rediss", "unix"):
+        import redis
+        import redis.cluster
+
+        cluster = options.pop("cluster", ["0"])[-1] in ("1", "true", "yes")
+        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
+        client: Any = (
+            redis.cluster.RedisCluster.from_url(client_url)
+            if cluster
+            else redis.Redis.from_url(client_url)
+        )
+        return RedisOnlineStore(client, ns)
+    raise ConfigError(
+        f"unsupported online store URL {url!r}; use memory:// or redis://host:port/db"
+    )

@@ -1,0 +1,229 @@
+# mypy: disable-error-code="import-untyped"
+"""Point-in-time-correct training sets (DuckDB ``ASOF JOIN``).
+
+For each label row (entity id, label timestamp) and each requested group, take the group's
+feature row with the greatest ``event_timestamp <= label timestamp`` (ties: greatest
+``created_timestamp``), and only if ``event_timestamp >= label timestamp - TTL``; otherwise the
+features are null. Nothing with a later event time can reach a label row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from carrara.errors import InvalidArgumentError, NotFoundError
+from carrara.feature_cache.catalog import RegisteredGroup
+from carrara.feature_cache.offline_store import (
+    OfflineStore,
+    duckdb_cursor,
+    timestamp_column,
+    to_arrow,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+__all__ = ["FeatureRequest", "TrainingSet", "parse_feature_refs", "point_in_time_join"]
+
+
+class FeatureRequest(msgspec.Struct, frozen=True):
+    """Features of one group version to join, and the entity-dataframe column that holds
+    the group's entity id."""
+
+    group: RegisteredGroup
+    features: tuple[str, ...]
+    entity_column: str
+
+
+class TrainingSet(msgspec.Struct, frozen=True):
+    """A point-in-time-correct table and the reference of the inputs it was built from."""
+
+    table: Any  # pyarrow.Table: the entity dataframe's columns, then "{group}__{feature}"
+    snapshot_ref: str
+    spec: dict[str, Any]
+
+    def to_pandas(self) -> pd.DataFrame:
+        frame: pd.DataFrame = self.table.to_pandas()
+        return frame
+
+    def to_arrow(self) -> pa.Table:
+        table: pa.Table = self.table
+        return table
+
+
+def parse_feature_refs(refs: Sequence[str]) -> dict[str, list[str]]:
+    """``["trips:fare_mean", "trips:*"]`` -> ``{"trips": ["fare_mean"] or ["*"]}``, in order."""
+    out: dict[str, list[str]] = {}
+    for ref in refs:
+        group, sep, feature = ref.partition(":")
+        if not sep or not group or not feature:
+            raise InvalidArgumentError(
+                f"feature reference {ref!r} is not 'group:feature' (or 'group:*')"
+            )
+        names = out.setdefault(group, [])
+        if feature not in names:
+            names.append(feature)
+    return out
+
+
+#: 2**64: packs (event time, write time) into one HUGEINT that orders like the pair (a shift
+#: would refuse the negative times before 1970).
+_SHIFT = 1 << 64
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _fingerprint_table(table: pa.Table) -> str:
+    import pyarrow as pa
+
+    h = hashlib.blake2b(digest_size=16)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    h.update(memoryview(sink.getvalue()))
+    return h.hexdigest()
+
+
+def point_in_time_join(
+    entity_df: Any,
+    requests: Sequence[FeatureRequest],
+    offline: OfflineStore,
+    *,
+    timestamp_column_name: str = "event_timestamp",
+    threads: int | None = None,
+) -> TrainingSet:
+    """Join ``requests`` onto ``entity_df`` (pandas, Polars or Arrow; one row per label)
+    point-in-time correctly. Output rows keep the input order."""
+    import duckdb
+    import pyarrow as pa
+
+    labels = to_arrow(entity_df)
+    if not requests:
+        raise InvalidArgumentError("no features requested")
+    label_ts = timestamp_column(labels, timestamp_column_name, "the entity dataframe")
+    reserved = [c for c in labels.column_names if c.startswith("__")]
+    if reserved:
+        raise InvalidArgumentError(
+            f"entity dataframe columns may not start with '__' (reserved): {', '.join(reserved)}"
+        )
+    outputs = [f"{r.group.name}__{f}" for r in requests for f in r.features]
+    clash = sorted(set(outputs) & set(labels.column_names)) or sorted(
+        {o for o in outputs if outputs.count(o) > 1}
+    )
+    if clash:
+        raise InvalidArgumentError(
+            f"output column(s) {', '.join(clash)} would appear twice: rename the entity "
+            "dataframe's column or request each feature once"
+        )
+    work = labels
+    key_columns: dict[str, str] = {}
+    for r in requests:
+        if r.entity_column not in labels.column_names:
+            raise InvalidArgumentError(
+                f"feature group {r.group.name!r} is keyed by entity {r.group.entity.name!r}: the "
+                f"entity dataframe needs a column {r.entity_column!r}; it has "
+                + ", ".join(labels.column_names)
+            )
+        if r.entity_column not in key_columns:
+            alias = f"__k{len(key_columns)}"
+            key_columns[r.entity_column] = alias
+            work = work.append_column(alias, labels.column(r.entity_column).cast(pa.string()))
+        known = r.group.definition.feature_names
+        for f in r.features:
+            if f not in known:
+                raise NotFoundError(
+                    f"feature group {r.group.name!r} has no feature {f!r}; known: "
+                    + ", ".join(known)
+                )
+    import numpy as np
+
+    work = work.append_column("__row", pa.array(np.arange(labels.num_rows, dtype=np.int64)))
+    work = work.append_column("__ts", label_ts.cast(pa.int64()))
+
+    if threads:
+        con = duckdb.connect(config={"threads": threads})
+        con.execute("SET enable_progress_bar = false")
+    else:
+        con = duckdb_cursor()
+    try:
+        con.register("__labels", work)
+        # Feature rows outside [first label - TTL, last label] can never be picked.
+        min_ts, max_ts = con.sql("SELECT min(__ts), max(__ts) FROM __labels").fetchall()[0]
+        con.execute(
+            "CREATE TEMP VIEW labels AS SELECT *,"
+            f" __ts::HUGEINT * {_SHIFT}::HUGEINT + 9223372036854775807 AS __k FROM __labels"
+        )
+        ctes: list[str] = []
+        selects = [f"l.{_quote(c)}" for c in labels.column_names]
+        joins: list[str] = []
+        files: dict[str, list[str]] = {}
+        for i, r in enumerate(requests):
+            g = r.group
+            group_files = offline.files(g.name, g.version)
+            files[f"{g.name}:v{g.version}"] = group_files
+            source = offline.source(con, g, f"__src{i}", group_files)
+            cols = ", ".join(_quote(f) for f in r.features)
+            # Ties on event time go to the latest write: the ASOF key is the pair
+            # (event_timestamp, created_timestamp) packed into one HUGEINT, ordered
+            # lexicographically; a label's key is (its time, max int64). Cheaper than
+            # deduplicating with a window over the whole group.
+            bounds = (
+                f" WHERE event_timestamp <= make_timestamptz({max_ts})"
+                if max_ts is not None
+                else ""
+            )
+            if max_ts is not None and g.definition.ttl_us:
+                bounds += (
+                    f" AND event_timestamp >= make_timestamptz({min_ts - g.definition.ttl_us})"
+                )
+            ctes.append(
+                f"g{i} AS (SELECT entity_id, epoch_us(event_timestamp) AS ts,"
+                f" epoch_us(event_timestamp)::HUGEINT * {_SHIFT}::HUGEINT"
+                " + epoch_us(created_timestamp) AS k,"
+                f" {cols} FROM {source}{bounds})"
+            )
+            key = key_columns[r.entity_column]
+            joins.append(f"ASOF LEFT JOIN g{i} ON l.{key} = g{i}.entity_id AND l.__k >= g{i}.k")
+            ttl = g.definition.ttl_us
+            for f in r.features:
+                value = f"g{i}.{_quote(f)}"
+                if ttl:
+                    value = f"CASE WHEN g{i}.ts >= l.__ts - {ttl} THEN {value} END"
+                selects.append(f"{value} AS {_quote(f'{g.name}__{f}')}")
+        sql = (
+            "WITH "
+            + ", ".join(ctes)
+            + " SELECT "
+            + ", ".join(selects)
+            + " FROM labels l "
+            + " ".join(joins)
+            + " ORDER BY l.__row"
+        )
+        table = con.sql(sql).to_arrow_table()
+    finally:
+        con.close()
+    spec: dict[str, Any] = {
+        "entity_df": _fingerprint_table(labels),
+        "timestamp_column": timestamp_column_name,
+        "groups": [
+            {
+                "group": r.group.name,
+                "version": r.group.version,
+                "fingerprint": r.group.fingerprint,
+                "features": list(r.features),
+                "entity_column": r.entity_column,
+                "ttl_days": r.group.definition.ttl_days,
+            }
+            for r in requests
+        ],
+        "files": files,
+    }
+    ref = "ds-" + hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:24]
+    return TrainingSet(table, ref, spec)

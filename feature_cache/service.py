@@ -1,0 +1,391 @@
+# mypy: disable-error-code="import-untyped"
+"""``FeatureService``: the feature platform behind one object (``platform.features``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import numpy as np
+
+from carrara.core import Assembler, AssemblerSpec, FeatureRef, GroupSchema
+from carrara.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from carrara.feature_cache.catalog import Catalog, Change, RegisteredGroup
+from carrara.feature_cache.definitions import Definitions, resolve_transform
+from carrara.feature_cache.materialize import MaterializeResult, materialize_batch
+from carrara.feature_cache.offline_store import CompactionResult, OfflineStore, to_arrow
+from carrara.feature_cache.online_store import OnlineStore, open_online_store
+from carrara.feature_cache.pit_join import (
+    FeatureRequest,
+    TrainingSet,
+    parse_feature_refs,
+    point_in_time_join,
+)
+from carrara.feature_cache.streaming import StreamingMaterializer, publish_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+    from carrara.config import Settings
+    from carrara.eventlog import EventLog
+
+__all__ = ["MAX_ONLINE_BATCH", "BatchTooLargeError", "FeatureService", "OnlineFeatures"]
+
+#: Most entities one online read may ask for.
+MAX_ONLINE_BATCH = 10_000
+_GROUP_CACHE_SECONDS = 5.0
+
+
+class BatchTooLargeError(ResourceExhaustedError):
+    """More entities in one read than the service allows (HTTP 413: split the batch)."""
+
+    http_status = 413
+
+
+class OnlineFeatures(msgspec.Struct, frozen=True):
+    """An online read: ``values[i, j]`` is feature ``features[j]`` of ``entity_ids[i]``;
+    ``missing[i, j]`` marks values that are absent (then ``values`` holds 0); ``found[i]``
+    says whether the entity has a stored vector at all."""
+
+    group: str
+    version: int
+    entity_ids: list[str]
+    features: list[str]
+    values: Any  # np.ndarray float32 [n, d]
+    missing: Any  # np.ndarray bool [n, d]
+    found: Any  # np.ndarray bool [n]
+
+    def to_dicts(self) -> list[dict[str, float | None]]:
+        rows = np.where(self.missing, np.nan, self.values).tolist()
+        return [
+            {f: (None if v != v else v) for f, v in zip(self.features, row, strict=True)}
+            for row in rows
+        ]
+
+    def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd
+
+        frame = pd.DataFrame(np.where(self.missing, np.nan, self.values), columns=self.features)
+        frame.insert(0, "entity_id", self.entity_ids)
+        return frame
+
+
+class _Reader(msgspec.Struct, frozen=True):
+    group: RegisteredGroup
+    features: list[str]
+    assembler: Assembler
+    prefix: str
+
+
+class FeatureService:
+    """Definitions, offline and online stores, training sets and materialization.
+
+    ::
+
+        svc = FeatureService.open(catalog_url="sqlite:///c.db", offline_path="offline")
+        svc.apply(load_definitions("features.yaml"))         # versions changed groups
+        svc.ingest("trips", source_rows)                      # transform -> offline
+        ts = svc.get_training_set(labels, ["trips:fare_mean"])  # point-in-time correct
+        svc.materialize("trips")                              # offline -> online
+        svc.get_online("trips", ["d1", "d2"]).values          # float32 [2, d]
+
+    Reads without ``version`` use the group's latest version: after ``apply`` creates a new
+    version, materialize it before readers switch to it (or pin ``version``).
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        offline: OfflineStore,
+        online: OnlineStore,
+        event_log: EventLog | None = None,
+        *,
+        max_online_batch: int = MAX_ONLINE_BATCH,
+    ) -> None:
+        self.catalog = catalog
+        self.offline = offline
+        self.online = online
+        self.event_log = event_log
+        self.max_online_batch = max_online_batch
+        self._latest: dict[str, tuple[float, RegisteredGroup]] = {}
+        self._readers: dict[tuple[str, int, tuple[str, ...] | None], _Reader] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        catalog_url: str,
+        offline_path: str,
+        online_url: str = "memory://",
+        event_log_url: str | None = None,
+        namespace: str = "",
+    ) -> FeatureService:
+        """Open every store by URL (the catalog shares the registry database)."""
+        catalog = Catalog(catalog_url)
+        event_log = None
+        if event_log_url:
+            from carrara.eventlog import open_event_log
+
+            event_log = open_event_log(event_log_url)
+        return cls(
+            catalog,
+            OfflineStore(offline_path),
+            open_online_store(online_url, namespace=namespace),
+            event_log,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FeatureService:
+        return cls.open(
+            catalog_url=settings.resolved_registry_url,
+            offline_path=settings.resolved_offline_store_path,
+            online_url=settings.online_store_url,
+            event_log_url=settings.resolved_event_log_url,
+        )
+
+    def close(self) -> None:
+        self.online.close()
+        if self.event_log is not None:
+            self.event_log.close()
+        self.catalog.close()
+
+    def __enter__(self) -> FeatureService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- definitions ------------------------------------------------------------------------
+
+    def apply(self, definitions: Definitions, *, dry_run: bool = False) -> list[Change]:
+        changes = self.catalog.apply(definitions, dry_run=dry_run)
+        with self._lock:
+            self._latest.clear()
+        return changes
+
+    def group(self, name: str, version: int | None = None) -> RegisteredGroup:
+        """A group version; the latest is cached for a few seconds (reads are hot)."""
+        if version is not None:
+            return self.catalog.get_group(name, version)
+        now = time.monotonic()
+        cached = self._latest.get(name)
+        if cached is not None and now - cached[0] < _GROUP_CACHE_SECONDS:
+            return cached[1]
+        group = self.catalog.get_group(name)
+        self._latest[name] = (now, group)
+        return group
+
+    def list_groups(self) -> list[RegisteredGroup]:
+        return self.catalog.list_groups()
+
+    # -- offline ----------------------------------------------------------------------------
+
+    def transform_rows(self, group: RegisteredGroup, data: Any) -> pa.Table:
+        """Source rows -> feature rows through the group's transform (the one code path
+        shared by batch ingestion and the streaming consumer)."""
+        import pandas as pd
+        import pyarrow as pa
+
+        what = f"rows for feature group {group.name!r}"
+        if isinstance(data, list):
+            # Every key of any row becomes a column (rows without it get nulls).
+            names = dict.fromkeys(k for row in data for k in row)
+            try:
+                data = pa.table({k: [row.get(k) for row in data] for k in names})
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise InvalidArgumentError(f"{what}: mixed or unsupported values: {exc}") from exc
+        table = to_arrow(data)
+        key = group.entity.key
+        fn = resolve_transform(group.definition.transform)
+        if fn is not None:
+            try:
+                out = fn(table.to_pandas())
+            except Exception as exc:
+                raise InvalidArgumentError(
+                    f"{what}: transform {group.definition.transform!r} failed:"
+                    f" {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(out, pd.DataFrame):
+                raise InvalidArgumentError(
+                    f"transform {group.definition.transform!r} of feature group {group.name!r}"
+                    f" returned {type(out).__name__}; it must return a pandas DataFrame"
+                )
+            table = pa.Table.from_pandas(out, preserve_index=False)
+        if "entity_id" not in table.column_names and key in table.column_names:
+            table = table.rename_columns(
+                ["entity_id" if c == key else c for c in table.column_names]
+            )
+        return self.offline.prepare(group, table)
+
+    def ingest(self, group: str, data: Any, *, version: int | None = None) -> int:
+        """Source rows (pandas/Polars/Arrow) -> transform -> offline store; returns rows."""
+        g = self.group(group, version)
+        return self.offline.append(g, self.transform_rows(g, data))
+
+    def write_offline(self, group: str, data: Any, *, version: int | None = None) -> int:
+        """Feature rows (already transformed) -> offline store."""
+        g = self.group(group, version)
+        return self.offline.append(g, data)
+
+    def compact(self, group: str, *, version: int | None = None) -> CompactionResult:
+        return self.offline.compact(self.group(group, version))
+
+    def get_training_set(
+        self,
+        entity_df: Any,
+        features: Sequence[str],
+        *,
+        timestamp_column: str = "event_timestamp",
+        versions: dict[str, int] | None = None,
+        threads: int | None = None,
+    ) -> TrainingSet:
+        """Point-in-time-correct features for each label row; ``features`` are
+        ``"group:feature"`` (or ``"group:*"``). The snapshot reference is recorded."""
+        requests = []
+        for name, wanted in parse_feature_refs(features).items():
+            g = self.group(name, (versions or {}).get(name))
+            names = g.definition.feature_names if wanted == ["*"] else tuple(wanted)
+            requests.append(FeatureRequest(g, names, g.entity.key))
+        result = point_in_time_join(
+            entity_df,
+            requests,
+            self.offline,
+            timestamp_column_name=timestamp_column,
+            threads=threads,
+        )
+        self.catalog.record_snapshot(result.snapshot_ref, msgspec.json.encode(result.spec).decode())
+        return result
+
+    # -- online -----------------------------------------------------------------------------
+
+    def _reader(self, group: str, features: Sequence[str] | None, version: int | None) -> _Reader:
+        g = self.group(group, version)
+        wanted = None if features is None else tuple(features)
+        key = (group, g.version, wanted)
+        reader = self._readers.get(key)
+        if reader is not None:
+            return reader
+        if not g.definition.online:
+            raise InvalidArgumentError(
+                f"feature group {group!r} has online=False; it has no online values"
+            )
+        names = list(g.definition.feature_names if wanted is None else wanted)
+        for f in names:
+            g.definition.feature(f)  # raises NotFoundError naming the known features
+        if not names:
+            raise InvalidArgumentError("features is empty; leave it out to read all features")
+        spec = AssemblerSpec(
+            groups=(GroupSchema(g.name, g.version, g.definition.feature_names),),
+            features=tuple(FeatureRef(g.name, f) for f in names),
+        )
+        reader = _Reader(g, names, Assembler(spec), self.online.key_prefix(g.name, g.version))
+        with self._lock:
+            if len(self._readers) >= 1024:  # many ad-hoc feature subsets: start over
+                self._readers.clear()
+            self._readers[key] = reader
+        return reader
+
+    def get_online(
+        self,
+        group: str,
+        entity_ids: Sequence[str],
+        features: Sequence[str] | None = None,
+        *,
+        version: int | None = None,
+        require_found: bool = False,
+    ) -> OnlineFeatures:
+        """Current values of ``features`` (default: all) for ``entity_ids``: one store
+        round trip, decoded and laid out in C++. Entities without a stored value come back
+        with ``found`` False, or raise ``NotFoundError`` with ``require_found``."""
+        if isinstance(entity_ids, str):
+            raise InvalidArgumentError("entity_ids must be a list of ids, not one string")
+        n = len(entity_ids)
+        if n > self.max_online_batch:
+            raise BatchTooLargeError(
+                f"{n} entities in one online read; the limit is {self.max_online_batch}:"
+                " split the batch"
+            )
+        reader = self._reader(group, features, version)
+        prefix = reader.prefix
+        try:
+            keys = [prefix + e for e in entity_ids]
+        except TypeError as exc:
+            raise InvalidArgumentError(f"entity ids must be strings: {exc}") from exc
+        raw = self.online.get_many(keys)
+        values, missing = reader.assembler.assemble([raw])
+        if raw.count(None) == 0:  # the common case, without a Python-level loop
+            found = np.ones(n, dtype=np.bool_)
+        else:
+            found = np.array([v is not None for v in raw], dtype=np.bool_)
+            if require_found:
+                absent = [e for e, v in zip(entity_ids, raw, strict=True) if v is None]
+                shown = ", ".join(repr(e) for e in absent[:10])
+                more = f" and {len(absent) - 10} more" if len(absent) > 10 else ""
+                raise NotFoundError(
+                    f"feature group {group!r} v{reader.group.version} has no online values for "
+                    f"entity id(s) {shown}{more}: check the ids, or materialize the group"
+                )
+        return OnlineFeatures(
+            group, reader.group.version, list(entity_ids), reader.features, values, missing, found
+        )
+
+    # -- materialization --------------------------------------------------------------------
+
+    def materialize(
+        self,
+        group: str | None = None,
+        *,
+        full: bool = False,
+        progress: bool = False,
+        overlap_s: float = 60.0,
+    ) -> list[MaterializeResult]:
+        """Batch offline -> online for one group (latest version) or every online group."""
+        groups = (
+            [self.group(group)]
+            if group
+            else [g for g in self.list_groups() if g.definition.online and g.definition.offline]
+        )
+        return [
+            materialize_batch(
+                self.catalog,
+                self.offline,
+                self.online,
+                g,
+                full=full,
+                progress=progress,
+                overlap_s=overlap_s,
+            )
+            for g in groups
+        ]
+
+    def _need_log(self) -> EventLog:
+        if self.event_log is None:
+            raise InvalidArgumentError(
+                "this FeatureService has no event log; open it with event_log_url"
+            )
+        return self.event_log
+
+    def publish(self, group: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+        """Send source rows for ``group`` to the ``feature-updates`` topic."""
+        self.group(group)  # fail early on unknown groups
+        return publish_rows(self._need_log(), group, rows)
+
+    def stream_materializer(
+        self, *, consumer_group: str = "feature-materializer", consumer: str | None = None
+    ) -> StreamingMaterializer:
+        """A consumer of the ``feature-updates`` topic that writes the latest version of each
+        group through the same transform as :meth:`ingest`."""
+        return StreamingMaterializer(
+            self._need_log(),
+            self.offline,
+            self.online,
+            self.group,
+            self.transform_rows,
+            consumer_group=consumer_group,
+            consumer=consumer,
+        )
