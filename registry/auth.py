@@ -1,0 +1,140 @@
+"""Bearer tokens with roles, stored hashed in the registry database.
+
+Tokens are 32 random bytes (``crt_`` + urlsafe base64); only their sha256 is stored, so a
+database dump reveals none. Roles: ``reader``, ``publisher`` (register), ``deployer``
+(promote, deploy, rollback, archive), ``approver`` (approve high-stakes promotions) and
+``admin`` (everything except approving: approval stays a separate person's role).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from carrara.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
+from carrara.registry.util import now_iso
+from carrara.sql import Database, Transaction
+
+__all__ = ["ROLES", "Principal", "TokenInfo", "TokenStore", "require_role"]
+
+ROLES = ("reader", "publisher", "deployer", "approver", "admin")
+_IMPLIED = {"admin": {"reader", "publisher", "deployer", "admin"}}
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling and with which roles."""
+
+    subject: str
+    roles: frozenset[str]
+
+    def has(self, role: str) -> bool:
+        return role in self.roles or any(role in _IMPLIED.get(r, ()) for r in self.roles)
+
+
+class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A token as listed (never its secret)."""
+
+    token_id: int
+    subject: str
+    roles: list[str]
+    created_at: str
+    revoked_at: str | None
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def require_role(principal: Principal | None, role: str, action: str) -> Principal:
+    """The principal if it may do ``action``; else the 401/403 error that says what is missing."""
+    if principal is None:
+        raise UnauthenticatedError(
+            f"{action} needs a bearer token with role {role!r}: send 'Authorization: Bearer "
+            "<token>' (create one with 'carrara models token create')"
+        )
+    if not principal.has(role):
+        have = ", ".join(sorted(principal.roles)) or "none"
+        raise PermissionDeniedError(
+            f"{action} needs role {role!r}; token of {principal.subject!r} has roles: {have}"
+        )
+    return principal
+
+
+def _audit(tx: Transaction, action: str, detail: dict[str, Any]) -> None:
+    # Token changes are made with direct database access, so the actor is the DB admin.
+    tx.execute(
+        "INSERT INTO audit_log (actor, action, detail_json, created_at) VALUES (?, ?, ?, ?)",
+        ("db-admin", action, json.dumps(detail, sort_keys=True), now_iso()),
+    )
+
+
+class TokenStore:
+    """Create, check and revoke API tokens in the registry database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create(self, subject: str, roles: Iterable[str]) -> str:
+        """A new token for ``subject``; the plaintext is returned once and never stored."""
+        roles = sorted(set(roles))
+        unknown = [r for r in roles if r not in ROLES]
+        if not subject:
+            raise InvalidArgumentError("a token needs a subject (the user or service it is for)")
+        if unknown or not roles:
+            raise InvalidArgumentError(
+                f"unknown role(s) {unknown or '(none given)'}; known: {', '.join(ROLES)}"
+            )
+        token = "crt_" + secrets.token_urlsafe(32)
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO api_tokens (subject, token_sha256, roles, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (subject, _hash(token), ",".join(roles), now_iso()),
+            )
+            _audit(tx, "token.create", {"subject": subject, "roles": roles})
+        return token
+
+    def authenticate(self, token: str) -> Principal:
+        """The principal a token belongs to; 401 if it is unknown or revoked."""
+        with self._db.transaction() as tx:
+            row = tx.fetchone(
+                "SELECT subject, roles, revoked_at FROM api_tokens WHERE token_sha256 = ?",
+                (_hash(token),),
+            )
+        if row is None:
+            raise UnauthenticatedError("unknown bearer token; ask an admin for a valid one")
+        if row[2] is not None:
+            raise UnauthenticatedError(f"the token of {row[0]!r} was revoked at {row[2]}")
+        return Principal(row[0], frozenset(r for r in row[1].split(",") if r))
+
+    def revoke(self, token_id: int) -> None:
+        with self._db.transaction() as tx:
+            cur = tx.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                (now_iso(), token_id),
+            )
+            if cur.rowcount == 0:
+                raise InvalidArgumentError(f"no active token with id {token_id}")
+            _audit(tx, "token.revoke", {"token_id": token_id})
+
+    def list(self) -> list[TokenInfo]:
+        with self._db.transaction() as tx:
+            rows = tx.fetchall(
+                "SELECT token_id, subject, roles, created_at, revoked_at FROM api_tokens"
+                " ORDER BY token_id"
+            )
+        return [
+            TokenInfo(
+                token_id=r[0],
+                subject=r[1],
+                roles=r[2].split(","),
+                created_at=r[3],
+                revoked_at=r[4],
+            )
+            for r in rows
+        ]
