@@ -75,19 +75,26 @@ class OnnxBackend:
 
     def __init__(
         self,
-        path: str | Path,
+        source: str | Path | bytes,
         *,
         sha256: str | None = None,
         providers: Sequence[str] = ("cpu",),
         output: str | None = None,
         intra_op_threads: int = 1,
+        name: str | None = None,
     ) -> None:
+        """``source`` is an ONNX file or the model's bytes (e.g. read from the artifact store);
+        ``name`` labels the model in error messages."""
         import onnxruntime as ort
 
-        path = Path(path)
-        if not path.is_file():
-            raise NotFoundError(f"model artifact {path} does not exist")
-        data = path.read_bytes()
+        if isinstance(source, bytes):
+            data = source
+            path: str | Path = name or "<in-memory model>"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise NotFoundError(f"model artifact {path} does not exist")
+            data = path.read_bytes()
         if sha256 is not None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha256:

@@ -65,6 +65,19 @@ def _serve(args: argparse.Namespace) -> int:
     )
     for model in config.models:
         engine.deploy(model.deployment(), build_backends(model))
+    registry = watcher = deployment_events = None
+    if config.registry is not None:
+        from carrara.gateway.registry_source import DeploymentWatcher, load_active
+        from carrara.registry.registry import ModelRegistry
+
+        registry = ModelRegistry.open(config.registry.url, config.registry.artifact_path)
+        load_active(registry, engine, config.registry.models)
+        from carrara.eventlog import open_event_log
+
+        deployment_events = open_event_log(config.registry.event_log_url)
+        watcher = DeploymentWatcher(
+            registry, engine, deployment_events, models=config.registry.models
+        ).start()
     gateway = Gateway(engine)
     server = GatewayServer(
         gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port
@@ -89,7 +102,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         uvloop.run(main())
     finally:
+        if watcher is not None:
+            watcher.stop()
         gateway.close()
+        if registry is not None:
+            registry.close()
+        if deployment_events is not None:
+            deployment_events.close()
         if logger is not None:
             logger.close()
         if event_log is not None:

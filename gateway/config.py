@@ -18,7 +18,14 @@ from carrara.errors import ConfigError
 from carrara.gateway.backends import Backend, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, VariantSpec
 
-__all__ = ["GatewayConfig", "ModelConfig", "VariantConfig", "build_backends", "load_gateway_config"]
+__all__ = [
+    "GatewayConfig",
+    "ModelConfig",
+    "RegistryConfig",
+    "VariantConfig",
+    "build_backends",
+    "load_gateway_config",
+]
 
 
 class VariantConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,8 +66,18 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         )
 
 
+class RegistryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Serve what the model registry says is deployed, and follow its deployment events."""
+
+    url: str  # sqlite:///path or postgresql://...
+    artifact_path: str
+    event_log_url: str  # where the registry publishes `deployments` events
+    models: tuple[str, ...]  # the models this gateway serves
+
+
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    models: tuple[ModelConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()  # served from files, fixed until restart
+    registry: RegistryConfig | None = None
     online_store_url: str = "memory://"
     event_log_url: str | None = None  # prediction logs; None = not logged
     cache_capacity: int = 10_000

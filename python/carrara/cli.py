@@ -29,6 +29,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_core_showcase(entities=args.entities)
 
 
+# Each part that keeps tables exposes ``upgrade(url) -> applied migration ids``.
+SCHEMA_PARTS = (
+    ("registry", "carrara.registry.migrations"),
+    ("feature catalog", "carrara.feature_cache.catalog"),
+    ("monitoring", "carrara.monitoring.schema"),
+)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from carrara.config import load_settings
+
+    url = args.url or load_settings().resolved_registry_url
+    for label, module_name in SCHEMA_PARTS:
+        module = importlib.import_module(module_name)
+        applied = module.upgrade(url)
+        print(f"{label}: {'applied ' + ', '.join(applied) if applied else 'up to date'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="carrara",
@@ -39,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end showcase on this machine")
     demo.add_argument("--entities", type=int, default=10_000, help="entities to serve")
     demo.set_defaults(func=_cmd_demo)
+    db = sub.add_parser("db", help="database schema of the registry, catalog and monitoring")
+    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="apply pending migrations (idempotent)")
+    upgrade.add_argument("--url", help="database URL (default: the configured registry URL)")
+    upgrade.set_defaults(func=_cmd_db_upgrade)
     for name in PART_CLIS:
         try:
             module = importlib.import_module(name)
