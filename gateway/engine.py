@@ -215,6 +215,14 @@ class ServingEngine:
                 f"defined: {names}"
             )
         live = _Live(deployment, variants)
+        for v in variants.values():
+            # Warm up before switching: the first run of a session allocates and plans, and
+            # must not land on a live request. A model that cannot run fails the deploy here.
+            out = v.backend.infer(np.zeros((1, v.assembler.dim), np.float32))
+            if out.shape[0] != 1:
+                raise InvalidArgumentError(
+                    f"variant {v.spec.name!r} returned {out.shape[0]} rows for 1 input row"
+                )
         with self._lock:
             old = self._live.get(deployment.model)
             self._live[deployment.model] = live

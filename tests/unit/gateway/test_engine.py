@@ -376,3 +376,46 @@ def test_try_cached_declines_remote_backends(
     engine.deploy(deployment((10_000, 0)), {"v1": remote, "v2": OnnxBackend(models[1])})
     engine.predict("ranker", ["u1"])
     assert engine.try_cached("ranker", ["u1"]) is None
+
+
+def test_shadow_runs_off_the_response_path_and_is_only_logged(
+    store: DictStore, models: tuple[Path, Path]
+) -> None:
+    sink = Recorder()
+    engine = ServingEngine(store, sink=sink)
+    engine.deploy(
+        ModelDeployment(
+            model="ranker",
+            policy=RoutingPolicy(variants=(Variant("v1", 10_000),), shadows=("v2",)),
+            variants=(
+                VariantSpec(name="v1", version=1, features=SPEC),
+                VariantSpec(name="v2", version=2, features=SPEC),
+            ),
+        ),
+        {"v1": OnnxBackend(models[0]), "v2": OnnxBackend(models[1])},
+    )
+    ids = [f"u{i}" for i in range(20)]
+    result = engine.predict("ranker", ids, request_id="r")
+    assert set(result.variants) == {"v1"}  # the shadow never answers
+    engine.close()  # waits for the shadow pool
+    shadow = [rec for b in sink.batches if b.shadow for rec in b.records()]
+    served = [rec for b in sink.batches if not b.shadow for rec in b.records()]
+    assert len(shadow) == 20 and len(served) == 20
+    assert {rec.variant for rec in shadow} == {"v2"} and all(rec.shadow for rec in shadow)
+    by_id = {rec.request_id: rec for rec in shadow}
+    for i, entity in enumerate(ids):
+        rec = by_id[f"r:{i}"]
+        assert rec.entity_id == entity
+        assert rec.prediction[0] == pytest.approx(
+            expected(store, entity, W2, -0.2), rel=1e-5, abs=1e-5
+        )
+
+
+def test_deploy_warms_up_and_refuses_a_broken_model(
+    engine: ServingEngine, models: tuple[Path, Path]
+) -> None:
+    broken = SlowBackend(OnnxBackend(models[0]))
+    broken.fail = True
+    with pytest.raises(RuntimeError, match="exploded"):
+        engine.deploy(deployment((10_000, 0)), {"v1": broken, "v2": OnnxBackend(models[1])})
+    assert engine.models() == []  # nothing was switched in

@@ -227,14 +227,16 @@ class BlockingBackend:
         self.inner = inner
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
+        self.armed = False  # the deploy's warm-up call passes straight through
 
     @property
     def info(self) -> BackendInfo:
         return self.inner.info
 
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        self.entered.release()
-        self.release.wait(10)
+        if self.armed:
+            self.entered.release()
+            self.release.wait(10)
         return self.inner.infer(x)
 
     def close(self) -> None:
@@ -253,6 +255,7 @@ def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
         ),
         {"v1": backend},
     )
+    backend.armed = True
     gateway = Gateway(engine)
     thread = ServerThread(lambda: GatewayServer(gateway, grace_s=10.0))
     srv = thread.start()
