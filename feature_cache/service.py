@@ -123,7 +123,7 @@ class FeatureService:
         offline_path: str,
         online_url: str = "memory://",
         event_log_url: str | None = None,
-        namespace: str = "",
+        namespace: str | None = None,
     ) -> FeatureService:
         """Open every store by URL (the catalog shares the registry database)."""
         catalog = Catalog(catalog_url)
