@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <memory>
 
+#if defined(__linux__)
+#include <time.h>
+#endif
+
 namespace carrara::core {
 
 class Clock {
@@ -15,12 +19,21 @@ class Clock {
   virtual std::int64_t now_ns() const noexcept = 0;
 };
 
+// Monotonic time for TTLs. On Linux it reads CLOCK_MONOTONIC_COARSE (a few ns instead of
+// ~30 ns, resolution one scheduler tick, 1-4 ms): cache TTLs are seconds, so a hit does
+// not need a precise clock. Elsewhere it is std::chrono::steady_clock.
 class SteadyClock final : public Clock {
  public:
   std::int64_t now_ns() const noexcept override {
+#if defined(__linux__)
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+#else
     return std::chrono::duration_cast<std::chrono::nanoseconds>(
                std::chrono::steady_clock::now().time_since_epoch())
         .count();
+#endif
   }
 };
 
