@@ -1,9 +1,10 @@
 """Deployments from the model registry: initial load, and live reload on ``deployments`` events.
 
-A registry ``Deployment`` names versions; each version carries its artifact (sha256-verified
-when read from the artifact store) and its feature spec (the ``carrara.feature_spec`` tag,
-an ``AssemblerSpec`` as JSON, written at registration). The watcher follows the event log with
-a consumer group of its own, so every gateway replica sees every deployment change.
+A registry ``Deployment`` lists its variants, each with its artifact (sha256-verified when read
+from the artifact store) and its serving spec: the ``AssemblerSpec`` (features the model reads,
+in input order) registered with the version as ``serving_spec=serving_spec(spec)``. The watcher
+follows the event log with a consumer group of its own, so every gateway replica sees every
+deployment change.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -25,23 +26,21 @@ from carrara.registry.registry import DEPLOYMENTS_TOPIC, ModelRegistry
 from carrara.registry.types import Deployment
 
 __all__ = [
-    "FEATURE_SPEC_TAG",
     "DeploymentWatcher",
     "build_deployment",
-    "feature_spec_tag",
     "load_active",
+    "serving_spec",
 ]
 
 log = logging.getLogger(__name__)
 
-FEATURE_SPEC_TAG = "carrara.feature_spec"
-_spec_decoder = msgspec.json.Decoder(AssemblerSpec)
 _deployment_decoder = msgspec.json.Decoder(Deployment)
 
 
-def feature_spec_tag(spec: AssemblerSpec) -> dict[str, str]:
-    """The version tag that tells gateways which features a model reads, in input order."""
-    return {FEATURE_SPEC_TAG: msgspec.json.encode(spec).decode()}
+def serving_spec(spec: AssemblerSpec) -> dict[str, Any]:
+    """What to register as a version's ``serving_spec``: the features it reads, in order."""
+    out: dict[str, Any] = msgspec.to_builtins(spec)
+    return out
 
 
 def build_deployment(
@@ -56,16 +55,15 @@ def build_deployment(
     backends: dict[str, Backend] = {}
     try:
         for v in deployment.variants:
-            version = registry.get_version(deployment.model, v.version)
-            raw = version.tags.get(FEATURE_SPEC_TAG)
-            if raw is None:
+            if not v.serving_spec:
                 raise FailedPreconditionError(
-                    f"model {deployment.model!r} version {v.version} has no {FEATURE_SPEC_TAG!r} "
-                    "tag; register it with carrara.gateway.registry_source.feature_spec_tag(spec)"
+                    f"model {deployment.model!r} version {v.version} has no serving spec; "
+                    "register it with serving_spec=carrara.gateway.registry_source"
+                    ".serving_spec(AssemblerSpec(...))"
                 )
             try:
-                features = _spec_decoder.decode(raw)
-            except msgspec.DecodeError as exc:
+                features = msgspec.convert(v.serving_spec, AssemblerSpec)
+            except msgspec.ValidationError as exc:
                 raise FailedPreconditionError(
                     f"model {deployment.model!r} version {v.version} has a bad feature spec: {exc}"
                 ) from exc

@@ -20,7 +20,7 @@ from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, Fe
 from carrara.gateway.embedded import StoreReader
 from carrara.gateway.engine import ServingEngine
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.registry_source import feature_spec_tag, load_active
+from carrara.gateway.registry_source import load_active, serving_spec
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
 from carrara.registry.auth import Principal
@@ -112,7 +112,7 @@ def test_gateway_predictions_equal_onnx_on_point_in_time_features(
             serving_artifact=model_path.read_bytes(),
             framework="onnx",
             feature_store_version=[f"trips:{trips_v}", f"rating:{rating_v}"],
-            tags=feature_spec_tag(spec),
+            serving_spec=serving_spec(spec),
         ).version
         registry.deploy("eta", version, actor=ACTOR)
 

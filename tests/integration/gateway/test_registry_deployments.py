@@ -17,7 +17,7 @@ from carrara.errors import NotFoundError
 from carrara.eventlog import EventLog, open_event_log
 from carrara.gateway.engine import ServingEngine
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.registry_source import DeploymentWatcher, feature_spec_tag, load_active
+from carrara.gateway.registry_source import DeploymentWatcher, load_active, serving_spec
 from carrara.registry.auth import Principal
 from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import TrafficSplit, VariantSplit
@@ -57,7 +57,7 @@ def register(registry: ModelRegistry, tmp_path: Path, weight: float) -> int:
         serving_artifact=path.read_bytes(),
         framework="onnx",
         feature_store_version=["u:1"],
-        tags=feature_spec_tag(SPEC),
+        serving_spec=serving_spec(SPEC),
     )
     return version.version
 
