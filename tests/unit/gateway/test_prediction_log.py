@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -83,3 +84,42 @@ def test_submit_never_blocks_and_memory_is_bounded() -> None:
     logger.close()
     assert logger.dropped > 0
     assert logger.written + logger.dropped == 50
+
+
+def test_embedded_logs_to_the_real_event_log_and_flushes_on_close(tmp_path: Path) -> None:
+    """Embedded -> PredictionLogger -> local durable event log; a consumer group reads every
+    prediction back after close() (the flush on graceful shutdown)."""
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, RoutingPolicy, Variant
+    from carrara.eventlog import open_event_log
+    from carrara.feature_cache.online_store import EmbeddedOnlineStore
+    from carrara.gateway import Embedded, ModelDeployment, VariantSpec
+    from carrara.gateway.backends import OnnxBackend
+    from carrara.gateway.onnx_models import write_linear_model
+
+    url = f"local:///{tmp_path / 'events.db'}"
+    log = open_event_log(url)
+    spec = AssemblerSpec(
+        groups=(GroupSchema("g", 1, ("x",)),), features=(FeatureRef("g", "x", 3.0),)
+    )
+    emb = Embedded(EmbeddedOnlineStore(), event_log=log)
+    emb.deploy(
+        ModelDeployment(
+            model="m",
+            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
+            variants=(VariantSpec(name="v1", version=4, features=spec),),
+        ),
+        {"v1": OnnxBackend(write_linear_model(tmp_path / "m.onnx", [2.0], 1.0))},
+    )
+    for i in range(30):
+        emb.predict("m", [f"e{i}", f"f{i}"], request_id=f"q{i}")
+    emb.close()
+    log.close()
+    reader = open_event_log(url)
+    records = [
+        decode_prediction(e.payload)
+        for e in reader.read("predictions", "monitor", "c1", count=1_000)
+    ]
+    reader.close()
+    assert len(records) == 60
+    assert {r.request_id for r in records} == {f"q{i}:{j}" for i in range(30) for j in range(2)}
+    assert all(r.prediction == [7.0] and r.version == 4 and r.missing == ["x"] for r in records)
