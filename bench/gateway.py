@@ -104,6 +104,7 @@ def run(requests: int = 2_000) -> list[dict[str, float | str]]:
     import grpc
     import httpx
 
+    from carrara.gateway.grpc_front import predict_stub
     from carrara.gateway.server import GatewayServer, ServerThread
     from carrara.gateway.service import Gateway
     from carrara.v1 import predict_pb2
@@ -128,11 +129,7 @@ def run(requests: int = 2_000) -> list[dict[str, float | str]]:
         server = thread.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                call = channel.unary_unary(
-                    "/carrara.v1.Predict/Predict",
-                    request_serializer=predict_pb2.PredictRequest.SerializeToString,
-                    response_deserializer=predict_pb2.PredictResponse.FromString,
-                )
+                call = predict_stub(channel)
                 reqs = [
                     predict_pb2.PredictRequest(model="bench", entity_ids=[f"e{i}"])
                     for i in range(ENTITIES)

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from carrara.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
-__all__ = ["Backend", "BackendInfo", "OnnxBackend", "file_sha256"]
+__all__ = ["Backend", "BackendInfo", "OnnxBackend", "check_input", "file_sha256"]
 
 
 class BackendInfo(msgspec.Struct, frozen=True):
@@ -46,6 +46,14 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_input(info: BackendInfo, x: NDArray[np.float32]) -> None:
+    """Refuse a tensor that is not [n, input_dim] before it reaches a model."""
+    if x.ndim != 2 or x.shape[1] != info.input_dim:
+        raise InvalidArgumentError(
+            f"model expects float32 [n, {info.input_dim}], got {x.dtype} {list(x.shape)}"
+        )
 
 
 def file_sha256(path: str | Path) -> str:
@@ -161,10 +169,7 @@ class OnnxBackend:
         return self._info
 
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        if x.ndim != 2 or x.shape[1] != self._info.input_dim:
-            raise InvalidArgumentError(
-                f"model expects float32 [n, {self._info.input_dim}], got {x.dtype} {list(x.shape)}"
-            )
+        check_input(self._info, x)
         if self._closed:
             raise FailedPreconditionError("model backend was closed (a newer version replaced it)")
         (out,) = self._session.run(

@@ -133,14 +133,11 @@ def _predict(args: argparse.Namespace) -> int:
     if target.startswith("grpc://"):
         import grpc
 
+        from carrara.gateway.grpc_front import predict_stub
         from carrara.v1 import predict_pb2
 
         with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
-            call = channel.unary_unary(
-                "/carrara.v1.Predict/Predict",
-                request_serializer=predict_pb2.PredictRequest.SerializeToString,
-                response_deserializer=predict_pb2.PredictResponse.FromString,
-            )
+            call = predict_stub(channel)
             request = predict_pb2.PredictRequest(
                 model=args.model,
                 entity_ids=args.entity_ids,

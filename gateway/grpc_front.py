@@ -24,11 +24,30 @@ from carrara.errors import CarraraError, InvalidArgumentError, NotFoundError
 from carrara.gateway.service import Gateway
 from carrara.v1 import predict_pb2
 
-__all__ = ["ENTITY_INPUT", "OUTPUT_NAME", "SERVER_NAME", "add_services", "decode_bytes_tensor"]
+__all__ = [
+    "ENTITY_INPUT",
+    "OUTPUT_NAME",
+    "PREDICT_METHOD",
+    "SERVER_NAME",
+    "add_services",
+    "decode_bytes_tensor",
+    "predict_stub",
+]
 
 SERVER_NAME = "carrara"
+PREDICT_METHOD = "/carrara.v1.Predict/Predict"
 ENTITY_INPUT = "entity_ids"
 OUTPUT_NAME = "predictions"
+
+
+def predict_stub(channel: grpc.Channel) -> Any:
+    """A client callable for Carrara's ``Predict`` RPC on ``channel``
+    (``stub(PredictRequest, timeout=...) -> PredictResponse``)."""
+    return channel.unary_unary(
+        PREDICT_METHOD,
+        request_serializer=predict_pb2.PredictRequest.SerializeToString,
+        response_deserializer=predict_pb2.PredictResponse.FromString,
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: CarraraError) -> None:

@@ -18,7 +18,7 @@ from carrara.errors import (
     NotFoundError,
     UnavailableError,
 )
-from carrara.gateway.backends import BackendInfo
+from carrara.gateway.backends import BackendInfo, check_input
 
 __all__ = ["TritonBackend"]
 
@@ -87,10 +87,7 @@ class TritonBackend:
         return self._info
 
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        if x.ndim != 2 or x.shape[1] != self._info.input_dim:
-            raise InvalidArgumentError(
-                f"model expects float32 [n, {self._info.input_dim}], got {x.dtype} {list(x.shape)}"
-            )
+        check_input(self._info, x)
         inp = self._triton.InferInput(self._input, list(x.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         try:

@@ -19,6 +19,7 @@ from carrara.eventlog import open_event_log
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
 from carrara.gateway.embedded import StoreReader
 from carrara.gateway.engine import ServingEngine
+from carrara.gateway.grpc_front import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.registry_source import load_active, serving_spec
 from carrara.gateway.server import GatewayServer, ServerThread
@@ -123,11 +124,7 @@ def test_gateway_predictions_equal_onnx_on_point_in_time_features(
         server = thread.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                call = channel.unary_unary(
-                    "/carrara.v1.Predict/Predict",
-                    request_serializer=predict_pb2.PredictRequest.SerializeToString,
-                    response_deserializer=predict_pb2.PredictResponse.FromString,
-                )
+                call = predict_stub(channel)
                 response = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))
                 again = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))  # cached
         finally:

@@ -29,6 +29,7 @@ from carrara.core import (
 )
 from carrara.gateway.backends import BackendInfo, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
+from carrara.gateway.grpc_front import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
@@ -77,11 +78,7 @@ def expected(i: int) -> list[float]:
 
 def test_carrara_predict_over_grpc(server: GatewayServer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        call = channel.unary_unary(
-            "/carrara.v1.Predict/Predict",
-            request_serializer=predict_pb2.PredictRequest.SerializeToString,
-            response_deserializer=predict_pb2.PredictResponse.FromString,
-        )
+        call = predict_stub(channel)
         r = call(
             predict_pb2.PredictRequest(
                 model="scorer", entity_ids=["u3", "u7", "nobody"], request_id="q1"
@@ -271,11 +268,7 @@ def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
             shed = http.post("/predict/slow", json={"entity_ids": ["u9"]})
             assert shed.status_code == 429 and "in-flight limit" in shed.text
             with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
-                call = channel.unary_unary(
-                    "/carrara.v1.Predict/Predict",
-                    request_serializer=predict_pb2.PredictRequest.SerializeToString,
-                    response_deserializer=predict_pb2.PredictResponse.FromString,
-                )
+                call = predict_stub(channel)
                 with pytest.raises(grpc.RpcError) as err:
                     call(predict_pb2.PredictRequest(model="slow", entity_ids=["u9"]))
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
