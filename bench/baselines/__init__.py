@@ -1,0 +1,1 @@
+"""Hand-written services Carrara is measured against (same model, features and Redis)."""
