@@ -23,9 +23,17 @@ __all__ = ["Gateway"]
 
 class Gateway:
     def __init__(
-        self, engine: ServingEngine, *, threads: int = 8, inline_max_batch: int = 16
+        self,
+        engine: ServingEngine,
+        *,
+        threads: int = 8,
+        inline_max_batch: int = 16,
+        max_in_flight: int = 64,
     ) -> None:
+        """``max_in_flight`` bounds requests admitted by the fronts (running or queued for the
+        pool); past it they are refused at once, so accepted ones keep their latency."""
         self.engine = engine
+        self.max_in_flight = max_in_flight
         self.inline_max_batch = inline_max_batch
         self.metrics = GatewayMetrics(engine.cache)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="carrara-predict")
@@ -47,6 +55,13 @@ class Gateway:
     ) -> PredictionResult:
         if self.draining:
             raise UnavailableError("gateway is shutting down; retry on another replica")
+        if self._active >= self.max_in_flight:
+            self.metrics.shed.inc()
+            self.metrics.errors.labels(model, "RESOURCE_EXHAUSTED").inc()
+            raise ResourceExhaustedError(
+                f"gateway has {self._active} requests in flight (limit {self.max_in_flight}); "
+                "retry with backoff"
+            )
         self._active += 1
         self._idle.clear()
         try:

@@ -285,3 +285,43 @@ def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
         backend.release.set()
         pool.shutdown()
         gateway.close()
+
+
+def test_gateway_admission_sheds_before_queueing(tmp_path: Path) -> None:
+    """Requests past the gateway's in-flight bound are refused at once, not queued for the pool."""
+    import asyncio
+
+    from carrara.errors import ResourceExhaustedError
+
+    path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
+    backend = BlockingBackend(OnnxBackend(path))
+    engine = ServingEngine(Store(), max_in_flight=1_000)
+    engine.deploy(
+        ModelDeployment(
+            model="slow",
+            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
+            variants=(VariantSpec(name="v1", version=1, features=SPEC, timeout_s=10.0),),
+        ),
+        {"v1": backend},
+    )
+    backend.armed = True
+    gateway = Gateway(engine, max_in_flight=2)
+
+    async def scenario() -> tuple[int, float]:
+        held = [asyncio.create_task(gateway.predict("slow", [f"u{i}"])) for i in range(2)]
+        await asyncio.sleep(0.2)
+        start = time.perf_counter()
+        with pytest.raises(ResourceExhaustedError, match="limit 2"):
+            await gateway.predict("slow", ["u9"])
+        refused_in = time.perf_counter() - start
+        backend.release.set()
+        done = await asyncio.gather(*held)
+        return len(done), refused_in
+
+    try:
+        count, refused_in = asyncio.run(scenario())
+    finally:
+        backend.release.set()
+        gateway.close()
+    assert count == 2 and refused_in < 0.05
+    assert "carrara_predict_shed_total 1.0" in gateway.metrics.render().decode()
