@@ -1,3 +1,20 @@
-"""Training platform: job specs, triggers, trainers per framework, HPO, ONNX export."""
+"""Training platform: job specs, the durable job queue, the sklearn trainer, ONNX export.
 
-__all__: list[str] = []
+``upgrade(url)`` applies the training tables' migrations (``carrara db upgrade`` shape).
+"""
+
+from __future__ import annotations
+
+from .queue import EVENTS_TOPIC, Job, JobQueue, upgrade
+from .spec import JobSpec, load_spec, parse_spec, validate_spec
+
+__all__ = [
+    "EVENTS_TOPIC",
+    "Job",
+    "JobQueue",
+    "JobSpec",
+    "load_spec",
+    "parse_spec",
+    "upgrade",
+    "validate_spec",
+]

@@ -34,6 +34,7 @@ SCHEMA_PARTS = (
     ("registry", "carrara.registry.migrations"),
     ("feature catalog", "carrara.feature_cache.catalog"),
     ("monitoring", "carrara.monitoring.schema"),
+    ("training queue", "carrara.training"),
 )
 
 

@@ -12,6 +12,7 @@ from carrara.feature_cache import catalog
 from carrara.monitoring import schema as monitoring_schema
 from carrara.registry import migrations as registry_migrations
 from carrara.sql import connect
+from carrara.training import queue as training_queue
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,12 @@ def test_db_upgrade(
         and "monitoring: applied" in first
     )
     assert main(["db", "upgrade", "--url", url]) == 0
-    assert capsys.readouterr().out.count("up to date") == 3
+    assert capsys.readouterr().out.count("up to date") == 4
     with connect(url) as db:
         for component, module in [
             ("registry", registry_migrations),
             ("feature_cache", catalog),
             ("monitoring", monitoring_schema),
+            ("training", training_queue),
         ]:
             assert db.applied_migrations(component) == [m.id for m in module.MIGRATIONS]

@@ -1,0 +1,201 @@
+"""The training job spec: what a data scientist submits (YAML or JSON).
+
+::
+
+    model_name: churn
+    dataset:
+      features: ["trips:t0", "rating:stars"]
+      label_source: labels.parquet      # entity id column, event_timestamp, label column
+      label_column: churned
+      entity_column: driver_id
+      start: "2026-01-01T00:00:00Z"
+      end: "2026-02-01T00:00:00Z"
+      validation_fraction: 0.2
+    model:
+      framework: sklearn
+      estimator: logistic_regression
+      task: classification
+      params: {C: 1.0}
+    resources: {cpus: 1, gpus: 0}
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from carrara.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from carrara.feature_cache.service import FeatureService
+
+__all__ = [
+    "ESTIMATORS",
+    "FRAMEWORKS",
+    "DatasetSpec",
+    "JobSpec",
+    "ModelSpec",
+    "Resources",
+    "load_spec",
+    "parse_spec",
+    "validate_spec",
+]
+
+Task = Literal["classification", "regression"]
+
+#: Frameworks this build trains, and each one's estimators by task.
+FRAMEWORKS: tuple[str, ...] = ("sklearn",)
+ESTIMATORS: dict[str, dict[str, Task | None]] = {
+    "sklearn": {
+        "logistic_regression": "classification",
+        "ridge": "regression",
+        "gradient_boosting": None,  # classifier or regressor by task
+        "random_forest": None,
+    }
+}
+
+_MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+
+
+class DatasetSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    features: list[str]
+    label_source: str
+    label_column: str
+    entity_column: str
+    start: datetime | None = None
+    end: datetime | None = None
+    timestamp_column: str = "event_timestamp"
+    validation_fraction: float = 0.2
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    framework: str = "sklearn"
+    estimator: str
+    task: Task = "classification"
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    cpus: int = 1
+    gpus: int = 0
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model_name: str
+    dataset: DatasetSpec
+    model: ModelSpec
+    resources: Resources = msgspec.field(default_factory=Resources)
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+
+def parse_spec(data: bytes | str, *, format: Literal["yaml", "json"] = "yaml") -> JobSpec:
+    """Decode a spec from YAML or JSON text (structure and types are checked here)."""
+    import yaml
+
+    try:
+        if format == "json":
+            return msgspec.json.decode(data, type=JobSpec)
+        # Through builtins so quoted timestamps ("2026-01-01T00:00:00Z") parse as datetimes.
+        return msgspec.convert(yaml.safe_load(data), JobSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgumentError(f"invalid training job spec: {exc}") from exc
+    except (msgspec.DecodeError, yaml.YAMLError) as exc:
+        raise InvalidArgumentError(f"training job spec is not valid {format}: {exc}") from exc
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec file; ``.json`` is JSON, anything else YAML (relative ``label_source``
+    paths are resolved against the spec's folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgumentError(f"training job spec {p} does not exist")
+    spec = parse_spec(p.read_bytes(), format="json" if p.suffix == ".json" else "yaml")
+    src = Path(spec.dataset.label_source)
+    if not src.is_absolute():
+        dataset = msgspec.structs.replace(spec.dataset, label_source=str(p.parent / src))
+        spec = msgspec.structs.replace(spec, dataset=dataset)
+    return spec
+
+
+def _gpus_available() -> int:
+    return 0  # no accelerator scheduling in this build
+
+
+def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> None:
+    """Check a spec at submit time; raises :class:`InvalidArgumentError` listing every problem.
+
+    With ``features`` the feature references are checked against the catalog.
+    """
+    problems: list[str] = []
+    if not _MODEL_NAME.match(spec.model_name):
+        problems.append(
+            f"model_name {spec.model_name!r} must start with a letter and use letters, digits, "
+            "'_', '.', '-' (at most 128)"
+        )
+    m = spec.model
+    if m.framework not in ESTIMATORS:
+        problems.append(f"unknown framework {m.framework!r}; known: {', '.join(FRAMEWORKS)}")
+    else:
+        known = ESTIMATORS[m.framework]
+        if m.estimator not in known:
+            problems.append(
+                f"unknown estimator {m.estimator!r} for framework {m.framework!r}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        else:
+            only = known[m.estimator]
+            if only is not None and only != m.task:
+                problems.append(
+                    f"estimator {m.estimator!r} does {only}, but the task is {m.task!r}"
+                )
+    d = spec.dataset
+    if not d.features:
+        problems.append("dataset.features is empty; name at least one 'group:feature'")
+    bad_refs = [f for f in d.features if f.count(":") != 1 or "" in f.split(":") or "*" in f]
+    if bad_refs:
+        problems.append(f"dataset.features {bad_refs} are not 'group:feature'")
+    if len(set(d.features)) != len(d.features):
+        problems.append("dataset.features has duplicates")
+    if d.start is not None and d.end is not None and d.start >= d.end:
+        problems.append(f"empty time range: start {d.start.isoformat()} >= end {d.end.isoformat()}")
+    for name, value in (("start", d.start), ("end", d.end)):
+        if value is not None and value.tzinfo is None:
+            problems.append(f"dataset.{name} needs a time zone (e.g. '...Z')")
+    if not 0.0 < d.validation_fraction < 1.0:
+        problems.append(
+            f"dataset.validation_fraction must be in (0, 1), got {d.validation_fraction}"
+        )
+    if not d.label_column or not d.entity_column:
+        problems.append("dataset.label_column and dataset.entity_column are required")
+    r = spec.resources
+    if r.cpus < 1 or r.gpus < 0:
+        problems.append(f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus} (>= 0)")
+    elif r.gpus > _gpus_available():
+        problems.append(
+            f"impossible resources: {r.gpus} GPU(s) requested, {_gpus_available()} available"
+            " (and the sklearn trainer uses none)"
+        )
+    if features is not None and not bad_refs:
+        from carrara.errors import NotFoundError
+
+        for ref in d.features:
+            group, _, feature = ref.partition(":")
+            try:
+                g = features.group(group)
+            except NotFoundError:
+                problems.append(f"unknown feature group {group!r} (in {ref!r})")
+                continue
+            if feature not in g.definition.feature_names:
+                problems.append(
+                    f"unknown feature {ref!r}; group {group!r} v{g.version} has: "
+                    f"{', '.join(g.definition.feature_names)}"
+                )
+    if problems:
+        raise InvalidArgumentError("invalid training job spec: " + "; ".join(problems))
