@@ -1,4 +1,4 @@
-# Carrara: `make demo` runs the showcase, `make test` runs every check. Both install what they
+# Carrara: `make demo` runs the end-to-end demo, `make test` runs every check. Both install what they
 # need on a fresh Debian 12 machine (apt packages, a virtualenv in .venv).
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -7,6 +7,7 @@ The kernel (``errors``, ``config``, ``types``) is importable without the native 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from carrara.errors import (
     CarraraError,
@@ -14,6 +15,9 @@ from carrara.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+
+if TYPE_CHECKING:
+    from carrara.platform import Platform
 
 try:
     __version__ = version("carrara")
@@ -25,5 +29,16 @@ __all__ = [
     "DecodeError",
     "InvalidArgumentError",
     "NotFoundError",
+    "Platform",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``Platform`` is imported on first use, so ``import carrara`` (and ``carrara --help``)
+    # does not load the parts.
+    if name == "Platform":
+        from carrara.platform import Platform
+
+        return Platform
+    raise AttributeError(f"module 'carrara' has no attribute {name!r}")

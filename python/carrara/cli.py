@@ -24,9 +24,9 @@ PART_CLIS = (
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from carrara.demo import run_core_showcase
+    from carrara.demo import run_demo
 
-    return run_core_showcase(entities=args.entities)
+    return run_demo(entities=args.entities, path=args.path, load_seconds=args.load_seconds)
 
 
 # Each part that keeps tables exposes ``upgrade(url) -> applied migration ids``.
@@ -56,8 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"carrara {carrara.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the end-to-end showcase on this machine")
-    demo.add_argument("--entities", type=int, default=10_000, help="entities to serve")
+    demo = sub.add_parser(
+        "demo", help="run the whole loop (features -> train -> serve -> monitor) on this machine"
+    )
+    demo.add_argument("--entities", type=int, default=2_000, help="riders to generate and serve")
+    demo.add_argument("--path", help="keep the platform's files here (default: a temporary folder)")
+    demo.add_argument(
+        "--load-seconds", type=float, default=1.5, help="length of each load run (seconds)"
+    )
     demo.set_defaults(func=_cmd_demo)
     db = sub.add_parser("db", help="database schema of the registry, catalog and monitoring")
     db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +27,42 @@ def test_help_lists_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert "demo" in capsys.readouterr().out
 
 
-def test_console_script_runs_demo() -> None:
+def test_console_script_runs_demo(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "carrara", "demo", "--entities", "500"],
+        [
+            sys.executable,
+            "-m",
+            "carrara",
+            "demo",
+            "--entities",
+            "500",
+            "--load-seconds",
+            "1.2",
+            "--path",
+            str(tmp_path / "demo"),
+        ],
         capture_output=True,
         text=True,
         check=False,
-        timeout=60,
+        timeout=90,
+        env={**os.environ, "COLUMNS": "200"},
     )
-    assert out.returncode == 0, out.stderr
-    assert "assembled == reference" in out.stdout
-    assert "yes" in out.stdout
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in (
+        "features",
+        "training set",
+        "training",
+        "promotion",
+        "serving",
+        "gRPC",
+        "load run",
+        "traffic split",
+        "monitoring (baseline)",
+        "drift alert",
+    ):
+        assert f"│ {stage} " in out.stdout, stage
+    assert "FAILED" not in out.stdout
+    drift = next(line for line in out.stdout.splitlines() if line.startswith("drift: "))
+    assert "avg_fare shifted" in drift and "'avg_fare'" in drift.split("alerts on", 1)[1]
+    assert "demo all checks passed" in out.stdout
+    assert (tmp_path / "demo" / "registry.db").is_file()
