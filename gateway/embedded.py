@@ -9,12 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import numpy as np
-from numpy.typing import NDArray
-
 from carrara.core import FeatureCache
 from carrara.gateway.backends import Backend
-from carrara.gateway.engine import ModelDeployment, PredictionResult, ServingEngine
+from carrara.gateway.engine import ModelDeployment, Overrides, PredictionResult, ServingEngine
 from carrara.gateway.prediction_log import Appender, PredictionLogger
 
 __all__ = ["Embedded", "KeyValueStore", "StoreReader"]
@@ -71,7 +68,7 @@ class Embedded:
         self,
         model: str,
         entity_ids: Sequence[str],
-        overrides: Mapping[str, float | Sequence[float] | NDArray[np.float32]] | None = None,
+        overrides: Overrides | None = None,
         request_id: str | None = None,
     ) -> PredictionResult:
         return self.engine.predict(model, entity_ids, overrides, request_id)

@@ -34,6 +34,7 @@ from carrara.types import PredictionRecord
 
 __all__ = [
     "ModelDeployment",
+    "Overrides",
     "OnlineReader",
     "PredictionBatch",
     "PredictionResult",
@@ -42,6 +43,7 @@ __all__ = [
     "VariantSpec",
 ]
 
+#: Request feature overrides: column name -> one value, or one value per entity.
 Overrides = Mapping[str, float | Sequence[float] | NDArray[np.float32]]
 
 

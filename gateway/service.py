@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-from numpy.typing import NDArray
-
 from carrara.errors import CarraraError, ResourceExhaustedError, UnavailableError
-from carrara.gateway.engine import PredictionResult, ServingEngine
+from carrara.gateway.engine import Overrides, PredictionResult, ServingEngine
 from carrara.gateway.metrics import GatewayMetrics
 
 __all__ = ["Gateway"]
@@ -50,7 +47,7 @@ class Gateway:
         self,
         model: str,
         entity_ids: Sequence[str],
-        overrides: Mapping[str, float | Sequence[float] | NDArray[np.float32]] | None = None,
+        overrides: Overrides | None = None,
         request_id: str | None = None,
     ) -> PredictionResult:
         if self.draining:

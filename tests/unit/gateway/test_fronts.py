@@ -240,10 +240,11 @@ class BlockingBackend:
         self.inner.close()
 
 
-def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
+def slow_engine(tmp_path: Path, *, max_in_flight: int) -> tuple[ServingEngine, BlockingBackend]:
+    """An engine serving model "slow" whose backend holds each call until released."""
     path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
     backend = BlockingBackend(OnnxBackend(path))
-    engine = ServingEngine(Store(), max_in_flight=2)
+    engine = ServingEngine(Store(), max_in_flight=max_in_flight)
     engine.deploy(
         ModelDeployment(
             model="slow",
@@ -252,7 +253,12 @@ def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
         ),
         {"v1": backend},
     )
-    backend.armed = True
+    backend.armed = True  # after the deploy's warm-up call
+    return engine, backend
+
+
+def test_shedding_and_graceful_drain(tmp_path: Path) -> None:
+    engine, backend = slow_engine(tmp_path, max_in_flight=2)
     gateway = Gateway(engine)
     thread = ServerThread(lambda: GatewayServer(gateway, grace_s=10.0))
     srv = thread.start()
@@ -293,18 +299,7 @@ def test_gateway_admission_sheds_before_queueing(tmp_path: Path) -> None:
 
     from carrara.errors import ResourceExhaustedError
 
-    path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
-    backend = BlockingBackend(OnnxBackend(path))
-    engine = ServingEngine(Store(), max_in_flight=1_000)
-    engine.deploy(
-        ModelDeployment(
-            model="slow",
-            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
-            variants=(VariantSpec(name="v1", version=1, features=SPEC, timeout_s=10.0),),
-        ),
-        {"v1": backend},
-    )
-    backend.armed = True
+    engine, backend = slow_engine(tmp_path, max_in_flight=1_000)
     gateway = Gateway(engine, max_in_flight=2)
 
     async def scenario() -> tuple[int, float]:
