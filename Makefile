@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml CMakeLists.txt | apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
-	$(PIP) install -q --no-build-isolation -e '.[platform,dev]'
+	$(PIP) install -q --no-build-isolation -e '.[platform,training,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

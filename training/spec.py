@@ -36,10 +36,14 @@ if TYPE_CHECKING:
 __all__ = [
     "ESTIMATORS",
     "FRAMEWORKS",
+    "CheckpointSpec",
     "DatasetSpec",
+    "EarlyStoppingSpec",
     "JobSpec",
     "ModelSpec",
+    "ParamRange",
     "Resources",
+    "SearchSpec",
     "load_spec",
     "parse_spec",
     "validate_spec",
@@ -47,15 +51,20 @@ __all__ = [
 
 Task = Literal["classification", "regression"]
 
-#: Frameworks this build trains, and each one's estimators by task.
-FRAMEWORKS: tuple[str, ...] = ("sklearn",)
+#: Frameworks this build trains, and each one's estimators by task (None: either task). Kept
+#: here, not read from the trainers, so validating a spec never imports a heavy framework; a
+#: test checks it equals each trainer's own ``estimators``.
+FRAMEWORKS: tuple[str, ...] = ("sklearn", "xgboost", "pytorch", "tensorflow")
 ESTIMATORS: dict[str, dict[str, Task | None]] = {
     "sklearn": {
         "logistic_regression": "classification",
         "ridge": "regression",
         "gradient_boosting": None,  # classifier or regressor by task
         "random_forest": None,
-    }
+    },
+    "xgboost": {"gradient_boosting": None},
+    "pytorch": {"mlp": None},
+    "tensorflow": {"mlp": None},  # Keras on TensorFlow
 }
 
 _MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
@@ -81,7 +90,43 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cpus: int = 1
-    gpus: int = 0
+    gpus: int = 0  # per job, admitted all at once (gang) or not at all
+    nodes: int = 1
+    processes_per_node: int = 1  # > 1: torchrun data-parallel ranks (PyTorch only)
+
+
+class ParamRange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One hyperparameter's search range: ``float``/``int`` between ``low`` and ``high``
+    (``log`` for a log scale) or ``categorical`` over ``choices``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] = msgspec.field(default_factory=list)
+
+
+class SearchSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An Optuna study over ``model.params``: each trial overrides the ranged ones."""
+
+    space: dict[str, ParamRange]
+    n_trials: int = 10
+    metric: str = ""  # validation metric to optimize; default auc (classif.) / rmse (regr.)
+    direction: Literal["minimize", "maximize", "auto"] = "auto"
+    pruner: Literal["median", "none"] = "median"
+    timeout_s: float | None = None
+
+
+class EarlyStoppingSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+class CheckpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    every_epochs: int = 1  # 0 disables checkpoints
+    keep: int = 2  # newest checkpoints kept in the artifact store
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -89,6 +134,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     dataset: DatasetSpec
     model: ModelSpec
     resources: Resources = msgspec.field(default_factory=Resources)
+    search: SearchSpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
+    checkpoint: CheckpointSpec = msgspec.field(default_factory=CheckpointSpec)
     seed: int = 0
 
     def to_json(self) -> str:
@@ -122,10 +170,6 @@ def load_spec(path: str | Path) -> JobSpec:
         dataset = msgspec.structs.replace(spec.dataset, label_source=str(p.parent / src))
         spec = msgspec.structs.replace(spec, dataset=dataset)
     return spec
-
-
-def _gpus_available() -> int:
-    return 0  # no accelerator scheduling in this build
 
 
 def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> None:
@@ -174,14 +218,8 @@ def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> N
         )
     if not d.label_column or not d.entity_column:
         problems.append("dataset.label_column and dataset.entity_column are required")
-    r = spec.resources
-    if r.cpus < 1 or r.gpus < 0:
-        problems.append(f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus} (>= 0)")
-    elif r.gpus > _gpus_available():
-        problems.append(
-            f"impossible resources: {r.gpus} GPU(s) requested, {_gpus_available()} available"
-            " (and the sklearn trainer uses none)"
-        )
+    problems.extend(resource_problems(spec.resources, spec.model.framework))
+    problems.extend(search_problems(spec))
     if features is not None and not bad_refs:
         from carrara.errors import NotFoundError
 
@@ -199,3 +237,23 @@ def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> N
                 )
     if problems:
         raise InvalidArgumentError("invalid training job spec: " + "; ".join(problems))
+
+
+def resource_problems(r: Resources, framework: str) -> list[str]:
+    """What is impossible about ``r`` (owned by the scheduler's rules)."""
+    problems: list[str] = []
+    if r.cpus < 1 or r.gpus < 0 or r.nodes < 1 or r.processes_per_node < 1:
+        problems.append(
+            f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus} (>= 0), "
+            f"nodes={r.nodes} (>= 1), processes_per_node={r.processes_per_node} (>= 1)"
+        )
+    elif r.gpus > 0:
+        problems.append(
+            f"impossible resources: {r.gpus} GPU(s) requested, 0 available in this build"
+        )
+    return problems
+
+
+def search_problems(spec: JobSpec) -> list[str]:
+    """What is wrong with the search, early-stopping and checkpoint sections."""
+    return []
