@@ -286,6 +286,20 @@ class ModelRegistry:
             rows = tx.fetchall(sql + " ORDER BY v.version_number", params)
         return [self._version(r) for r in rows]
 
+    def version_for_run(self, name: str, run_id: str) -> ModelVersion | None:
+        """The (first) version of model ``name`` registered by training run ``run_id``, or
+        None (also when the model does not exist): lets a resumed job register only once."""
+        if not run_id:
+            raise InvalidArgumentError("version_for_run needs a run id")
+        with self.db.transaction() as tx:
+            row = tx.fetchone(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN models m"
+                " ON m.model_id = v.model_id WHERE m.name = ? AND v.run_id = ?"
+                " ORDER BY v.version_number LIMIT 1",
+                (name, run_id),
+            )
+        return self._version(row) if row is not None else None
+
     def production_version(self, name: str) -> ModelVersion | None:
         """The one PRODUCTION version, or None."""
         found = self.list_versions(name, status="PRODUCTION")

@@ -1,4 +1,5 @@
-"""``carrara train``: submit a job spec, watch, list, cancel, and run a worker.
+"""``carrara train``: submit a job spec, watch, list, cancel, follow logs, run a worker, and
+manage and run triggers.
 
 The queue lives in the registry database of the settings (``--config``); the worker opens the
 feature service and the registry from the same settings.
@@ -7,11 +8,15 @@ feature service and the registry from the same settings.
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from carrara.feature_cache.service import FeatureService
+
     from .queue import Job, JobQueue
 
 __all__ = ["register"]
@@ -27,7 +32,11 @@ def _open_queue(args: argparse.Namespace) -> Iterator[JobQueue]:
     settings = load_settings(args.config)
     events = open_event_log(settings.resolved_event_log_url)
     try:
-        with JobQueue.open(settings.resolved_registry_url, events=events) as queue:
+        with JobQueue.open(
+            settings.resolved_registry_url,
+            events=events,
+            gpus_per_node=settings.training_gpus_per_node,
+        ) as queue:
             yield queue
     finally:
         events.close()
@@ -84,13 +93,41 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_logs(args: argparse.Namespace) -> int:
+    import time
+    from datetime import UTC, datetime
+
+    from .queue import TERMINAL
+
+    after = args.after
+    with _open_queue(args) as queue:
+        while True:
+            # Read the state first: lines written before a job ended are all visible then.
+            state = queue.get(args.job_id).state
+            lines = queue.logs(args.job_id, after=after)
+            for line in lines:
+                at = datetime.fromtimestamp(line.ts_us / 1e6, UTC).strftime("%H:%M:%S")
+                print(f"{at} {line.level:<7} {line.message}", flush=True)
+                after = line.seq
+            if not args.follow or (state in TERMINAL and not lines):
+                return 0
+            if not lines:
+                time.sleep(args.poll)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from carrara.config import load_settings
     from carrara.feature_cache.service import FeatureService
     from carrara.registry.registry import ModelRegistry
 
+    from .scheduler import parse_gpus
     from .worker import Worker
 
+    try:
+        gpus = parse_gpus(args.gpus)
+    except ValueError as exc:
+        print(f"--gpus: {exc}", file=sys.stderr)
+        return 2
     settings = load_settings(args.config)
     with (
         _open_queue(args) as queue,
@@ -99,11 +136,121 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             settings.resolved_registry_url, settings.resolved_artifact_path
         ) as registry,
     ):
-        worker = Worker(queue, features=features, registry=registry)
-        finished = worker.run(until_idle=args.until_idle, poll_interval_s=args.poll)
+        if args.lease_timeout is not None:
+            queue.lease_timeout_s = args.lease_timeout
+        worker = Worker(
+            queue,
+            features=features,
+            registry=registry,
+            node=args.node or None,
+            gpus=gpus,
+            heartbeat_interval_s=min(5.0, queue.lease_timeout_s / 3),
+        )
+        # SIGTERM (Kubernetes, `carrara up`): the running job goes back to the queue at its
+        # next epoch and resumes from its checkpoint on another worker.
+        previous = signal.signal(signal.SIGTERM, lambda *_: worker.shutdown())
+        try:
+            finished = worker.run(until_idle=args.until_idle, poll_interval_s=args.poll)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     for job in finished:
         print(_line(job))
     return 0 if all(j.state != "FAILED" for j in finished) else 1
+
+
+@contextmanager
+def _open_triggers(args: argparse.Namespace) -> Iterator[tuple[JobQueue, FeatureService]]:
+    from carrara.config import load_settings
+    from carrara.feature_cache.service import FeatureService
+
+    with (
+        FeatureService.from_settings(load_settings(args.config)) as features,
+        _open_queue(args) as queue,
+    ):
+        yield queue, features
+
+
+def _cmd_trigger_add(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .triggers import TriggerStore
+
+    spec = load_spec(args.spec)
+    with _open_triggers(args) as (queue, features):
+        t = TriggerStore(queue).add(
+            args.name,
+            args.kind,
+            spec,
+            schedule=args.schedule,
+            model=args.model,
+            created_by=args.user,
+            features=features,
+        )
+    print(f"added {t.kind} trigger {t.name} for model {t.spec.model_name}")
+    return 0
+
+
+def _cmd_trigger_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from .triggers import TriggerStore
+
+    with _open_queue(args) as queue:
+        triggers = TriggerStore(queue).list()
+    for t in triggers:
+        what = {"schedule": t.schedule, "alert": f"alerts of {t.alert_model}"}.get(
+            t.kind, ",".join(t.groups) if t.kind == "new_data" else ""
+        )
+        last = (
+            datetime.fromtimestamp(t.last_fired_at_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%MZ")
+            if t.last_fired_at_us
+            else "never"
+        )
+        pending = "  (follow-up owed)" if t.pending else ""
+        print(f"{t.name}  {t.kind:<8}  {what}  -> {t.spec.model_name}  last: {last}{pending}")
+    return 0
+
+
+def _cmd_trigger_remove(args: argparse.Namespace) -> int:
+    from .triggers import TriggerStore
+
+    with _open_queue(args) as queue:
+        print(f"removed trigger {TriggerStore(queue).remove(args.name).name}")
+    return 0
+
+
+def _cmd_trigger_run(args: argparse.Namespace) -> int:
+    from .triggers import TriggerStore
+
+    with _open_triggers(args) as (queue, features):
+        fire = TriggerStore(queue).fire(args.name, reason="manual (CLI)", features=features)
+    if fire.outcome == "submitted":
+        print(fire.job_id)
+    elif fire.outcome == "deferred":
+        print(f"run {fire.job_id} of {args.name} is active; one follow-up run is queued after it")
+    else:
+        print(f"trigger {args.name} did not fire: {fire.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_triggers_loop(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .triggers import TriggerRunner
+
+    with _open_triggers(args) as (queue, features):
+        runner = TriggerRunner(queue, events=queue.events, features=features)
+        if args.once:
+            for fire in runner.poll_once():
+                reasons = "; ".join(fire.reasons)
+                print(f"{fire.trigger}  {fire.outcome}  {fire.job_id or ''}  {reasons}")
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        runner.run_forever(stop, interval_s=args.interval)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -111,7 +258,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML settings file (default: $CARRARA_CONFIG)")
 
-    train = sub.add_parser("train", help="training jobs: submit, status, list, cancel, worker")
+    train = sub.add_parser(
+        "train", help="training jobs: submit, status, list, cancel, logs, worker, triggers"
+    )
     cmds = train.add_subparsers(dest="train_command", metavar="ACTION", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
@@ -130,6 +279,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--limit", type=int, default=50)
     p = add("cancel", _cmd_cancel, "cancel a queued job, or ask a running one to stop")
     p.add_argument("job_id")
+    p = add("logs", _cmd_logs, "print a job's log lines")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+    p.add_argument("--after", type=int, default=0, help="only lines after this seq")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--follow)")
     p = add("worker", _cmd_worker, "claim and run jobs")
     p.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between polls when idle")
+    p.add_argument("--gpus", default="", help="GPU ids this worker may use, e.g. 0,1")
+    p.add_argument("--node", default="", help="node name for GPU leases (default: hostname)")
+    p.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat before a RUNNING job is requeued (default 60)",
+    )
+
+    p = add("triggers", _cmd_triggers_loop, "run the trigger loop, or manage triggers")
+    p.add_argument("--once", action="store_true", help="evaluate every trigger once and exit")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
+    tcmds = p.add_subparsers(dest="triggers_command", metavar="ACTION")
+    t = tcmds.add_parser("add", help="add a trigger", parents=[common])
+    t.set_defaults(func=_cmd_trigger_add)
+    t.add_argument("name")
+    t.add_argument("--kind", required=True, choices=["manual", "schedule", "new_data", "alert"])
+    t.add_argument("--spec", required=True, help="job spec file (YAML/JSON) to submit")
+    t.add_argument("--schedule", default="", help="cron (UTC), for --kind schedule")
+    t.add_argument("--model", default="", help="whose alerts fire it (default: the spec's)")
+    t.add_argument("--user", default="", help="who adds it")
+    t = tcmds.add_parser("list", help="list triggers", parents=[common])
+    t.set_defaults(func=_cmd_trigger_list)
+    t = tcmds.add_parser("remove", help="remove a trigger", parents=[common])
+    t.set_defaults(func=_cmd_trigger_remove)
+    t.add_argument("name")
+    t = tcmds.add_parser("run", help="fire a trigger now", parents=[common])
+    t.set_defaults(func=_cmd_trigger_run)
+    t.add_argument("name")

@@ -239,21 +239,119 @@ def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> N
         raise InvalidArgumentError("invalid training job spec: " + "; ".join(problems))
 
 
-def resource_problems(r: Resources, framework: str) -> list[str]:
-    """What is impossible about ``r`` (owned by the scheduler's rules)."""
+def resource_problems(
+    r: Resources, framework: str, *, max_gpus_per_node: int | None = None
+) -> list[str]:
+    """What is impossible about ``r`` (the scheduler's rules, :mod:`.scheduler`). GPUs are
+    checked against ``max_gpus_per_node`` only when it is given (the queue passes the largest
+    known node inventory at submit)."""
+    from .scheduler import MAX_CPUS, inventory_problem
+
     problems: list[str] = []
     if r.cpus < 1 or r.gpus < 0 or r.nodes < 1 or r.processes_per_node < 1:
         problems.append(
             f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus} (>= 0), "
             f"nodes={r.nodes} (>= 1), processes_per_node={r.processes_per_node} (>= 1)"
         )
-    elif r.gpus > 0:
+        return problems
+    if r.cpus > MAX_CPUS:
+        problems.append(f"impossible resources: cpus={r.cpus}; at most {MAX_CPUS} per job")
+    if framework != "pytorch":
+        if r.nodes > 1:
+            problems.append(
+                f"resources.nodes={r.nodes}: only framework 'pytorch' trains across nodes "
+                "(torchrun); use nodes: 1"
+            )
+        if r.processes_per_node > 1:
+            problems.append(
+                f"resources.processes_per_node={r.processes_per_node}: only framework "
+                "'pytorch' runs several ranks per node; use processes_per_node: 1"
+            )
+    if r.processes_per_node > 1 and r.gpus > 0 and r.processes_per_node > r.gpus:
         problems.append(
-            f"impossible resources: {r.gpus} GPU(s) requested, 0 available in this build"
+            f"resources.processes_per_node={r.processes_per_node} exceeds gpus={r.gpus}: "
+            "GPU ranks need one GPU each"
         )
+    if max_gpus_per_node is not None:
+        problem = inventory_problem(r.gpus, max_gpus_per_node)
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
 def search_problems(spec: JobSpec) -> list[str]:
     """What is wrong with the search, early-stopping and checkpoint sections."""
-    return []
+    problems: list[str] = []
+    task_metrics = _TASK_METRICS.get(spec.model.task, ())
+    s = spec.search
+    if s is not None:
+        if not s.space:
+            problems.append("search.space is empty; name at least one model param to search")
+        for name, r in s.space.items():
+            problems.extend(_range_problems(name, r))
+        if s.n_trials < 1:
+            problems.append(f"search.n_trials must be >= 1, got {s.n_trials}")
+        if s.timeout_s is not None and s.timeout_s <= 0:
+            problems.append(f"search.timeout_s must be > 0 (or left out), got {s.timeout_s:g}")
+        if s.metric and s.metric not in task_metrics:
+            problems.append(
+                f"search.metric {s.metric!r} is not a {spec.model.task} metric; "
+                f"use one of {', '.join(task_metrics)}"
+            )
+    e = spec.early_stopping
+    if e is not None:
+        if e.patience < 1:
+            problems.append(f"early_stopping.patience must be >= 1, got {e.patience}")
+        if e.min_delta < 0:
+            problems.append(f"early_stopping.min_delta must be >= 0, got {e.min_delta:g}")
+        known = (*_EPOCH_METRICS, *task_metrics)
+        if e.metric not in known:
+            problems.append(
+                f"early_stopping.metric {e.metric!r} is not reported for "
+                f"{spec.model.task}; use one of {', '.join(known)}"
+            )
+    c = spec.checkpoint
+    if c.every_epochs < 0:
+        problems.append(
+            f"checkpoint.every_epochs must be >= 0 (0 disables checkpoints), got {c.every_epochs}"
+        )
+    if c.keep < 1:
+        problems.append(f"checkpoint.keep must be >= 1, got {c.keep}")
+    return problems
+
+
+# -- helpers of search_problems ------------------------------------------------------------
+
+#: Validation metrics per task (what the trainers' ``evaluate_scores`` reports).
+_TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("auc", "accuracy", "log_loss"),
+    "regression": ("rmse", "mae", "r2"),
+}
+#: Per-epoch metrics epoch-based trainers report besides the task metrics.
+_EPOCH_METRICS: tuple[str, ...] = ("val_loss", "loss")
+_CATEGORICAL_TYPES = (bool, int, float, str, type(None))
+
+
+def _range_problems(name: str, r: ParamRange) -> list[str]:
+    where = f"search.space.{name}"
+    if r.type not in ("float", "int", "categorical"):
+        return [f"{where}: unknown type {r.type!r}; use float, int or categorical"]
+    if r.type == "categorical":
+        if not r.choices:
+            return [f"{where}: categorical needs a non-empty 'choices' list"]
+        bad = [c for c in r.choices if not isinstance(c, _CATEGORICAL_TYPES)]
+        if bad:
+            return [f"{where}: choices must be numbers, strings, booleans or null; got {bad}"]
+        return []
+    if r.choices:
+        return [f"{where}: 'choices' is for type categorical; {r.type} takes low/high"]
+    if r.low is None or r.high is None:
+        return [f"{where}: {r.type} needs both 'low' and 'high'"]
+    problems: list[str] = []
+    if r.low >= r.high:
+        problems.append(f"{where}: low ({r.low:g}) must be < high ({r.high:g})")
+    if r.log and r.low <= 0:
+        problems.append(f"{where}: a log scale needs low > 0, got {r.low:g}")
+    if r.type == "int" and (r.low != int(r.low) or r.high != int(r.high)):
+        problems.append(f"{where}: int bounds must be whole numbers, got {r.low:g}..{r.high:g}")
+    return problems

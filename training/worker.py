@@ -1,45 +1,69 @@
 # mypy: disable-error-code="import-untyped"
-"""Run a training job: PIT training set -> train -> evaluate -> ONNX (parity) -> register.
+"""Run a training job: PIT training set -> fit (any framework) -> ONNX (parity) -> register.
 
 Missing feature values (no row in the group's TTL window) are filled with the feature's mean
 over the TRAINING split (0.0 when it has no value at all); the same number is the
 ``FeatureRef.default`` in the registered serving spec, so the gateway fills missing values
-exactly as training did.
+exactly as training did. Classification labels are encoded as class indices in sorted label
+order; the labels are recorded in the version's ``training.classes`` tag.
+
+A job is fitted through a :class:`WorkerContext`: cancellation, early stopping
+(``spec.early_stopping``), search-trial pruning and checkpoints in the artifact store
+(:mod:`.checkpoints`). A worker killed mid-job leaves its job RUNNING with a stale heartbeat;
+the next worker to claim it resumes from the latest checkpoint, and registration is
+idempotent per job (a version of the model whose ``run_id`` is the job id is reused), so the
+model is registered exactly once. With ``spec.search`` the fit runs as an Optuna study
+(:mod:`.search`) and the best trial's model is exported and registered.
 """
 
 from __future__ import annotations
 
-import io
+import contextvars
+import json
 import logging
+import math
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
-from carrara.errors import CarraraError, FailedPreconditionError, InvalidArgumentError
+from carrara.errors import (
+    CancelledError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
 
-from .export import PARITY_ATOL, check_parity, export_onnx
+from .checkpoints import CheckpointStore, checkpoint_root
+from .frameworks.base import Checkpoint, EarlyStopper, FitResult, Pruned, TrainData
 from .queue import Job, JobQueue
-from .spec import JobSpec, validate_spec
-from .trainers import train_sklearn
+from .spec import EarlyStoppingSpec, JobSpec, validate_spec
 
 if TYPE_CHECKING:
+    import optuna
     import pandas as pd
 
     from carrara.feature_cache.service import FeatureService
     from carrara.registry.auth import Principal
     from carrara.registry.registry import ModelRegistry
+    from carrara.registry.types import ModelVersion
 
-__all__ = ["JobCancelledError", "Worker", "load_labels", "run_job"]
+    from .frameworks.base import Trainer
+    from .search import SearchOutcome
+
+__all__ = ["JobCancelledError", "Worker", "WorkerContext", "load_labels", "run_job"]
 
 log = logging.getLogger(__name__)
 
+#: Progress lines: one every this many epochs (plus the first and resumed ones).
+PROGRESS_EVERY_EPOCHS = 10
 
-class JobCancelledError(CarraraError):
+
+class JobCancelledError(CancelledError):
     """The job was cancelled while it ran."""
 
 
@@ -79,6 +103,189 @@ def load_labels(spec: JobSpec) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def encode_labels(y: np.ndarray[Any, Any], task: str) -> tuple[np.ndarray[Any, Any], list[Any]]:
+    """Class indices (int64, labels sorted) and the labels in index order; regression targets
+    as float64 with no classes."""
+    if task != "classification":
+        return np.asarray(y, np.float64), []
+    classes, index = np.unique(np.asarray(y), return_inverse=True)
+    return index.astype(np.int64).reshape(-1), [
+        c.item() if hasattr(c, "item") else c for c in classes
+    ]
+
+
+class WorkerContext:
+    """The :class:`TrainContext` a worker gives a trainer: cancellation, early stopping,
+    search-trial pruning and checkpoints in the artifact store."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        should_stop: Callable[[], bool] = lambda: False,
+        early_stopping: EarlyStoppingSpec | None = None,
+        store: CheckpointStore | None = None,
+        every_epochs: int = 1,
+        resume_from: CheckpointStore | None = None,
+        trial: optuna.Trial | None = None,
+        prune_metric: str = "",
+        maximize: bool = False,
+        progress: Callable[[str], None] | None = None,
+        label: str = "",
+    ) -> None:
+        self.seed = seed
+        self._should_stop = should_stop
+        self.stopper = (
+            EarlyStopper(
+                early_stopping.metric,
+                mode=early_stopping.mode,
+                patience=early_stopping.patience,
+                min_delta=early_stopping.min_delta,
+            )
+            if early_stopping is not None
+            else None
+        )
+        self.store = store
+        self.every_epochs = every_epochs
+        self.resume_from = resume_from
+        self.trial = trial
+        self.prune_metric = prune_metric
+        self.maximize = maximize
+        self.progress = progress
+        self.label = label
+        self.resumed_from_epoch = -1
+        self.epochs: list[int] = []  # epochs reported in THIS attempt
+        self.last_metrics: dict[str, float] = {}
+        self.checkpoints_written = 0
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(f"{self.label}{message}")
+
+    def should_stop(self) -> bool:
+        return self._should_stop()
+
+    def _check_cancel(self, where: str) -> None:
+        if self._should_stop():
+            raise JobCancelledError(f"training cancelled {where}")
+
+    def _prune_value(self, metrics: Mapping[str, float]) -> float | None:
+        """The value reported to the pruner: the search metric when the trainer reports it per
+        epoch, else the validation loss (negated when the study maximizes)."""
+        if self.prune_metric in metrics:
+            return float(metrics[self.prune_metric])
+        if "val_loss" in metrics:
+            v = float(metrics["val_loss"])
+            return -v if self.maximize else v
+        return None
+
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        self._check_cancel(f"after epoch {epoch}")
+        self.epochs.append(epoch)
+        self.last_metrics = {k: float(v) for k, v in metrics.items()}
+        n = len(self.epochs)
+        if n == 1 or (epoch + 1) % PROGRESS_EVERY_EPOCHS == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last_metrics.items()))
+            self._say(f"epoch {epoch + 1}: {shown}")
+        stop = self.stopper.update(epoch, metrics) if self.stopper is not None else False
+        if self.trial is not None:
+            value = self._prune_value(metrics)
+            if value is not None and math.isfinite(value):
+                self.trial.report(value, epoch)
+                if self.trial.should_prune():
+                    raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch}")
+        if stop:
+            assert self.stopper is not None
+            self._say(
+                f"early stopping after epoch {epoch + 1}: {self.stopper.metric} best "
+                f"{self.stopper.best} at epoch {self.stopper.best_epoch + 1}"
+            )
+        return stop
+
+    def resume(self) -> Checkpoint | None:
+        found = None
+        for store in (self.store, self.resume_from):
+            if store is not None and (found := store.latest()) is not None:
+                break
+        if found is None:
+            return None
+        if self.stopper is not None and found.early_stopping is not None:
+            self.stopper.restore(found.early_stopping)
+        self.resumed_from_epoch = found.epoch
+        self._say(f"resuming from the checkpoint of epoch {found.epoch + 1}")
+        return Checkpoint(epoch=found.epoch, state=found.state)
+
+    def save_checkpoint(self, epoch: int, state: bytes) -> None:
+        if self.store is None or self.every_epochs <= 0 or (epoch + 1) % self.every_epochs:
+            return
+        self.store.save(
+            epoch,
+            state,
+            early_stopping=self.stopper.state() if self.stopper is not None else None,
+        )
+        self.checkpoints_written += 1
+
+
+#: The GPU ids the queue leased to the job being run (its ranks see only those devices).
+_LEASED_GPUS: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+    "carrara_leased_gpus", default=()
+)
+
+
+def _fit(
+    trainer: Trainer,
+    spec: JobSpec,
+    params: Mapping[str, Any],
+    data: TrainData,
+    ctx: WorkerContext,
+) -> FitResult:
+    """One fit: data-parallel PyTorch across processes/nodes when the resources ask for it."""
+    r = spec.resources
+    gpus = _LEASED_GPUS.get()
+    if spec.model.framework == "pytorch" and (r.processes_per_node > 1 or r.nodes > 1):
+        from .frameworks import torch_trainer
+
+        result: FitResult = torch_trainer.fit_distributed(
+            spec.model.estimator,
+            params,
+            data,
+            ctx,
+            nproc_per_node=r.processes_per_node,
+            nnodes=r.nodes,
+            gpus=r.gpus,
+            env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None,
+        )
+        return result
+    return trainer.fit(spec.model.estimator, params, data, ctx)
+
+
+def _json(value: Any) -> str:
+    # enc_hook: trainers' lineage may hold str/number subclasses (torch's TorchVersion).
+    return msgspec.json.encode(value, enc_hook=str).decode()
+
+
+def _result_from_version(v: ModelVersion, run_id: str) -> dict[str, Any]:
+    """The job result of a version an earlier attempt of the job already registered."""
+    tags = v.tags
+
+    def tag(name: str, default: Any) -> Any:
+        return json.loads(tags[name]) if name in tags else default
+
+    return {
+        "model_name": v.model,
+        "version": v.version,
+        "metrics": dict(v.metrics),
+        "snapshot_ref": v.training_dataset_ref,
+        "feature_store_version": list(v.feature_store_version),
+        "framework": v.framework,
+        "run_id": run_id,
+        "epochs_run": tag("training.epochs_run", 0),
+        "best_epoch": tag("training.best_epoch", -1),
+        "resumed_from_epoch": tag("training.resumed_from_epoch", -1),
+        "reused_version": True,
+    }
+
+
 def run_job(
     job: Job | JobSpec,
     *,
@@ -86,23 +293,42 @@ def run_job(
     registry: ModelRegistry,
     actor: Principal | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    parity_atol: float = PARITY_ATOL,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns its result (registered version, metrics, lineage)."""
-    import joblib
-    import sklearn
-
     from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
     from carrara.gateway.registry_source import serving_spec
 
+    from .frameworks import get_trainer
+    from .frameworks.parity import check_parity
+
     spec = job.spec() if isinstance(job, Job) else job
     run_id = job.job_id if isinstance(job, Job) else f"adhoc-{uuid.uuid4().hex}"
+    attempt = job.attempts if isinstance(job, Job) else 1
+    _LEASED_GPUS.set(tuple(job.gpus) if isinstance(job, Job) else ())
     validate_spec(spec, features=features)
     d = spec.dataset
 
-    def checkpoint(stage: str) -> None:
+    def say(message: str) -> None:
+        log.info("training job %s: %s", run_id, message)
+        if progress is not None:
+            try:
+                progress(message)
+            except Exception as exc:  # a log line must never fail the job
+                log.warning("training job %s: progress line not recorded: %s", run_id, exc)
+
+    def check(stage: str) -> None:
         if should_stop():
             raise JobCancelledError(f"training job {run_id} cancelled before {stage}")
+
+    store = CheckpointStore(checkpoint_root(registry), run_id, keep=spec.checkpoint.keep)
+    # A previous attempt may have registered and died before completing the job.
+    done = registry.version_for_run(spec.model_name, run_id)
+    if done is not None:
+        say(f"already registered as {done.model} v{done.version} by an earlier attempt")
+        store.delete_job()
+        return _result_from_version(done, run_id)
+    trainer = get_trainer(spec.model.framework)
 
     # 1. Point-in-time-correct training set, at pinned group versions.
     refs = [tuple(f.split(":", 1)) for f in d.features]
@@ -114,7 +340,7 @@ def run_job(
         if g.entity.key not in entity_df.columns:
             entity_df[g.entity.key] = entity_df[d.entity_column]
     entity_df["_row"] = np.arange(len(entity_df), dtype=np.int64)
-    checkpoint("building the training set")
+    check("building the training set")
     training_set = features.get_training_set(
         entity_df,
         d.features,
@@ -124,9 +350,7 @@ def run_job(
     frame = training_set.to_pandas().sort_values([d.timestamp_column, "_row"], kind="stable")
     columns = [f"{g}__{f}" for g, f in refs]
     x_all = frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
-    y_all = frame[d.label_column].to_numpy()
-    if spec.model.task == "regression":
-        y_all = y_all.astype(np.float64)
+    y_all, classes = encode_labels(frame[d.label_column].to_numpy(), spec.model.task)
 
     # 2. Time-ordered split: the newest validation_fraction of rows validate.
     n = len(frame)
@@ -138,28 +362,67 @@ def run_job(
         sums = np.nansum(train_part, axis=0)
     defaults = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
     x_filled = np.where(np.isnan(x_all), defaults[None, :], x_all).astype(np.float32)
-    x_train, x_val = x_filled[:n_train], x_filled[n_train:]
-    y_train, y_val = y_all[:n_train], y_all[n_train:]
+    data = TrainData(
+        x_train=x_filled[:n_train],
+        y_train=y_all[:n_train],
+        x_val=x_filled[n_train:],
+        y_val=y_all[n_train:],
+        feature_names=columns,
+        task=spec.model.task,
+        classes=classes,
+    )
+    say(
+        f"training set built: {n} rows ({n_train} train, {n_val} validation), "
+        f"{len(columns)} features, snapshot {training_set.snapshot_ref}"
+    )
 
-    # 3. Train and evaluate.
-    checkpoint("training")
-    result = train_sklearn(spec.model, x_train, y_train, x_val, y_val, seed=spec.seed)
+    # 3. Fit: one run, or an Optuna study whose best trial is kept.
+    check("training")
+    outcome: SearchOutcome | None = None
+    params: dict[str, Any] = dict(spec.model.params)
+    if spec.search is None:
+        ctx = WorkerContext(
+            seed=spec.seed,
+            should_stop=should_stop,
+            early_stopping=spec.early_stopping,
+            store=store,
+            every_epochs=spec.checkpoint.every_epochs,
+            progress=say,
+        )
+        say(f"fitting {spec.model.framework}/{spec.model.estimator} (attempt {attempt})")
+        result = _fit(trainer, spec, params, data, ctx)
+        resumed_from = max(result.resumed_from_epoch, ctx.resumed_from_epoch)
+        epochs_this_attempt = len(ctx.epochs)
+    else:
+        result, outcome, params = _search(
+            trainer,
+            spec,
+            data,
+            run_id,
+            attempt,
+            registry,
+            store,
+            should_stop,
+            say,
+            adhoc=not isinstance(job, Job),
+        )
+        resumed_from = result.resumed_from_epoch
+        epochs_this_attempt = -1
+    say(f"fitted: {', '.join(f'{k}={v:.4g}' for k, v in sorted(result.metrics.items()))}")
 
     # 4. ONNX export with a parity check on the validation rows (training rows if none).
-    checkpoint("export")
-    onnx_model = export_onnx(result.model, len(columns), spec.model.task)
+    check("export")
+    onnx_model = trainer.export_onnx(result, data)
     parity = check_parity(
+        trainer,
         result.model,
         onnx_model,
-        x_val if len(x_val) else x_train,
+        data.x_val if len(data.x_val) else data.x_train,
         spec.model.task,
-        atol=parity_atol,
     )
-    native = io.BytesIO()
-    joblib.dump(result.model, native)
 
-    # 5. Register with lineage and the serving spec.
-    checkpoint("registration")
+    # 5. Register (once per job) with lineage and the serving spec.
+    check("registration")
     assembler = AssemblerSpec(
         groups=tuple(
             GroupSchema(name, g.version, tuple(g.definition.feature_names))
@@ -167,41 +430,197 @@ def run_job(
         ),
         features=tuple(FeatureRef(g, f, float(defaults[i])) for i, (g, f) in enumerate(refs)),
     )
-    metrics = dict(result.metrics)
+    metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(v)}
     metrics["onnx_parity_max_abs_diff"] = parity.max_abs_diff
-    version = registry.register(
-        spec.model_name,
-        actor=actor or default_actor(),
-        serving_artifact=onnx_model,
-        native_artifact=native.getvalue(),
-        native_format="joblib",
-        framework="sklearn",
-        framework_version=sklearn.__version__,
-        metrics=metrics,
-        feature_store_version=[f"{name}:{g.version}" for name, g in groups.items()],
-        training_dataset_ref=training_set.snapshot_ref,
-        run_id=run_id,
-        tags={
-            "training.estimator": spec.model.estimator,
-            "training.task": spec.model.task,
-            "training.label_column": d.label_column,
-        },
-        serving_spec=serving_spec(assembler),
-    )
-    return {
+    fsv = [f"{name}:{g.version}" for name, g in groups.items()]
+    tags = {
+        "training.estimator": spec.model.estimator,
+        "training.task": spec.model.task,
+        "training.label_column": d.label_column,
+        "training.params": _json(params),
+        "training.classes": _json(classes),
+        "training.epochs_run": str(result.epochs_run),
+        "training.best_epoch": str(result.best_epoch),
+        "training.resumed_from_epoch": str(resumed_from),
+        "training.attempt": str(attempt),
+        "training.parity": _json(
+            {
+                "max_abs_diff": parity.max_abs_diff,
+                "atol": parity.atol,
+                "rtol": parity.rtol,
+                "rows": parity.rows,
+            }
+        ),
+    }
+    if result.extra:
+        tags["training.extra"] = _json(result.extra)
+    if outcome is not None:
+        tags["training.search"] = _json(outcome)
+    existing = registry.version_for_run(spec.model_name, run_id)
+    if existing is not None:
+        version = existing
+        say(f"already registered as {version.model} v{version.version}; reusing it")
+    else:
+        version = registry.register(
+            spec.model_name,
+            actor=actor or default_actor(),
+            serving_artifact=onnx_model,
+            native_artifact=result.native,
+            native_format=result.native_format,
+            framework=spec.model.framework,
+            framework_version=trainer.framework_version(),
+            metrics=metrics,
+            feature_store_version=fsv,
+            training_dataset_ref=training_set.snapshot_ref,
+            run_id=run_id,
+            tags=tags,
+            serving_spec=serving_spec(assembler),
+        )
+        say(f"registered {version.model} v{version.version}")
+    store.delete_job()  # the job is done: its checkpoints (and trial models) go
+    out: dict[str, Any] = {
         "model_name": spec.model_name,
         "version": version.version,
         "metrics": metrics,
         "snapshot_ref": training_set.snapshot_ref,
-        "feature_store_version": [f"{name}:{g.version}" for name, g in groups.items()],
+        "feature_store_version": fsv,
+        "framework": spec.model.framework,
+        "run_id": run_id,
+        "attempt": attempt,
         "columns": columns,
         "defaults": [float(v) for v in defaults],
+        "classes": classes,
+        "params": params,
         "n_train": result.n_train,
         "n_validation": result.n_validation,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "resumed_from_epoch": resumed_from,
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_atol": parity.atol,
         "parity_rtol": parity.rtol,
     }
+    if epochs_this_attempt >= 0:
+        out["epochs_this_attempt"] = epochs_this_attempt
+    if outcome is not None:
+        out["search"] = msgspec.to_builtins(outcome)
+    return out
+
+
+def _search(
+    trainer: Trainer,
+    spec: JobSpec,
+    data: TrainData,
+    run_id: str,
+    attempt: int,
+    registry: ModelRegistry,
+    store: CheckpointStore,
+    should_stop: Callable[[], bool],
+    say: Callable[[str], None],
+    *,
+    adhoc: bool,
+) -> tuple[FitResult, SearchOutcome, dict[str, Any]]:
+    """Run the job's Optuna study; returns the best trial's fit, the outcome and its params."""
+    import optuna
+
+    from .search import (
+        RETRY_ATTR,
+        metric_and_direction,
+        open_study,
+        optuna_storage_url,
+        run_search,
+        suggest_params,
+    )
+
+    assert spec.search is not None
+    space = spec.search.space
+    metric, direction = metric_and_direction(spec)
+    storage = None if adhoc else optuna_storage_url(registry.db.url)
+    fitted: dict[int, FitResult] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {**spec.model.params, **suggest_params(trial, space)}
+        retry_of = trial.user_attrs.get(RETRY_ATTR)
+        ctx = WorkerContext(
+            seed=spec.seed,
+            should_stop=should_stop,
+            early_stopping=spec.early_stopping,
+            store=store.scoped(f"trial-{trial.number}"),
+            every_epochs=spec.checkpoint.every_epochs,
+            resume_from=store.scoped(f"trial-{retry_of}") if retry_of is not None else None,
+            trial=trial,
+            prune_metric=metric,
+            maximize=direction == "maximize",
+            progress=say,
+            label=f"trial {trial.number}: ",
+        )
+        try:
+            result = _fit(trainer, spec, params, data, ctx)
+        except Pruned as exc:
+            raise optuna.TrialPruned(str(exc)) from exc
+        if metric not in result.metrics:
+            raise FailedPreconditionError(
+                f"trial {trial.number} reported no {metric!r} (got {sorted(result.metrics)}); "
+                "the validation split may hold one class only: widen the time range or pick "
+                "another search.metric"
+            )
+        trial.set_user_attr("carrara.metrics", dict(result.metrics))
+        trial.set_user_attr("carrara.epochs_run", result.epochs_run)
+        trial.set_user_attr("carrara.best_epoch", result.best_epoch)
+        trial.set_user_attr("carrara.native_format", result.native_format)
+        if ctx.store is not None:
+            ctx.store.save_model(result.native)
+        fitted[trial.number] = result
+        return float(result.metrics[metric])
+
+    def on_trial(t: optuna.trial.FrozenTrial) -> None:
+        value = "" if t.value is None else f" {metric}={t.value:.4g}"
+        say(f"trial {t.number} {t.state.name.lower()}{value} params={_json(t.params)}")
+
+    def check_cancel() -> None:
+        if should_stop():
+            raise JobCancelledError(f"training job {run_id} cancelled during the search")
+
+    with open_study(spec, run_id, storage) as study:
+        say(
+            f"search: study {study.study_name}, {spec.search.n_trials} trials, {direction} {metric}"
+        )
+        outcome = run_search(
+            spec, study, objective, attempt=attempt, check_cancel=check_cancel, on_trial=on_trial
+        )
+        best = study.trials[outcome.best_trial]
+    best_params = {**spec.model.params, **outcome.best_params}
+    say(
+        f"search done: best trial {outcome.best_trial} {metric}={outcome.best_value:.4g} "
+        f"of {outcome.n_trials} ({outcome.n_pruned} pruned)"
+    )
+    if outcome.best_trial in fitted:
+        return fitted[outcome.best_trial], outcome, best_params
+    # The best trial ran in an earlier attempt or on another worker: load its model.
+    native = store.scoped(f"trial-{outcome.best_trial}").load_model()
+    if native is not None:
+        model = trainer.load_native(native, data)
+        result = FitResult(
+            model=model,
+            metrics={k: float(v) for k, v in best.user_attrs.get("carrara.metrics", {}).items()},
+            native=native,
+            native_format=str(best.user_attrs.get("carrara.native_format", "")),
+            n_train=len(data.x_train),
+            n_validation=len(data.x_val),
+            classes=list(data.classes),
+            epochs_run=int(best.user_attrs.get("carrara.epochs_run", 0)),
+            best_epoch=int(best.user_attrs.get("carrara.best_epoch", -1)),
+        )
+        return result, outcome, best_params
+    say(f"the model of trial {outcome.best_trial} is gone; refitting its params")
+    ctx = WorkerContext(
+        seed=spec.seed,
+        should_stop=should_stop,
+        early_stopping=spec.early_stopping,
+        progress=say,
+        label="refit: ",
+    )
+    return _fit(trainer, spec, best_params, data, ctx), outcome, best_params
 
 
 class Worker:
@@ -216,6 +635,8 @@ class Worker:
         actor: Principal | None = None,
         worker_id: str | None = None,
         heartbeat_interval_s: float = 5.0,
+        node: str | None = None,
+        gpus: Sequence[int] = (),
     ) -> None:
         self.queue = queue
         self.features = features
@@ -223,10 +644,37 @@ class Worker:
         self.actor = actor
         self.worker_id = worker_id or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.node = node
+        self.gpus = tuple(gpus)
+        #: Set by :meth:`shutdown`: the running job stops at its next epoch and goes back to
+        #: the queue (not CANCELLED), to be resumed from its checkpoint by another worker.
+        self.preempted = threading.Event()
+
+    def shutdown(self) -> None:
+        """Stop soon: hand the running job back to the queue and claim nothing more (what
+        ``carrara train worker`` does on SIGTERM)."""
+        self.preempted.set()
+
+    def _progress(self, job: Job) -> Callable[[str], None]:
+        record = getattr(self.queue, "log", None)
+
+        def line(message: str) -> None:
+            if record is not None:
+                record(job.job_id, message)
+
+        return line
+
+    def _drop_checkpoints(self, job: Job) -> None:
+        try:
+            CheckpointStore(checkpoint_root(self.registry), job.job_id).delete_job()
+        except Exception as exc:  # leftovers cost space only
+            log.warning("training job %s: checkpoints not removed: %s", job.job_id, exc)
 
     def run_once(self) -> Job | None:
         """Claim and run one job; returns it in its final state, or None when idle."""
-        job = self.queue.claim(self.worker_id)
+        if self.preempted.is_set():
+            return None
+        job = self.queue.claim(self.worker_id, node=self.node, gpus=self.gpus)
         if job is None:
             return None
         cancel = threading.Event()
@@ -248,7 +696,7 @@ class Worker:
         thread.start()
 
         def should_stop() -> bool:
-            if cancel.is_set():
+            if cancel.is_set() or self.preempted.is_set():
                 return True
             if self.queue.get(job.job_id).cancel_requested:
                 cancel.set()
@@ -262,6 +710,7 @@ class Worker:
                 log.warning("training job %s: %s", job.job_id, exc)
                 return self.queue.get(job.job_id)
 
+        progress = self._progress(job)
         try:
             result = run_job(
                 job,
@@ -269,16 +718,29 @@ class Worker:
                 registry=self.registry,
                 actor=self.actor,
                 should_stop=should_stop,
+                progress=progress,
             )
-        except JobCancelledError:
+        except CancelledError:
             done.set()
             thread.join()
-            return settle(lambda: self.queue.cancelled(job))
+            if self.preempted.is_set() and not cancel.is_set():
+                progress("worker shutting down; job requeued to resume from its checkpoint")
+                return settle(lambda: self.queue.release(job))
+            final = settle(lambda: self.queue.cancelled(job))
+            # Only a cancel that ended the job drops its checkpoints; a lost lease (also a
+            # stop) leaves them to the worker that took the job over.
+            if final.state == "CANCELLED" and final.worker == self.worker_id:
+                self._drop_checkpoints(job)
+            return final
         except Exception as exc:
             done.set()
             thread.join()
             log.exception("training job %s failed", job.job_id)
             error = f"{type(exc).__name__}: {exc}"
+            try:
+                progress(f"failed: {error}")
+            except Exception:  # the failure itself is what matters
+                log.warning("training job %s: failure line not recorded", job.job_id)
             return settle(lambda: self.queue.fail(job, error))
         done.set()
         thread.join()
@@ -294,7 +756,7 @@ class Worker:
         """Run jobs until ``stop`` is set (or, with ``until_idle``, the queue is empty)."""
         finished: list[Job] = []
         stop = stop or threading.Event()
-        while not stop.is_set():
+        while not stop.is_set() and not self.preempted.is_set():
             job = self.run_once()
             if job is not None:
                 finished.append(job)

@@ -39,12 +39,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cache_ttl_seconds: float = 30.0
     api_token: str = ""
     log_level: str = "INFO"
+    training_gpus_per_node: int = 0  # GPUs of the largest training node (submit-time check)
 
     def __post_init__(self) -> None:
         if self.cache_capacity <= 0:
             raise ConfigError(f"cache_capacity must be > 0, got {self.cache_capacity}")
         if self.cache_ttl_seconds <= 0:
             raise ConfigError(f"cache_ttl_seconds must be > 0, got {self.cache_ttl_seconds}")
+        if self.training_gpus_per_node < 0:
+            raise ConfigError(
+                f"training_gpus_per_node must be >= 0, got {self.training_gpus_per_node}"
+            )
 
     @property
     def resolved_registry_url(self) -> str:

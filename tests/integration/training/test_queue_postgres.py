@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from carrara.errors import FailedPreconditionError
 from carrara.training import upgrade
 from carrara.training.queue import JobQueue
-from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
+from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec, Resources
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,11 @@ def make_spec(name: str) -> JobSpec:
 
 
 def test_concurrent_claims_each_job_once(postgres_url: str) -> None:
-    assert upgrade(postgres_url) == ["0001_training_jobs"]
+    assert upgrade(postgres_url) == [
+        "0001_training_jobs",
+        "0002_training_job_logs",
+        "0003_gpu_leases_and_triggers",
+    ]
     assert upgrade(postgres_url) == []
     with JobQueue.open(postgres_url) as q:
         ids = {q.submit(make_spec(f"m{i}")).job_id for i in range(40)}
@@ -64,3 +69,75 @@ def test_states_cancel_and_reclaim(postgres_url: str) -> None:
             q.complete(first)
         assert q.fail(second, "boom").state == "FAILED"
         assert [j.state for j in q.list()] == ["FAILED", "CANCELLED"]
+
+
+def gpu_spec(name: str, gpus: int) -> JobSpec:
+    return JobSpec(
+        model_name=name,
+        dataset=DatasetSpec(
+            features=["g:a"], label_source="l.parquet", label_column="y", entity_column="id"
+        ),
+        model=ModelSpec(framework="pytorch", estimator="mlp"),
+        resources=Resources(gpus=gpus),
+    )
+
+
+def test_concurrent_gang_claims_never_over_allocate(postgres_url: str) -> None:
+    """Many claimers on two nodes at once: per node the GPUs in use never exceed its
+    inventory, no GPU is held by two jobs, and every job runs exactly once."""
+    rng = random.Random(3)
+    nodes = {"a": [0, 1, 2], "b": [0, 1, 2, 3]}
+    with JobQueue.open(postgres_url, gpus_per_node=4, backfill_window_s=0.2) as q:
+        ids = {q.submit(gpu_spec(f"m{i}", rng.choice([0, 1, 2, 3, 4]))).job_id for i in range(40)}
+        in_use: dict[str, set[int]] = {n: set() for n in nodes}
+        ran: list[str] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        start = threading.Barrier(8)
+
+        def claimer(n: int) -> None:
+            node = "a" if n % 2 else "b"
+            start.wait()
+            idle = 0
+            while idle < 40:
+                job = q.claim(f"w{n}", node=node, gpus=nodes[node])
+                if job is None:
+                    idle += 1
+                    time.sleep(0.01)
+                    continue
+                idle = 0
+                with lock:
+                    if len(job.gpus) != job.gpus_requested or in_use[node] & set(job.gpus):
+                        errors.append(f"{job.job_id} got {job.gpus}; in use {in_use[node]}")
+                    in_use[node] |= set(job.gpus)
+                    ran.append(job.job_id)
+                time.sleep(0.003)
+                with lock:
+                    in_use[node] -= set(job.gpus)
+                q.complete(job)
+
+        threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(ran) == sorted(ids)
+        assert q.leases() == {}
+
+
+def test_logs_on_postgres_are_gapless_under_concurrent_writers(postgres_url: str) -> None:
+    with JobQueue.open(postgres_url) as q:
+        job = q.submit(make_spec("logs"))
+
+        def write(n: int) -> None:
+            for i in range(10):
+                q.log(job.job_id, f"t{n} {i}")
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [ln.seq for ln in q.logs(job.job_id)] == list(range(1, 41))
+        assert [ln.seq for ln in q.logs(job.job_id, after=38)] == [39, 40]

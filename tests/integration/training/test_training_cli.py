@@ -88,3 +88,70 @@ def test_train_cli(
     with ModelRegistry.open(settings.resolved_registry_url, settings.resolved_artifact_path) as r:
         v = r.get_version("score", 1)
         assert v.run_id == job_id and v.metrics["rmse"] < 0.2
+
+
+def test_train_logs_and_triggers_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CARRARA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CARRARA_TRAINING_GPUS_PER_NODE", "3")
+    for name in ("CARRARA_CONFIG", "CARRARA_REGISTRY_URL", "CARRARA_EVENT_LOG_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with FeatureService.from_settings(load_settings()) as features:
+        features.apply(
+            Definitions(
+                entities=(Entity(name="thing", join_key="id"),),
+                groups=(
+                    FeatureGroup(
+                        name="stats",
+                        entity="thing",
+                        features=(Feature(name="x"), Feature(name="y")),
+                    ),
+                ),
+            )
+        )
+    (tmp_path / "job.yaml").write_text(SPEC)
+    (tmp_path / "gpu4.yaml").write_text(SPEC + "resources: {gpus: 4}\n")
+    (tmp_path / "gpu3.yaml").write_text(
+        SPEC.replace("{estimator: ridge, task: regression}", "{framework: pytorch, estimator: mlp}")
+        + "resources: {gpus: 3}\n"
+    )
+    spec = str(tmp_path / "job.yaml")
+
+    assert main(["train", "submit", str(tmp_path / "gpu4.yaml")]) == 2
+    assert "largest node has 3" in capsys.readouterr().err
+    assert main(["train", "submit", str(tmp_path / "gpu3.yaml")]) == 0
+    capsys.readouterr()
+
+    assert main(["train", "triggers", "add", "again", "--kind", "manual", "--spec", spec]) == 0
+    assert "added manual trigger again for model score" in capsys.readouterr().out
+    args = ["train", "triggers", "add", "tick", "--kind", "schedule", "--spec", spec]
+    assert main([*args, "--schedule", "0 3 * * *"]) == 0
+    assert main([*args[:3], "bad", *args[4:], "--schedule", "0 25 * * *"]) == 2
+    assert "outside 0-23" in capsys.readouterr().err
+    assert main(["train", "triggers", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("again  manual") and "last: never" in out[0]
+    assert out[1].startswith("tick  schedule  0 3 * * *  -> score")
+
+    assert main(["train", "triggers", "run", "again"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert main(["train", "triggers", "run", "again"]) == 0
+    assert f"run {job_id} of again is active" in capsys.readouterr().out
+    assert main(["train", "triggers", "--once"]) == 0  # the follow-up waits for the run
+    assert capsys.readouterr().out == ""
+    assert main(["train", "logs", job_id]) == 0
+    assert "INFO    submitted by trigger 'again': manual (CLI)" in capsys.readouterr().out
+    assert main(["train", "cancel", job_id]) == 0
+    capsys.readouterr()
+    assert main(["train", "logs", job_id, "--follow", "--after", "1"]) == 0  # ended: returns
+    assert capsys.readouterr().out == ""
+    assert main(["train", "triggers", "--once"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("again  submitted") and "follow-up" in line
+    assert main(["train", "list"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # gpu3, the run, the follow-up
+    assert main(["train", "triggers", "remove", "again"]) == 0
+    assert main(["train", "triggers", "remove", "again"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "logs", "nope"]) == 2

@@ -28,7 +28,11 @@ def make_spec(name: str = "churn") -> JobSpec:
 
 def test_upgrade_is_idempotent(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'q.db'}"
-    assert upgrade(url) == ["0001_training_jobs"]
+    assert upgrade(url) == [
+        "0001_training_jobs",
+        "0002_training_job_logs",
+        "0003_gpu_leases_and_triggers",
+    ]
     assert upgrade(url) == []
 
 
@@ -132,3 +136,52 @@ def test_concurrent_claims_each_job_once(tmp_path: Path) -> None:
             t.join()
         assert sorted(claimed) == sorted(ids)  # each exactly once
         assert {j.state for j in q.list(limit=100)} == {"SUCCEEDED"}
+
+
+def test_job_logs_are_sequenced_per_job_and_followable(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as q:
+        a = q.submit(make_spec("a"))
+        b = q.submit(make_spec("b"))
+        first = q.log(a.job_id, "loading data")
+        assert first.seq == 1 and first.level == "INFO"
+        q.log(b.job_id, "other job")
+        q.log(a.job_id, "epoch 1 loss=0.5", level="debug")
+        q.log(a.job_id, "boom", "ERROR")
+        lines = q.logs(a.job_id)
+        assert [(ln.seq, ln.level, ln.message) for ln in lines] == [
+            (1, "INFO", "loading data"),
+            (2, "DEBUG", "epoch 1 loss=0.5"),
+            (3, "ERROR", "boom"),
+        ]
+        assert lines[0].ts_us <= lines[1].ts_us <= lines[2].ts_us
+        assert [ln.seq for ln in q.logs(a.job_id, after=2)] == [3]
+        assert q.logs(a.job_id, after=3) == []
+        assert [ln.message for ln in q.logs(b.job_id)] == ["other job"]
+        long = q.log(a.job_id, "x" * 20_000)
+        assert len(long.message) < 17_000 and long.message.endswith("chars cut]")
+        with pytest.raises(InvalidArgumentError, match="unknown log level"):
+            q.log(a.job_id, "m", level="LOUD")
+        with pytest.raises(NotFoundError):
+            q.log("nope", "m")
+        with pytest.raises(NotFoundError):
+            q.logs("nope")
+
+
+def test_concurrent_log_writers_get_gapless_sequence(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as q:
+        job = q.submit(make_spec())
+
+        def write(n: int) -> None:
+            for i in range(10):
+                q.log(job.job_id, f"t{n} line {i}")
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lines = q.logs(job.job_id)
+        assert [ln.seq for ln in lines] == list(range(1, 41))
+        for n in range(4):  # each writer's lines stay in its own order
+            mine = [ln.message for ln in lines if ln.message.startswith(f"t{n} ")]
+            assert mine == [f"t{n} line {i}" for i in range(10)]

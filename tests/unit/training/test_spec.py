@@ -63,7 +63,7 @@ def test_yaml_and_json_decode_the_same(tmp_path: Path) -> None:
             "estimator 'ridge' does regression",
         ),
         ({"dataset__end": "2025-12-01T00:00:00Z"}, "empty time range"),
-        ({"resources__gpus": 1}, "impossible resources: 1 GPU(s) requested, 0 available"),
+        ({"resources__nodes": 2}, "only framework 'pytorch' trains across nodes"),
         ({"resources__cpus": 0}, "impossible resources: cpus=0"),
         ({"dataset__features": []}, "dataset.features is empty"),
         ({"dataset__features": ["activity"]}, "are not 'group:feature'"),

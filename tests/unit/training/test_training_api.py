@@ -1,0 +1,203 @@
+"""The training REST API through starlette's TestClient against SQLite: jobs, logs, cancel,
+triggers, auth, and the error shape."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+
+from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
+from carrara.registry.auth import Principal
+from carrara.training.api import create_app
+from carrara.training.queue import JobQueue
+
+with warnings.catch_warnings():
+    # Starlette asks for httpx2 with its TestClient; plain httpx (what we ship) still works.
+    warnings.simplefilter("ignore", Warning)
+    from starlette.testclient import TestClient
+
+SPEC: dict[str, Any] = {
+    "model_name": "churn",
+    "dataset": {
+        "features": ["trips:x"],
+        "label_source": "l.parquet",
+        "label_column": "y",
+        "entity_column": "id",
+        "start": "2026-01-01T00:00:00Z",
+        "end": "2026-02-01T00:00:00Z",
+    },
+    "model": {"estimator": "ridge", "task": "regression"},
+}
+PUB = {"Authorization": "Bearer pub-token"}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[TestClient, JobQueue]]:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    with (
+        JobQueue.open(url, gpus_per_node=2) as queue,
+        FeatureService.open(catalog_url=url, offline_path=str(tmp_path / "off")) as features,
+    ):
+        features.apply(
+            Definitions(
+                entities=(Entity(name="driver", join_key="id"),),
+                groups=(
+                    FeatureGroup(name="trips", entity="driver", features=(Feature(name="x"),)),
+                ),
+            )
+        )
+        tokens = {
+            "pub-token": Principal("ana", frozenset({"publisher"})),
+            "read-token": Principal("bob", frozenset({"reader"})),
+        }
+        app = Starlette(routes=create_app(queue, features, tokens=tokens))
+        with TestClient(app) as client:
+            yield client, queue
+
+
+def with_(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.items()}
+    for path, value in changes.items():
+        section, _, key = path.partition("__")
+        if key:
+            out[section][key] = value
+        else:
+            out[section] = value
+    return out
+
+
+def test_submit_get_list_logs_cancel(env: tuple[TestClient, JobQueue]) -> None:
+    client, queue = env
+    r = client.post("/training-jobs", json={"spec": SPEC}, headers=PUB)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "QUEUED" and job["model_name"] == "churn"
+    assert job["submitted_by"] == "ana"  # from the token when the body does not say
+    assert job["spec"]["dataset"]["features"] == ["trips:x"] and job["attempts"] == 0
+    assert job["gpus"] == [] and job["trigger"] == "" and job["error"] == ""
+    jid = job["job_id"]
+    assert client.get(f"/training-jobs/{jid}").json()["job_id"] == jid
+    other = client.post(
+        "/training-jobs", json={"spec": SPEC, "submitted_by": "ci"}, headers=PUB
+    ).json()
+    assert other["submitted_by"] == "ci"
+    listed = client.get("/training-jobs", params={"limit": 1}).json()["jobs"]
+    assert [j["job_id"] for j in listed] == [other["job_id"]]
+    assert len(client.get("/training-jobs", params={"state": "QUEUED"}).json()["jobs"]) == 2
+
+    claimed = queue.claim("w1")
+    assert claimed is not None and claimed.job_id == jid
+    queue.log(jid, "epoch 1 loss=0.5")
+    queue.log(jid, "epoch 2 loss=0.25", "DEBUG")
+    lines = client.get(f"/training-jobs/{jid}/logs").json()["lines"]
+    assert [(ln["seq"], ln["level"], ln["message"]) for ln in lines] == [
+        (1, "INFO", "epoch 1 loss=0.5"),
+        (2, "DEBUG", "epoch 2 loss=0.25"),
+    ]
+    assert isinstance(lines[0]["ts_us"], int)
+    after = client.get(f"/training-jobs/{jid}/logs", params={"after": 1}).json()["lines"]
+    assert [ln["seq"] for ln in after] == [2]
+
+    r = client.post(f"/training-jobs/{jid}/cancel", headers=PUB)
+    assert r.status_code == 200 and r.json()["state"] == "RUNNING" and r.json()["cancel_requested"]
+    r = client.post(f"/training-jobs/{other['job_id']}/cancel", headers=PUB)
+    assert r.json()["state"] == "CANCELLED"
+    r = client.post(f"/training-jobs/{other['job_id']}/cancel", headers=PUB)
+    assert r.status_code == 409 and r.json()["error"] == "FAILED_PRECONDITION"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (with_(SPEC, dataset__features=["trips:nope"]), "unknown feature 'trips:nope'"),
+        (with_(SPEC, dataset__features=["ghost:x"]), "unknown feature group 'ghost'"),
+        (with_(SPEC, dataset__end="2025-01-01T00:00:00Z"), "empty time range"),
+        (with_(SPEC, resources={"gpus": 3}), "3 GPU(s) requested but the largest node has 2"),
+        (with_(SPEC, resources={"nodes": 2}), "only framework 'pytorch'"),
+        (with_(SPEC, model={"estimator": "ridge", "task": "regression", "x": 1}), "unknown field"),
+    ],
+)
+def test_bad_specs_are_400_with_the_reason(
+    env: tuple[TestClient, JobQueue], spec: dict[str, Any], message: str
+) -> None:
+    client, queue = env
+    r = client.post("/training-jobs", json={"spec": spec}, headers=PUB)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "INVALID_ARGUMENT" and message in r.json()["message"]
+    assert queue.list() == []
+
+
+def test_errors_and_auth(env: tuple[TestClient, JobQueue]) -> None:
+    client, _ = env
+    r = client.get("/training-jobs/nope")
+    assert (
+        r.status_code == 404 and r.json()["error"] == "NOT_FOUND" and "nope" in r.json()["message"]
+    )
+    assert client.get("/training-jobs/nope/logs").status_code == 404
+    assert client.post("/training-jobs/nope/cancel", headers=PUB).status_code == 404
+    r = client.post("/training-jobs", json={"spec": SPEC})
+    assert r.status_code == 401 and r.json()["error"] == "UNAUTHENTICATED"
+    assert "publisher" in r.json()["message"]
+    r = client.post(
+        "/training-jobs", json={"spec": SPEC}, headers={"Authorization": "Bearer read-token"}
+    )
+    assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED"
+    r = client.post("/training-jobs", json={"spec": SPEC}, headers={"Authorization": "Bearer zzz"})
+    assert r.status_code == 401
+    r = client.post("/training-jobs", content=b"{not json", headers=PUB)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
+    r = client.get("/training-jobs", params={"state": "DONE"})
+    assert r.status_code == 400 and "unknown job state" in r.json()["message"]
+    r = client.get("/training-jobs", params={"limit": "x"})
+    assert r.status_code == 400
+    doc = client.get("/training/openapi.json").json()
+    assert set(doc["paths"]) == {
+        "/training-jobs",
+        "/training-jobs/{job_id}",
+        "/training-jobs/{job_id}/cancel",
+        "/training-jobs/{job_id}/logs",
+        "/training-triggers",
+        "/training-triggers/{name}",
+        "/training-triggers/{name}/run",
+    }
+    assert doc["paths"]["/training-jobs"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_trigger_crud_and_run(env: tuple[TestClient, JobQueue]) -> None:
+    client, queue = env
+    body = {"name": "nightly", "kind": "schedule", "schedule": "0 3 * * *", "spec": SPEC}
+    assert client.post("/training-triggers", json=body).status_code == 401
+    r = client.post("/training-triggers", json=body, headers=PUB)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "nightly" and r.json()["created_by"] == "ana"
+    assert client.post("/training-triggers", json=body, headers=PUB).status_code == 409
+    bad = dict(body, name="b2", schedule="61 * * * *")
+    r = client.post("/training-triggers", json=bad, headers=PUB)
+    assert r.status_code == 400 and "outside 0-59" in r.json()["message"]
+    assert [t["name"] for t in client.get("/training-triggers").json()["triggers"]] == ["nightly"]
+    r = client.post("/training-triggers/nightly/run", headers=PUB)
+    assert r.status_code == 201 and r.json()["outcome"] == "submitted"
+    job_id = r.json()["job_id"]
+    r = client.post("/training-triggers/nightly/run", headers=PUB)
+    assert r.status_code == 200 and r.json()["outcome"] == "deferred"
+    assert (
+        client.get("/training-jobs", params={"trigger": "nightly"}).json()["jobs"][0]["job_id"]
+        == job_id
+    )
+    assert client.delete("/training-triggers/nightly").status_code == 401
+    assert client.delete("/training-triggers/nightly", headers=PUB).json()["name"] == "nightly"
+    assert client.delete("/training-triggers/nightly", headers=PUB).status_code == 404
+    assert queue.get(job_id).trigger == "nightly"  # the run outlives its trigger
+
+
+def test_open_when_no_tokens(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as queue:
+        app = Starlette(routes=create_app(queue, None))
+        with TestClient(app) as client:
+            r = client.post("/training-jobs", json={"spec": SPEC, "submitted_by": "me"})
+            assert r.status_code == 201 and r.json()["submitted_by"] == "me"

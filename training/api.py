@@ -1,0 +1,394 @@
+"""The training REST API: jobs, their logs, and triggers, as Starlette routes.
+
+``create_app(queue, features, tokens=...)`` returns routes to mount into one Starlette app
+next to the registry's. Errors have the registry's shape, ``{"error": <grpc code>, "message":
+...}`` with the status of the ``CarraraError``; each handler maps them itself, so the routes
+behave the same whatever app they are mounted in. Reads are open; when ``tokens`` is given,
+writes (submit, cancel, trigger changes) need ``Authorization: Bearer <token>`` whose
+principal has the ``publisher`` role. ``GET /training/openapi.json`` serves the OpenAPI
+document of these routes (:func:`openapi_spec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from carrara.errors import (
+    CarraraError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from carrara.registry.auth import Principal, require_role
+
+from .queue import STATES, Job, JobQueue, JobState, LogLine
+from .spec import JobSpec
+from .triggers import Fire, Trigger, TriggerKind, TriggerStore
+
+if TYPE_CHECKING:
+    from carrara.feature_cache.service import FeatureService
+
+__all__ = [
+    "CreateTriggerRequest",
+    "ErrorBody",
+    "JobList",
+    "JobView",
+    "LogLines",
+    "SubmitRequest",
+    "TriggerList",
+    "create_app",
+    "openapi_spec",
+]
+
+#: Bodies are specs, not artifacts: anything bigger is a mistake.
+MAX_BODY_BYTES = 1 << 20
+WRITE_ROLE = "publisher"
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every error response: the gRPC-style code and a message saying how to fix it."""
+
+    error: str
+    message: str
+
+
+class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    spec: JobSpec
+    submitted_by: str = ""  # default: the token's subject
+
+
+class CreateTriggerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    kind: TriggerKind
+    spec: JobSpec
+    schedule: str = ""
+    model: str = ""
+
+
+class JobView(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as the API shows it (the spec as an object)."""
+
+    job_id: str
+    model_name: str
+    state: JobState
+    spec: JobSpec
+    submitted_by: str
+    submitted_at_us: int
+    started_at_us: int | None
+    finished_at_us: int | None
+    heartbeat_at_us: int | None
+    worker: str | None
+    attempts: int
+    cancel_requested: bool
+    error: str
+    result: dict[str, Any]
+    gpus_requested: int
+    node: str | None
+    gpus: list[int]
+    trigger: str
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        fields = {f: getattr(job, f) for f in cls.__struct_fields__ if f != "spec"}
+        return cls(spec=job.spec(), **fields)
+
+
+class JobList(msgspec.Struct, frozen=True):
+    jobs: list[JobView]
+
+
+class LogLines(msgspec.Struct, frozen=True):
+    lines: list[LogLine]
+
+
+class TriggerList(msgspec.Struct, frozen=True):
+    triggers: list[Trigger]
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json")
+
+
+async def _body(request: Request, kind: Any) -> Any:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ResourceExhaustedError(
+                f"request body is over the limit of {MAX_BODY_BYTES} bytes"
+            )
+    if not raw.strip():
+        raise InvalidArgumentError("this call needs a JSON body")
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgumentError(f"invalid request body: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidArgumentError(f"request body is not valid JSON: {exc}") from exc
+
+
+def _int_query(request: Request, name: str, default: int, low: int = 0) -> int:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidArgumentError(f"query parameter {name}={text!r} is not an integer") from None
+    if value < low:
+        raise InvalidArgumentError(f"query parameter {name} must be >= {low}, got {value}")
+    return value
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+Method = Literal["GET", "POST", "DELETE"]
+
+
+class _Endpoint(msgspec.Struct, frozen=True):
+    method: Method
+    path: str
+    summary: str
+    response: Any
+    body: Any = None
+    status: int = 200
+    write: bool = False
+    query: tuple[str, ...] = ()
+
+
+def _wrap(handler: Handler) -> Handler:
+    # One place maps every CarraraError to its status (and never leaks a traceback).
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except CarraraError as exc:
+            return _json(ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def create_app(
+    queue: JobQueue,
+    features: FeatureService | None,
+    *,
+    tokens: Mapping[str, Principal] | None = None,
+) -> list[Route]:
+    """Routes over ``queue`` (specs are checked against ``features``' catalog when given)."""
+    store = TriggerStore(queue)
+
+    def authorize(request: Request, action: str) -> Principal | None:
+        if tokens is None:
+            return None
+        header = request.headers.get("authorization", "")
+        principal: Principal | None = None
+        if header:
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
+            # A lookup, not a scan: the control plane's token mapping also resolves tokens
+            # stored in the registry database, which it cannot list.
+            principal = tokens.get(token)
+            if principal is None:
+                raise UnauthenticatedError("unknown bearer token; ask an admin for a token")
+        return require_role(principal, WRITE_ROLE, action)
+
+    async def submit(request: Request) -> Response:
+        who = authorize(request, "submitting a training job")
+        body: SubmitRequest = await _body(request, SubmitRequest)
+        by = body.submitted_by or (who.subject if who else "")
+        job = await run_in_threadpool(queue.submit, body.spec, submitted_by=by, features=features)
+        return _json(JobView.of(job), 201)
+
+    async def list_jobs(request: Request) -> Response:
+        state = request.query_params.get("state") or None
+        if state is not None and state not in STATES:
+            raise InvalidArgumentError(f"unknown job state {state!r}; known: {', '.join(STATES)}")
+        limit = _int_query(request, "limit", 100, low=1)
+        trigger = request.query_params.get("trigger")
+        jobs = await run_in_threadpool(
+            queue.list, state=state, limit=min(limit, 1000), trigger=trigger
+        )
+        return _json(JobList([JobView.of(j) for j in jobs]))
+
+    async def get_job(request: Request) -> Response:
+        job = await run_in_threadpool(queue.get, request.path_params["job_id"])
+        return _json(JobView.of(job))
+
+    async def cancel(request: Request) -> Response:
+        authorize(request, "cancelling a training job")
+        job = await run_in_threadpool(queue.cancel, request.path_params["job_id"])
+        return _json(JobView.of(job))
+
+    async def logs(request: Request) -> Response:
+        after = _int_query(request, "after", 0)
+        lines = await run_in_threadpool(queue.logs, request.path_params["job_id"], after)
+        return _json(LogLines(lines))
+
+    async def create_trigger(request: Request) -> Response:
+        who = authorize(request, "creating a training trigger")
+        body: CreateTriggerRequest = await _body(request, CreateTriggerRequest)
+        trigger = await run_in_threadpool(
+            store.add,
+            body.name,
+            body.kind,
+            body.spec,
+            schedule=body.schedule,
+            model=body.model,
+            created_by=who.subject if who else "",
+            features=features,
+        )
+        return _json(trigger, 201)
+
+    async def list_triggers(request: Request) -> Response:
+        return _json(TriggerList(await run_in_threadpool(store.list)))
+
+    async def remove_trigger(request: Request) -> Response:
+        authorize(request, "removing a training trigger")
+        return _json(await run_in_threadpool(store.remove, request.path_params["name"]))
+
+    async def run_trigger(request: Request) -> Response:
+        authorize(request, "running a training trigger")
+        fire = await run_in_threadpool(
+            store.fire, request.path_params["name"], reason="manual (API)", features=features
+        )
+        return _json(fire, 201 if fire.outcome == "submitted" else 200)
+
+    async def openapi(request: Request) -> Response:
+        return _json(spec)
+
+    jobs, one = "/training-jobs", "/training-jobs/{job_id}"
+    trig = "/training-triggers"
+    table: list[tuple[_Endpoint, Handler]] = [
+        (
+            _Endpoint("POST", jobs, "Submit a training job", JobView, SubmitRequest, 201, True),
+            submit,
+        ),
+        (
+            _Endpoint(
+                "GET", jobs, "List jobs, newest first", JobList, query=("state", "limit", "trigger")
+            ),
+            list_jobs,
+        ),
+        (_Endpoint("GET", one, "Show a job", JobView), get_job),
+        (
+            _Endpoint(
+                "POST",
+                one + "/cancel",
+                "Cancel a job (a running one stops at its next heartbeat)",
+                JobView,
+                write=True,
+            ),
+            cancel,
+        ),
+        (
+            _Endpoint(
+                "GET",
+                one + "/logs",
+                "A job's log lines after seq 'after'",
+                LogLines,
+                query=("after",),
+            ),
+            logs,
+        ),
+        (
+            _Endpoint("POST", trig, "Create a trigger", Trigger, CreateTriggerRequest, 201, True),
+            create_trigger,
+        ),
+        (_Endpoint("GET", trig, "List triggers", TriggerList), list_triggers),
+        (
+            _Endpoint("DELETE", trig + "/{name}", "Remove a trigger", Trigger, write=True),
+            remove_trigger,
+        ),
+        (
+            _Endpoint(
+                "POST",
+                trig + "/{name}/run",
+                "Fire a trigger now (deferred while a run is active)",
+                Fire,
+                write=True,
+            ),
+            run_trigger,
+        ),
+    ]
+    spec = openapi_spec([e for e, _ in table])
+    routes = [Route(e.path, _wrap(h), methods=[e.method]) for e, h in table]
+    routes.append(Route("/training/openapi.json", openapi, methods=["GET"]))
+    return routes
+
+
+_PATH_PARAMS = {"job_id": "the job's id", "name": "the trigger's name"}
+
+
+def openapi_spec(endpoints: list[_Endpoint]) -> dict[str, Any]:
+    """An OpenAPI 3.1 document whose schemas come from the msgspec types themselves."""
+    types: list[Any] = [ErrorBody]
+    for e in endpoints:
+        types.append(e.response)
+        if e.body is not None:
+            types.append(e.body)
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for e in endpoints:
+        params: list[dict[str, Any]] = [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": text,
+            }
+            for name, text in _PATH_PARAMS.items()
+            if "{" + name + "}" in e.path
+        ]
+        params += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+            for q in e.query
+        ]
+        op: dict[str, Any] = {
+            "summary": e.summary,
+            "parameters": params,
+            "responses": {
+                str(e.status): {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": by_type[e.response]}},
+                },
+                "default": {
+                    "description": "error",
+                    "content": {"application/json": {"schema": by_type[ErrorBody]}},
+                },
+            },
+        }
+        if e.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": by_type[e.body]}},
+            }
+        if e.write:
+            op["security"] = [{"bearer": []}]
+            op["description"] = (
+                f"Needs a bearer token with role '{WRITE_ROLE}' when tokens are set."
+            )
+        paths.setdefault(e.path, {})[e.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Carrara training", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
