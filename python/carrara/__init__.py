@@ -17,6 +17,7 @@ from carrara.errors import (
 )
 
 if TYPE_CHECKING:
+    from carrara.client import Client
     from carrara.platform import Platform
 
 try:
@@ -26,6 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "CarraraError",
+    "Client",
     "DecodeError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -41,4 +43,8 @@ def __getattr__(name: str) -> Any:
         from carrara.platform import Platform
 
         return Platform
+    if name == "Client":  # the remote twin of Platform, imported on first use as well
+        from carrara.client import Client
+
+        return Client
     raise AttributeError(f"module 'carrara' has no attribute {name!r}")

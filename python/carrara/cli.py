@@ -20,13 +20,23 @@ PART_CLIS = (
     "carrara.gateway.cli",
     "carrara.monitoring.cli",
     "carrara.loadgen.cli",
+    "carrara.up",  # `carrara up`: every service as local processes
 )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from carrara.demo import run_demo
 
-    return run_demo(entities=args.entities, path=args.path, load_seconds=args.load_seconds)
+    return run_demo(
+        entities=args.entities,
+        path=args.path,
+        load_seconds=args.load_seconds,
+        rate=args.rate,
+        train_rows=args.train_rows,
+        backend=args.backend,
+        pg_url=args.pg_url,
+        redis_url=args.redis_url,
+    )
 
 
 # Each part that keeps tables exposes ``upgrade(url) -> applied migration ids``.
@@ -59,10 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run the whole loop (features -> train -> serve -> monitor) on this machine"
     )
-    demo.add_argument("--entities", type=int, default=2_000, help="riders to generate and serve")
+    demo.add_argument("--entities", type=int, default=100_000, help="riders to generate and serve")
     demo.add_argument("--path", help="keep the platform's files here (default: a temporary folder)")
     demo.add_argument(
-        "--load-seconds", type=float, default=1.5, help="length of each load run (seconds)"
+        "--load-seconds", type=float, default=3.0, help="length of each load run (seconds)"
+    )
+    demo.add_argument(
+        "--rate", type=float, default=400.0, help="offered requests/s of each open-loop load run"
+    )
+    demo.add_argument(
+        "--train-rows",
+        type=int,
+        default=20_000,
+        help="label rows the training jobs use (a random subsample of all label rows)",
+    )
+    demo.add_argument(
+        "--backend",
+        default="embedded",
+        help="'embedded' (SQLite + in-process stores) or real servers: postgres,redis "
+        "(an isolated schema and key prefix per run, dropped at the end)",
+    )
+    demo.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for --backend postgres (registry, catalog, queue, monitoring)",
+    )
+    demo.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis for --backend redis (online store and event log)",
     )
     demo.set_defaults(func=_cmd_demo)
     db = sub.add_parser("db", help="database schema of the registry, catalog and monitoring")

@@ -12,7 +12,11 @@
         p.deploy("churn", version)
         p.predict("churn", ["rider-1", "rider-2"])
 
-Layout: SQLite registry + feature catalog + training queue + monitoring tables in
+``Platform.open(settings)`` takes the backends from a :class:`carrara.config.Settings`
+(PostgreSQL registry URL, ``redis://`` online store and event log, ...); ``local`` is ``open``
+with every default under ``path``.
+
+Layout of ``local``: SQLite registry + feature catalog + training queue + monitoring tables in
 ``{path}/registry.db``, offline store ``{path}/offline``, the in-process online store, the local
 event log ``{path}/events.db`` and model artifacts ``{path}/artifacts``. Nothing here adds
 behaviour of its own: each attribute is the part itself (``features``, ``registry``) or a thin
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from carrara.config import Settings
     from carrara.eventlog import EventLog
     from carrara.feature_cache.service import FeatureService
     from carrara.gateway.embedded import Embedded
@@ -82,7 +87,8 @@ class Training:
 
 class Monitor:
     """Monitoring for this platform: reference profiles, per-model config, and a consumer
-    over the platform's prediction log that reports drift and performance alerts."""
+    over the platform's prediction log that reports drift and performance alerts (also
+    published on the event log's ``alerts`` topic)."""
 
     def __init__(self, platform: Platform, db: Database) -> None:
         self._platform = platform
@@ -95,9 +101,15 @@ class Monitor:
         """The consumer over the platform's prediction log (created on first use)."""
         if self._consumer is None:
             from carrara.monitoring import MonitoringConsumer
+            from carrara.monitoring.alerts import EventLogSink
 
+            # Alert transitions also go to the event log's ``alerts`` topic, where training
+            # triggers (kind ``alert``) and other subscribers read them.
             self._consumer = MonitoringConsumer(
-                self.db, self._platform.events, group="platform-monitor"
+                self.db,
+                self._platform.events,
+                group="platform-monitor",
+                sinks=[EventLogSink(self._platform.events)],
             )
         return self._consumer
 
@@ -176,6 +188,19 @@ class Platform:
         cache_ttl_seconds: float = 30.0,
     ) -> Platform:
         """Open (creating it if needed) an embedded platform under ``path``."""
+        from carrara.config import Settings
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        return cls.open(Settings(home=str(root), cache_ttl_seconds=cache_ttl_seconds), actor=actor)
+
+    @classmethod
+    def open(cls, settings: Settings, *, actor: Principal | None = None) -> Platform:
+        """Open a platform on the backends ``settings`` names: the registry URL (SQLite or
+        PostgreSQL) holds registry, feature catalog, training queue and monitoring; the online
+        store (``memory://`` or ``redis://...?namespace=``) and the event log (``local:///``
+        or ``redis://...?prefix=``) by their URLs; offline store and artifacts on disk.
+        ``Platform.local(path)`` is this with every default under ``path``."""
         from carrara.eventlog import open_event_log
         from carrara.feature_cache.service import FeatureService
         from carrara.registry.auth import Principal
@@ -183,18 +208,18 @@ class Platform:
         from carrara.sql import connect
         from carrara.training.queue import JobQueue
 
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{root / 'registry.db'}"
+        url = settings.resolved_registry_url
         opened: list[Any] = []
         try:
-            events = open_event_log(f"local:///{root / 'events.db'}")
+            events = open_event_log(settings.resolved_event_log_url)
             opened.append(events)
             features = FeatureService.open(
-                catalog_url=url, offline_path=str(root / "offline"), online_url="memory://"
+                catalog_url=url,
+                offline_path=settings.resolved_offline_store_path,
+                online_url=settings.online_store_url,
             )
             opened.append(features)
-            registry = ModelRegistry.open(url, root / "artifacts", events=events)
+            registry = ModelRegistry.open(url, settings.resolved_artifact_path, events=events)
             opened.append(registry)
             queue = JobQueue.open(url, events=events)
             opened.append(queue)
@@ -207,7 +232,7 @@ class Platform:
                 events=events,
                 db=db,
                 actor=actor or Principal("local", LOCAL_ROLES),
-                cache_ttl_seconds=cache_ttl_seconds,
+                cache_ttl_seconds=settings.cache_ttl_seconds,
             )
         except BaseException:
             for part in reversed(opened):

@@ -169,3 +169,41 @@ def test_local_platform_end_to_end(tmp_path: Path) -> None:
 
     for name in ("registry.db", "events.db", "offline", "artifacts"):
         assert (tmp_path / "platform" / name).exists(), name
+
+
+def test_platform_open_puts_each_part_where_settings_say(tmp_path: Path) -> None:
+    from carrara.config import Settings
+    from carrara.eventlog import LocalEventLog
+    from carrara.feature_cache.online_store import EmbeddedOnlineStore
+
+    settings = Settings(
+        home=str(tmp_path / "home"),
+        registry_url=f"sqlite:///{tmp_path / 'db' / 'reg.db'}",
+        offline_store_path=str(tmp_path / "offline-elsewhere"),
+        event_log_url="local://",  # in memory
+        online_store_url="memory://?namespace=demo-ns",
+        artifact_path=str(tmp_path / "blobs"),
+        cache_ttl_seconds=5.0,
+    )
+    with carrara.Platform.open(settings) as p:
+        p.features.apply(_definitions())
+        assert isinstance(p.events, LocalEventLog)
+        assert isinstance(p.features.online, EmbeddedOnlineStore)
+        assert p.features.online.namespace == "demo-ns"
+        assert p._cache_ttl_seconds == 5.0
+        assert p.actor.subject == "local" and "deployer" in p.actor.roles
+        p.monitor.consumer  # noqa: B018 - creates the monitoring tables in the same database
+    assert (tmp_path / "db" / "reg.db").is_file()
+    assert not (tmp_path / "home").exists()  # nothing fell back to the home folder
+    with carrara.sql.connect(settings.resolved_registry_url) as db, db.transaction() as tx:
+        tables = {r[0] for r in tx.fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"models", "feature_groups", "training_jobs", "monitoring_alerts"} <= tables
+
+
+def test_platform_open_closes_what_it_opened_on_a_bad_url(tmp_path: Path) -> None:
+    from carrara.config import Settings
+    from carrara.errors import ConfigError
+
+    settings = Settings(home=str(tmp_path), online_store_url="memcached://nowhere")
+    with pytest.raises(ConfigError, match="unsupported online store URL"):
+        carrara.Platform.open(settings)

@@ -1,0 +1,293 @@
+# mypy: disable-error-code="import-untyped"
+"""The feature platform's write and batch endpoints (what ``carrara.Client.features`` needs
+beyond the read API of ``api.py``), as Starlette routes mounted by ``carrara up``.
+
+- ``POST /features/apply?dry_run=`` — ``Definitions`` JSON → list of ``Change``
+- ``GET  /features/groups/{group}/definition?version=`` — the ``RegisteredGroup``
+- ``POST /features/groups/{group}/ingest?version=`` and ``.../write-offline`` — rows as an
+  Arrow IPC stream (``application/vnd.apache.arrow.stream``) or a JSON list of objects
+- ``POST /features/groups/{group}/compact?version=`` — ``CompactionResult``
+- ``POST /features/groups/{group}/publish`` — JSON rows to the ``feature-updates`` topic
+- ``POST /features/materialize`` — ``{"group", "full", "overlap_s"}`` → ``MaterializeResult``s
+- ``POST /features/training-set`` — entity rows (Arrow IPC, base64 in JSON) → the joined table
+  (Arrow IPC, base64), its snapshot reference and spec
+
+Errors answer ``{"error": <grpc code>, "message": ...}`` (the registry's shape). Writes need a
+bearer token from ``tokens`` whose principal has role ``publisher``; ``tokens=None`` leaves
+them open (a single-user setup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from carrara.errors import (
+    CarraraError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from carrara.feature_cache.catalog import Change
+from carrara.feature_cache.definitions import Definitions
+from carrara.feature_cache.service import FeatureService
+
+__all__ = [
+    "ARROW_STREAM",
+    "MaterializeRequest",
+    "TrainingSetRequest",
+    "TrainingSetResponse",
+    "arrow_from_ipc",
+    "arrow_to_ipc",
+    "create_routes",
+]
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+MAX_BODY_BYTES = 512 << 20
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Principal(Protocol):
+    @property
+    def subject(self) -> str: ...
+
+    def has(self, role: str) -> bool: ...
+
+
+class MaterializeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    group: str | None = None  # None: every online+offline group
+    full: bool = False
+    overlap_s: float = 60.0
+
+
+class TrainingSetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    entity_df: bytes  # Arrow IPC stream
+    features: list[str]
+    timestamp_column: str = "event_timestamp"
+    versions: dict[str, int] | None = None
+
+
+class TrainingSetResponse(msgspec.Struct, frozen=True):
+    table: bytes  # Arrow IPC stream
+    snapshot_ref: str
+    spec: dict[str, Any]
+
+
+class _Rows(msgspec.Struct, frozen=True):
+    rows: int
+
+
+class _Ids(msgspec.Struct, frozen=True):
+    ids: list[str]
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    error: str
+    message: str
+
+
+class PayloadTooLargeError(ResourceExhaustedError):
+    http_status = 413
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _json(value: object, status: int = 200) -> Response:
+    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
+
+
+def arrow_to_ipc(table: Any) -> bytes:
+    """An Arrow table as an IPC stream."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def arrow_from_ipc(data: bytes) -> Any:
+    """The Arrow table of an IPC stream (InvalidArgumentError if it is not one)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidArgumentError(f"body is not an Arrow IPC stream: {exc}") from exc
+
+
+def _version(request: Request) -> int | None:
+    raw = request.query_params.get("version")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"version must be an integer, got {raw!r}") from exc
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(
+            f"request body of {declared} bytes is over {MAX_BODY_BYTES}; send it in parts"
+        )
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(f"request body is over {MAX_BODY_BYTES} bytes")
+    return raw
+
+
+def _decode(raw: bytes, kind: Any, what: str) -> Any:
+    if not raw.strip():
+        raise InvalidArgumentError(f"{what} needs a JSON body")
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidArgumentError(f"invalid {what} body: {exc}") from exc
+
+
+async def _rows(request: Request) -> Any:
+    """Rows of an ingest body: an Arrow table, or a list of dicts (JSON)."""
+    raw = await _body(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind == ARROW_STREAM:
+        return arrow_from_ipc(raw)
+    rows = _decode(raw, list[dict[str, Any]], "rows")
+    if not rows:
+        raise InvalidArgumentError("no rows in the body")
+    return rows
+
+
+def _wrap(handler: Handler) -> Handler:
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except CarraraError as exc:
+            return _json(_ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def create_routes(
+    service: FeatureService, *, tokens: Mapping[str, _Principal] | None = None
+) -> list[Route]:
+    """The write/batch routes over ``service`` (mount beside ``api.create_app``'s routes)."""
+
+    def authorize(request: Request, action: str) -> None:
+        if tokens is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not token.strip():
+            raise UnauthenticatedError(
+                f"{action} needs a bearer token with role 'publisher': send "
+                "'Authorization: Bearer <token>'"
+            )
+        principal = tokens.get(token.strip())
+        if principal is None:
+            raise UnauthenticatedError("unknown bearer token; ask an admin for a valid one")
+        if not principal.has("publisher"):
+            raise PermissionDeniedError(
+                f"{action} needs role 'publisher'; the token of {principal.subject!r} lacks it"
+            )
+
+    async def apply(request: Request) -> Response:
+        dry_run = request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
+        if not dry_run:
+            authorize(request, "applying feature definitions")
+        definitions = _decode(await _body(request), Definitions, "definitions")
+        changes: list[Change] = await run_in_threadpool(service.apply, definitions, dry_run=dry_run)
+        return _json(changes)
+
+    async def definition(request: Request) -> Response:
+        group = await run_in_threadpool(
+            service.group, request.path_params["group"], _version(request)
+        )
+        return _json(group)
+
+    async def ingest(request: Request) -> Response:
+        authorize(request, "ingesting feature rows")
+        rows = await _rows(request)
+        n = await run_in_threadpool(
+            service.ingest, request.path_params["group"], rows, version=_version(request)
+        )
+        return _json(_Rows(n))
+
+    async def write_offline(request: Request) -> Response:
+        authorize(request, "writing feature rows")
+        rows = await _rows(request)
+        if isinstance(rows, list):
+            import pyarrow as pa
+
+            rows = pa.Table.from_pylist(rows)
+        n = await run_in_threadpool(
+            service.write_offline, request.path_params["group"], rows, version=_version(request)
+        )
+        return _json(_Rows(n))
+
+    async def compact(request: Request) -> Response:
+        authorize(request, "compacting the offline store")
+        result = await run_in_threadpool(
+            service.compact, request.path_params["group"], version=_version(request)
+        )
+        return _json(result)
+
+    async def publish(request: Request) -> Response:
+        authorize(request, "publishing feature updates")
+        rows = await _rows(request)
+        if not isinstance(rows, list):
+            rows = rows.to_pylist()
+        ids = await run_in_threadpool(service.publish, request.path_params["group"], rows)
+        return _json(_Ids(ids))
+
+    async def materialize(request: Request) -> Response:
+        authorize(request, "materializing feature groups")
+        raw = await _body(request)
+        body = (
+            _decode(raw, MaterializeRequest, "materialize") if raw.strip() else MaterializeRequest()
+        )
+        results = await run_in_threadpool(
+            service.materialize, body.group, full=body.full, overlap_s=body.overlap_s
+        )
+        return _json(results)
+
+    async def training_set(request: Request) -> Response:
+        authorize(request, "building a training set")
+        body: TrainingSetRequest = _decode(await _body(request), TrainingSetRequest, "training-set")
+        entity_df = arrow_from_ipc(body.entity_df)
+
+        def build() -> TrainingSetResponse:
+            result = service.get_training_set(
+                entity_df,
+                body.features,
+                timestamp_column=body.timestamp_column,
+                versions=body.versions,
+            )
+            return TrainingSetResponse(
+                arrow_to_ipc(result.to_arrow()), result.snapshot_ref, result.spec
+            )
+
+        return _json(await run_in_threadpool(build))
+
+    g = "/features/groups/{group}"
+    return [
+        Route("/features/apply", _wrap(apply), methods=["POST"]),
+        Route(g + "/definition", _wrap(definition), methods=["GET"]),
+        Route(g + "/ingest", _wrap(ingest), methods=["POST"]),
+        Route(g + "/write-offline", _wrap(write_offline), methods=["POST"]),
+        Route(g + "/compact", _wrap(compact), methods=["POST"]),
+        Route(g + "/publish", _wrap(publish), methods=["POST"]),
+        Route("/features/materialize", _wrap(materialize), methods=["POST"]),
+        Route("/features/training-set", _wrap(training_set), methods=["POST"]),
+    ]

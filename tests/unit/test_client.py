@@ -1,0 +1,450 @@
+"""``carrara.Client`` against the composed control-plane app in-process (embedded stores), the
+surface parity with ``carrara.Platform``, and ``carrara up``'s configuration and routes."""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pandas as pd
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from carrara.client import (
+    Client,
+    RemoteFeatures,
+    RemoteMonitor,
+    RemoteRegistry,
+    RemoteTraining,
+    raise_for_error,
+)
+from carrara.config import Settings
+from carrara.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup
+from carrara.feature_cache.service import FeatureService
+from carrara.monitoring import DriftThresholds, ModelMonitorConfig
+from carrara.platform import Monitor, Platform, Training
+from carrara.registry.registry import ModelRegistry
+from carrara.services import ControlPlane, check_routes
+from carrara.up import ChildExitedError, Services, UpConfig, load_up_config, settings_env
+
+TOKEN = "unit-bootstrap"
+T0_US = 1_780_000_000_000_000
+
+# -- surface parity ----------------------------------------------------------------------------
+
+#: Names one side has and the other cannot: each with the reason. Adding a public method to
+#: Platform (or a part) without its Client twin fails ``test_surfaces_match`` until it is either
+#: implemented remotely or listed here.
+ONLY_EMBEDDED: dict[type, dict[str, str]] = {
+    Platform: {
+        "local": "constructor of the embedded platform; Client(url, token) is the remote one",
+        "open": "constructor of the embedded platform from Settings",
+    },
+    Monitor: {"consumer": "the in-process consumer; `carrara up` runs it as a process"},
+    FeatureService: {
+        "open": "constructor over store URLs",
+        "from_settings": "constructor over Settings",
+    },
+    ModelRegistry: {"open": "constructor over a database URL"},
+}
+ONLY_REMOTE: dict[type, dict[str, str]] = {
+    RemoteTraining: {
+        "list": "the embedded platform reads its queue directly (platform.training.queue)",
+        "cancel": "idem",
+        "logs": "idem",
+        "wait": "run_pending finishes jobs in-process; a remote caller waits for the workers",
+    },
+    RemoteMonitor: {"report": "embedded: carrara.monitoring.report.render_report(db, ...)"},
+}
+PAIRS = [
+    (Platform, Client),
+    (Training, RemoteTraining),
+    (Monitor, RemoteMonitor),
+    (FeatureService, RemoteFeatures),
+    (ModelRegistry, RemoteRegistry),
+]
+
+
+def _public(cls: type) -> set[str]:
+    return {
+        name
+        for name, value in inspect.getmembers(cls)
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    }
+
+
+@pytest.mark.parametrize(("embedded", "remote"), PAIRS, ids=lambda c: c.__name__)
+def test_surfaces_match(embedded: type, remote: type) -> None:
+    only_embedded = _public(embedded) - _public(remote)
+    only_remote = _public(remote) - _public(embedded)
+    assert only_embedded == set(ONLY_EMBEDDED.get(embedded, {})), (
+        f"{embedded.__name__} has public methods that {remote.__name__} lacks: implement them "
+        "remotely or list them in ONLY_EMBEDDED with the reason"
+    )
+    assert only_remote == set(ONLY_REMOTE.get(remote, {})), (
+        f"{remote.__name__} has methods {embedded.__name__} lacks: list them in ONLY_REMOTE"
+    )
+
+
+def test_platform_attributes_have_remote_twins() -> None:
+    with Client("http://127.0.0.1:9") as client:
+        assert isinstance(client.features, RemoteFeatures)
+        assert isinstance(client.training, RemoteTraining)
+        assert isinstance(client.registry, RemoteRegistry)
+        assert isinstance(client.monitor, RemoteMonitor)
+
+
+# -- the control plane in-process ----------------------------------------------------------------
+
+
+@contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """``app`` on a real uvicorn server on a free loopback port (the Client is synchronous)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _definitions() -> Definitions:
+    return Definitions(
+        entities=(Entity(name="rider", join_key="rider_id"),),
+        groups=(
+            FeatureGroup(
+                name="trips",
+                entity="rider",
+                ttl_days=0,
+                features=(Feature(name="a"), Feature(name="b")),
+            ),
+        ),
+    )
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    settings = Settings(home=str(tmp_path), online_store_url="memory://", api_token=TOKEN)
+    cp = ControlPlane(settings)
+    try:
+        yield cp
+    finally:
+        cp.close()
+
+
+@pytest.fixture
+def url(plane: ControlPlane) -> Iterator[str]:
+    with _serve(plane.app) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[Client]:
+    with Client(url, TOKEN) as c:
+        yield c
+
+
+def test_health_and_merged_openapi(url: str) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json() == {"status": "ready", "training_api": True}
+        paths = http.get("/openapi.json").json()["paths"]
+        missing = http.get("/no/such/route")
+    for path in ("/models/{model_id}", "/features/groups/{group}/get-online", "/training-jobs"):
+        assert path in paths
+    assert missing.status_code == 404 and missing.json()["error"] == "NOT_FOUND"
+
+
+def test_features_through_the_client(client: Client) -> None:
+    changes = client.features.apply(_definitions())
+    assert [(c.kind, c.name, c.action) for c in changes] == [
+        ("entity", "rider", "created"),
+        ("group", "trips", "created"),
+    ]
+    assert client.features.apply(_definitions(), dry_run=True)[1].action == "unchanged"
+    rows = pd.DataFrame(
+        {
+            "rider_id": ["r1", "r2", "r1"],
+            "event_timestamp": [T0_US, T0_US, T0_US + 10],
+            "a": [1.0, 2.0, 3.0],
+            "b": [10.0, None, 30.0],
+        }
+    )
+    assert client.features.ingest("trips", rows) == 3
+    row = {"rider_id": "r3", "event_timestamp": T0_US, "a": 7.0, "b": None}
+    assert client.features.ingest("trips", [row]) == 1  # JSON rows, not Arrow
+    [result] = client.features.materialize(full=True)
+    assert (result.group, result.written) == ("trips", 3)
+    online = client.features.get_online("trips", ["r1", "r2", "r3", "zz"])
+    assert online.features == ["a", "b"] and online.version == 1
+    np.testing.assert_array_equal(
+        online.values, np.array([[3, 30], [2, 0], [7, 0], [0, 0]], np.float32)
+    )
+    assert online.missing.tolist() == [[False, False], [False, True], [False, True], [True, True]]
+    assert online.found.tolist() == [True, True, True, False]
+    assert online.to_dicts()[1] == {"a": 2.0, "b": None}
+    assert client.features.group("trips").definition.feature_names == ("a", "b")
+    assert [g.definition.name for g in client.features.list_groups()] == ["trips"]
+
+    labels = pd.DataFrame(
+        {"rider_id": ["r1", "r1", "r2"], "event_timestamp": [T0_US + 5, T0_US + 20, T0_US - 1]}
+    )
+    ts = client.features.get_training_set(labels, ["trips:a"])
+    frame = ts.to_pandas()
+    # point in time: r1 at +5 sees a=1, at +20 sees a=3; r2 before its first row sees nothing
+    assert frame["trips__a"].tolist()[:2] == [1.0, 3.0] and np.isnan(frame["trips__a"].iloc[2])
+    assert ts.snapshot_ref
+    with pytest.raises(NotFoundError, match="nope"):
+        client.features.get_online("trips", ["r1"], ["nope"])
+    with pytest.raises(InvalidArgumentError):
+        client.features.get_online("trips", "r1")
+    with pytest.raises(FailedPreconditionError, match="in-process"):
+        client.features.transform_rows(client.features.group("trips"), rows)
+
+
+def test_writes_need_a_token_with_the_role(url: str, plane: ControlPlane) -> None:
+    with Client(url) as anonymous:
+        with pytest.raises(UnauthenticatedError, match="Bearer"):
+            anonymous.features.apply(_definitions())
+        with pytest.raises(UnauthenticatedError):
+            anonymous.registry.create_model("m")
+        assert anonymous.features.apply(_definitions(), dry_run=True)  # a read
+    reader = plane.registry.tokens.create("ro", ["reader"])
+    with Client(url, reader) as ro:
+        with pytest.raises(PermissionDeniedError, match="publisher"):
+            ro.features.apply(_definitions())
+        with pytest.raises(PermissionDeniedError):
+            ro.monitor.configure("m", ModelMonitorConfig())
+    with Client(url, "wrong") as bad, pytest.raises(UnauthenticatedError, match="unknown"):
+        bad.features.apply(_definitions())
+
+
+def test_registry_and_monitoring_through_the_client(client: Client) -> None:
+    model = client.registry.create_model("churn", framework="sklearn")
+    assert model.name == "churn"
+    assert client.registry.production_version("churn") is None
+    assert client.registry.active_deployment("churn") is None
+    assert client.registry.version_for_run("churn", "run-1") is None
+    assert client.registry.version_for_run("nope", "run-1") is None
+    with pytest.raises(NotFoundError):
+        client.registry.active_deployment("nope")
+    with pytest.raises(FailedPreconditionError):
+        client.registry.publish_pending()
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"x": rng.normal(0, 1, 500), "y": rng.normal(5, 2, 500)})
+    client.monitor.set_reference("churn", 1, frame, rng.random(500), baseline={"auc": 0.8})
+    config = ModelMonitorConfig(window_ms=1_000, drift=DriftThresholds(min_samples=10))
+    client.monitor.configure("churn", config)
+    assert client.monitor.active("churn") == []
+    assert client.monitor.run() == []  # nothing logged yet
+    assert "churn" in client.monitor.report("churn", 1)
+
+
+def test_errors_of_both_shapes_map_to_classes() -> None:
+    import httpx
+
+    def response(status: int, body: object) -> httpx.Response:
+        return httpx.Response(status, content=msgspec.json.encode(body))
+
+    with pytest.raises(NotFoundError, match="x: gone"):
+        raise_for_error(response(404, {"error": "NOT_FOUND", "message": "gone"}), "x")
+    with pytest.raises(InvalidArgumentError, match="bad"):
+        raise_for_error(
+            response(400, {"error": {"code": "INVALID_ARGUMENT", "message": "bad"}}), "x"
+        )
+    with pytest.raises(NotFoundError):
+        raise_for_error(httpx.Response(404, content=b"<html>"), "x")
+    raise_for_error(response(200, {}), "x")
+
+
+def test_predict_and_serve_need_a_gateway(client: Client) -> None:
+    with pytest.raises(FailedPreconditionError, match="gateway="):
+        client.predict("churn", ["a"])
+    with pytest.raises(FailedPreconditionError, match="in-process"), client.serve():
+        pass
+
+
+# -- training, against the training API contract ------------------------------------------------
+
+
+def _fake_training_api() -> Starlette:
+    """The contract of ``training/api.py`` (JobQueue JSON with ``spec`` as an object)."""
+    state = {"polls": 0}
+    job = {
+        "job_id": "j1",
+        "model_name": "churn",
+        "spec": {"model_name": "churn"},
+        "state": "QUEUED",
+        "submitted_by": "me",
+        "submitted_at_us": 1,
+        "attempts": 0,
+        "error": "",
+        "result": {},
+    }
+
+    async def submit(request: Request) -> Response:
+        body = msgspec.json.decode(await request.body())
+        assert body["submitted_by"] == "me" and body["spec"]["model_name"] == "churn"
+        assert request.headers["authorization"] == f"Bearer {TOKEN}"
+        return JSONResponse(job, 201)
+
+    async def get(request: Request) -> Response:
+        if request.path_params["job_id"] != "j1":
+            return JSONResponse({"error": "NOT_FOUND", "message": "no job"}, 404)
+        state["polls"] += 1
+        done = state["polls"] >= 3
+        return JSONResponse(
+            {
+                **job,
+                "state": "SUCCEEDED" if done else "RUNNING",
+                "result": {"version": 1} if done else {},
+            }
+        )
+
+    async def listing(request: Request) -> Response:
+        wanted = request.query_params.get("state")
+        return JSONResponse({"jobs": [job] if wanted in (None, "QUEUED") else []})
+
+    async def logs(request: Request) -> Response:
+        after = int(request.query_params.get("after", "0"))
+        lines = [{"seq": i, "ts_us": i, "level": "INFO", "message": f"line {i}"} for i in (1, 2, 3)]
+        return JSONResponse({"lines": [x for x in lines if x["seq"] > after]})
+
+    return Starlette(
+        routes=[
+            Route("/training-jobs", submit, methods=["POST"]),
+            Route("/training-jobs", listing, methods=["GET"]),
+            Route("/training-jobs/{job_id}", get, methods=["GET"]),
+            Route("/training-jobs/{job_id}/logs", logs, methods=["GET"]),
+        ]
+    )
+
+
+def test_training_client_follows_the_contract() -> None:
+    from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
+
+    spec = JobSpec(
+        model_name="churn",
+        dataset=DatasetSpec(
+            features=["t:a"], label_source="l", label_column="y", entity_column="e"
+        ),
+        model=ModelSpec(estimator="logistic_regression"),
+    )
+    with _serve(_fake_training_api()) as base, Client(base, TOKEN) as c:
+        job = c.training.submit(spec, submitted_by="me")
+        assert (job.job_id, job.state) == ("j1", "QUEUED")
+        assert msgspec.json.decode(job.spec_json) == {"model_name": "churn"}
+        assert [line.seq for line in c.training.logs("j1", after=1)] == [2, 3]
+        done = c.training.wait("j1", poll_s=0.01)
+        assert (done.state, done.result) == ("SUCCEEDED", {"version": 1})
+        assert [j.job_id for j in c.training.list()] == ["j1"]
+        assert [j.state for j in c.training.run_pending()] == ["SUCCEEDED"]
+        with pytest.raises(NotFoundError, match="no job"):
+            c.training.get("zz")
+
+
+# -- carrara up: configuration and composition ------------------------------------------------
+
+
+def test_route_clashes_are_refused() -> None:
+    async def h(request: Request) -> Response:
+        return Response()
+
+    a = [Route("/x", h, methods=["GET"]), Route("/healthz", h)]
+    b = [Route("/x", h, methods=["POST"])]
+    assert [r.path for r in check_routes([("a", a), ("b", b)])] == ["/x", "/x"]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="GET /x is defined by both the a and the c API"):
+        check_routes([("a", a), ("c", [Route("/x", h, methods=["GET"])])])
+
+
+def test_up_config_from_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "carrara.toml"
+    path.write_text(
+        'home = "/srv/c"\nonline_store_url = "redis://h:6379/0"\n'
+        "[up]\nworkers = 3\napi_port = 9000\n"
+    )
+    monkeypatch.delenv("CARRARA_CONFIG", raising=False)
+    monkeypatch.setenv("CARRARA_HOME", "/from/env")  # the environment wins over the file
+    settings, up = load_up_config(path, api_port=9100, workers=None)
+    assert (settings.home, settings.online_store_url) == ("/from/env", "redis://h:6379/0")
+    assert (up.workers, up.api_port, up.gateway_grpc_port) == (3, 9100, 8001)
+    nested = tmp_path / "nested.toml"
+    nested.write_text('[carrara]\nhome = "/n"\n[up]\nmonitor = false\n')
+    monkeypatch.delenv("CARRARA_HOME")
+    settings, up = load_up_config(nested)
+    assert settings.home == "/n" and up.monitor is False
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[up]\nworkerz = 1\n")
+    with pytest.raises(ConfigError, match="workerz"):
+        load_up_config(bad)
+
+
+def test_services_refuse_a_per_process_online_store(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="redis://"):
+        Services(Settings(home=str(tmp_path)))
+    settings = Settings(home=str(tmp_path), online_store_url="redis://h:1/0", cache_ttl_seconds=2.5)
+    env = settings_env(settings)
+    assert env["CARRARA_CACHE_TTL_SECONDS"] == "2.5" and env["CARRARA_HOME"] == str(tmp_path)
+    from carrara.config import load_settings
+
+    assert load_settings(None, env=env) == settings  # the children read back the same settings
+    svc = Services(settings, UpConfig(api_port=0, gateway_http_port=0, gateway_grpc_port=0))
+    assert svc.api_url.startswith("http://127.0.0.1:") and svc.api_port > 0
+    assert "CARRARA_CONFIG" not in svc._env
+
+
+def test_a_child_that_exits_is_reported_by_name_and_the_rest_are_stopped(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-python"
+    # The api child fails at once; the others would run until stopped.
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *_api*) echo "api cannot start: boom"; exit 3;; esac\n'
+        "exec sleep 30\n"
+    )
+    fake.chmod(0o755)
+    settings = Settings(home=str(tmp_path / "home"), online_store_url="redis://127.0.0.1:1/0")
+    up = UpConfig(api_port=0, gateway_http_port=0, gateway_grpc_port=0, workers=2, stop_timeout_s=5)
+    svc = Services(settings, up, python=str(fake))
+    started = time.monotonic()
+    with pytest.raises(ChildExitedError, match=r"api exited with code 3(.|\n)*boom"):
+        svc.start()
+    assert time.monotonic() - started < 10
+    codes = {c.name: c.process.returncode for c in svc.children}
+    assert codes["api"] == 3
+    assert {"gateway", "worker-1", "worker-2", "monitor", "materializer"} <= set(codes)
+    assert all(code == -signal.SIGTERM for name, code in codes.items() if name != "api")
+    assert (tmp_path / "home" / "run" / "logs" / "api.log").read_text().startswith("api cannot")
