@@ -68,6 +68,18 @@ def _setup(features: FeatureService, tmp_path: Path) -> JobSpec:
     )
 
 
+def _worker_env(tmp_path: Path, url: str) -> dict[str, str]:
+    """Settings for a `carrara train worker` subprocess over the test's stores."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")},
+        "CARRARA_HOME": str(tmp_path / "home"),
+        "CARRARA_REGISTRY_URL": url,
+        "CARRARA_OFFLINE_STORE_PATH": str(tmp_path / "offline"),
+        "CARRARA_ARTIFACT_PATH": str(tmp_path / "artifacts"),
+        "CARRARA_EVENT_LOG_URL": f"local:///{tmp_path / 'events.db'}",
+    }
+
+
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
 )
@@ -87,14 +99,7 @@ def test_sigkilled_worker_is_resumed_from_its_checkpoint(
     try:
         spec = _setup(features, tmp_path)
         job = queue.submit(spec, submitted_by="ci")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")},
-            "CARRARA_HOME": str(tmp_path / "home"),
-            "CARRARA_REGISTRY_URL": url,
-            "CARRARA_OFFLINE_STORE_PATH": str(offline),
-            "CARRARA_ARTIFACT_PATH": str(artifacts),
-            "CARRARA_EVENT_LOG_URL": f"local:///{tmp_path / 'events.db'}",
-        }
+        env = _worker_env(tmp_path, url)
         log_file = open(tmp_path / "worker1.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [sys.executable, "-m", "carrara", "train", "worker", "--until-idle"],
@@ -168,14 +173,7 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(tmp_path: Path) -> None
     try:
         spec = _setup(features, tmp_path)
         job = queue.submit(spec, submitted_by="ci")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")},
-            "CARRARA_HOME": str(tmp_path / "home"),
-            "CARRARA_REGISTRY_URL": url,
-            "CARRARA_OFFLINE_STORE_PATH": str(offline),
-            "CARRARA_ARTIFACT_PATH": str(artifacts),
-            "CARRARA_EVENT_LOG_URL": f"local:///{tmp_path / 'events.db'}",
-        }
+        env = _worker_env(tmp_path, url)
         log_path = tmp_path / "worker.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(

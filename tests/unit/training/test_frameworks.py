@@ -18,28 +18,12 @@ from carrara.training.frameworks.parity import Parity, check_parity, onnx_scores
 from carrara.training.frameworks.sklearn_trainer import TRAINER as SKLEARN
 from carrara.training.spec import ESTIMATORS
 
+from .conftest import make_data as _make_data
+
 
 def make_data(task: str, k: int = 0, *, n: int = 1500, seed: int = 0) -> TrainData:
-    """Separable-ish data: 80 % train, 20 % validation."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    noise = rng.normal(size=n) * 0.3
-    if task == "regression":
-        y: Any = x @ np.array([1.0, -2.0, 3.0, 0.5, 0.0]) + 50.0 + noise
-    elif k == 2:
-        y = (x[:, 0] - x[:, 1] + noise > 0).astype(np.int64)
-    else:
-        y = np.digitize(x[:, 0] + 0.5 * x[:, 2] + noise, [-0.6, 0.6]).astype(np.int64)
-    cut = int(n * 0.8)
-    return TrainData(
-        x_train=x[:cut],
-        y_train=y[:cut],
-        x_val=x[cut:],
-        y_val=y[cut:],
-        feature_names=[f"f{i}" for i in range(5)],
-        task=task,  # type: ignore[arg-type]
-        classes=[f"c{i}" for i in range(k)],
-    )
+    """Separable-ish data: 80 % train, 20 % validation (string class names)."""
+    return _make_data(task, k, n=n, seed=seed, class_names=[f"c{i}" for i in range(k)])
 
 
 CASES = [

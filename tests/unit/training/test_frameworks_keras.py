@@ -16,32 +16,22 @@ from carrara.training.frameworks.keras_onnx import export_sequential
 from carrara.training.frameworks.keras_trainer import TRAINER as KERAS
 from carrara.training.frameworks.parity import check_parity
 
+from .conftest import make_data as _make_data
+
 
 def make_data(
     task: str, k: int = 0, *, n: int = 2000, seed: int = 0, noise: float = 0.3
 ) -> TrainData:
-    rng = np.random.default_rng(seed)
     # unscaled, offset features: the model must standardize them itself
-    x = (rng.normal(size=(n, 5)) * [1.0, 10.0, 0.1, 5.0, 1.0] + [0, 100, -3, 0, 7]).astype(
-        np.float32
-    )
-    z = (x - [0, 100, -3, 0, 7]) / [1.0, 10.0, 0.1, 5.0, 1.0]
-    eps = rng.normal(size=n) * noise
-    if task == "regression":
-        y: Any = z @ np.array([10.0, -20.0, 30.0, 5.0, 0.0]) + 500.0 + eps
-    elif k == 2:
-        y = (z[:, 0] - z[:, 1] + eps > 0).astype(np.int64)
-    else:
-        y = np.digitize(z[:, 0] + 0.5 * z[:, 2] + eps, [-0.6, 0.6]).astype(np.int64)
-    cut = int(n * 0.8)
-    return TrainData(
-        x_train=x[:cut],
-        y_train=y[:cut],
-        x_val=x[cut:],
-        y_val=y[cut:],
-        feature_names=[f"f{i}" for i in range(5)],
-        task=task,  # type: ignore[arg-type]
-        classes=list(range(k)),
+    return _make_data(
+        task,
+        k,
+        n=n,
+        seed=seed,
+        noise=noise,
+        scale=[1.0, 10.0, 0.1, 5.0, 1.0],
+        offset=[0, 100, -3, 0, 7],
+        target_scale=10.0,
     )
 
 

@@ -15,29 +15,13 @@ from carrara.training.frameworks import Checkpoint, EarlyStopper, LocalContext, 
 from carrara.training.frameworks.parity import check_parity
 from carrara.training.frameworks.xgboost_trainer import TRAINER as XGB
 
+from .conftest import make_data as _make_data
+
 
 def make_data(
     task: str, k: int = 0, *, n: int = 1500, seed: int = 0, noise: float = 0.3
 ) -> TrainData:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    eps = rng.normal(size=n) * noise
-    if task == "regression":
-        y: Any = x @ np.array([1.0, -2.0, 3.0, 0.5, 0.0]) + 50.0 + eps
-    elif k == 2:
-        y = (x[:, 0] - x[:, 1] + eps > 0).astype(np.int64)
-    else:
-        y = np.digitize(x[:, 0] + 0.5 * x[:, 2] + eps, [-0.6, 0.6]).astype(np.int64)
-    cut = int(n * 0.8)
-    return TrainData(
-        x_train=x[:cut],
-        y_train=y[:cut],
-        x_val=x[cut:],
-        y_val=y[cut:],
-        feature_names=[f"f{i}" for i in range(5)],
-        task=task,  # type: ignore[arg-type]
-        classes=list(range(k)),
-    )
+    return _make_data(task, k, n=n, seed=seed, noise=noise)
 
 
 PARAMS = {"n_estimators": 40, "max_depth": 3, "learning_rate": 0.3}

@@ -101,6 +101,51 @@ def env(tmp_path: Path) -> Iterator[Env]:
         e.close()
 
 
+@pytest.mark.parametrize(
+    ("framework", "estimator", "task", "params"),
+    [
+        ("sklearn", "logistic_regression", "classification", {}),
+        ("sklearn", "ridge", "regression", {}),
+        ("xgboost", "gradient_boosting", "classification", {"n_estimators": 20}),
+        ("xgboost", "gradient_boosting", "regression", {"n_estimators": 20}),
+        ("pytorch", "mlp", "regression", {"epochs": 6, "hidden": [8], "lr": 0.05}),
+        ("tensorflow", "mlp", "classification", {"epochs": 4, "hidden": [8], "lr": 0.05}),
+        ("tensorflow", "mlp", "regression", {"epochs": 4, "hidden": [8], "lr": 0.05}),
+    ],
+)
+def test_every_framework_trains_exports_and_registers(
+    env: Env, framework: str, estimator: str, task: str, params: dict[str, Any]
+) -> None:
+    """Each framework through the worker: the registered ONNX artifact serves the same scores
+    as the native model (parity recorded and re-checked here with ONNX Runtime)."""
+    import onnxruntime as ort
+
+    from carrara.training.frameworks import get_trainer
+
+    result = run_job(
+        env.spec(framework, estimator, task=task, params=params),
+        features=env.features,
+        registry=env.registry,
+    )
+    v = env.registry.get_version("m", result["version"])
+    assert v.framework == framework and v.framework_version == (
+        get_trainer(framework).framework_version()
+    )
+    parity = json.loads(v.tags["training.parity"])
+    # The worker refuses to register on a parity failure; targets here are |y| < 15.
+    assert parity["rows"] == 80 and parity["max_abs_diff"] <= parity["atol"] + 15 * parity["rtol"]
+    if task == "classification":
+        assert v.metrics["auc"] > 0.85
+    else:  # target = 3a - b: std ~3.2
+        assert v.metrics["rmse"] < 1.5
+    served = env.registry.load_artifact("m", result["version"])
+    session = ort.InferenceSession(served, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "features"
+    assert session.get_outputs()[0].name == "score"
+    (score,) = session.run(["score"], {"features": np.zeros((3, 2), np.float32)})
+    assert score.shape == (3, 1) and np.all(np.isfinite(score))
+
+
 def test_pytorch_job_registers_full_lineage(env: Env) -> None:
     lines: list[str] = []
     result = run_job(
