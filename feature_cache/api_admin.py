@@ -19,7 +19,7 @@ them open (a single-user setup).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -29,7 +29,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from carrara.errors import (
-    CarraraError,
     InvalidArgumentError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -38,6 +37,8 @@ from carrara.errors import (
 from carrara.feature_cache.catalog import Change
 from carrara.feature_cache.definitions import Definitions
 from carrara.feature_cache.service import FeatureService
+from carrara.http import json_response as _json
+from carrara.http import wrap
 
 __all__ = [
     "ARROW_STREAM",
@@ -51,8 +52,6 @@ __all__ = [
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 MAX_BODY_BYTES = 512 << 20
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Principal(Protocol):
@@ -89,20 +88,8 @@ class _Ids(msgspec.Struct, frozen=True):
     ids: list[str]
 
 
-class _ErrorBody(msgspec.Struct, frozen=True):
-    error: str
-    message: str
-
-
 class PayloadTooLargeError(ResourceExhaustedError):
     http_status = 413
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def _json(value: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
 
 
 def arrow_to_ipc(table: Any) -> bytes:
@@ -166,17 +153,6 @@ async def _rows(request: Request) -> Any:
     if not rows:
         raise InvalidArgumentError("no rows in the body")
     return rows
-
-
-def _wrap(handler: Handler) -> Handler:
-    async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except CarraraError as exc:
-            return _json(_ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
-
-    run.__name__ = handler.__name__
-    return run
 
 
 def create_routes(
@@ -282,12 +258,12 @@ def create_routes(
 
     g = "/features/groups/{group}"
     return [
-        Route("/features/apply", _wrap(apply), methods=["POST"]),
-        Route(g + "/definition", _wrap(definition), methods=["GET"]),
-        Route(g + "/ingest", _wrap(ingest), methods=["POST"]),
-        Route(g + "/write-offline", _wrap(write_offline), methods=["POST"]),
-        Route(g + "/compact", _wrap(compact), methods=["POST"]),
-        Route(g + "/publish", _wrap(publish), methods=["POST"]),
-        Route("/features/materialize", _wrap(materialize), methods=["POST"]),
-        Route("/features/training-set", _wrap(training_set), methods=["POST"]),
+        Route("/features/apply", wrap(apply), methods=["POST"]),
+        Route(g + "/definition", wrap(definition), methods=["GET"]),
+        Route(g + "/ingest", wrap(ingest), methods=["POST"]),
+        Route(g + "/write-offline", wrap(write_offline), methods=["POST"]),
+        Route(g + "/compact", wrap(compact), methods=["POST"]),
+        Route(g + "/publish", wrap(publish), methods=["POST"]),
+        Route("/features/materialize", wrap(materialize), methods=["POST"]),
+        Route("/features/training-set", wrap(training_set), methods=["POST"]),
     ]

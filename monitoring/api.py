@@ -13,7 +13,7 @@ them open (a single-user setup).
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -21,9 +21,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from carrara.errors import CarraraError, InvalidArgumentError, UnauthenticatedError
+from carrara.errors import InvalidArgumentError
 from carrara.eventlog import EventLog
-from carrara.registry.auth import Principal, require_role
+from carrara.http import authorize, wrap
+from carrara.http import json_response as _json
+from carrara.registry.auth import Principal
 from carrara.sql import Database
 
 from .alerts import Alert, active_alerts
@@ -36,9 +38,7 @@ __all__ = [
     "API_CONSUMER",
     "AlertList",
     "MonitorRun",
-    "authorize",
     "create_routes",
-    "error_response",
 ]
 
 #: The consumer name the API uses inside the monitoring consumer group (the ``carrara monitor
@@ -46,8 +46,6 @@ __all__ = [
 #: id in the database, so nothing is counted twice).
 API_CONSUMER = "api"
 MAX_BODY_BYTES = 64 << 20
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AlertList(msgspec.Struct, frozen=True):
@@ -62,57 +60,11 @@ class MonitorRun(msgspec.Struct, frozen=True):
     alerts: list[Alert]
 
 
-class _ErrorBody(msgspec.Struct, frozen=True):
-    error: str
-    message: str
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def _json(value: object, status: int = 200) -> Response:
-    return Response(_encoder.encode(value), status_code=status, media_type="application/json")
-
-
-def error_response(exc: CarraraError) -> Response:
-    """The registry API's error shape, so one client parses every part of the control plane."""
-    return _json(_ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
-
-
-def authorize(
-    request: Request, tokens: Mapping[str, Principal] | None, role: str, action: str
-) -> Principal | None:
-    """The caller's principal when it may do ``action`` (None when ``tokens`` is None: open)."""
-    if tokens is None:
-        return None
-    header = request.headers.get("authorization", "")
-    principal = None
-    if header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
-        principal = tokens.get(token.strip())
-        if principal is None:
-            raise UnauthenticatedError("unknown bearer token; ask an admin for a valid one")
-    return require_role(principal, role, action)
-
-
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     raw = await request.body()
     if len(raw) > limit:
         raise InvalidArgumentError(f"request body of {len(raw)} bytes is over {limit}")
     return raw
-
-
-def _wrap(handler: Handler) -> Handler:
-    async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except CarraraError as exc:
-            return error_response(exc)
-
-    run.__name__ = handler.__name__
-    return run
 
 
 def create_routes(
@@ -194,9 +146,9 @@ def create_routes(
 
     m = "/monitoring/models/{model}"
     return [
-        Route("/monitoring/alerts", _wrap(alerts), methods=["GET"]),
-        Route(m + "/config", _wrap(configure), methods=["PUT"]),
-        Route(m + "/versions/{version:int}/reference", _wrap(reference), methods=["PUT"]),
-        Route("/monitoring/run", _wrap(run), methods=["POST"]),
-        Route(m + "/report", _wrap(report), methods=["GET"]),
+        Route("/monitoring/alerts", wrap(alerts), methods=["GET"]),
+        Route(m + "/config", wrap(configure), methods=["PUT"]),
+        Route(m + "/versions/{version:int}/reference", wrap(reference), methods=["PUT"]),
+        Route("/monitoring/run", wrap(run), methods=["POST"]),
+        Route(m + "/report", wrap(report), methods=["GET"]),
     ]

@@ -9,7 +9,7 @@ handler, as ``{"error": <grpc code>, "message": ...}``.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -21,13 +21,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from carrara.errors import (
-    CarraraError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
+from carrara.http import ErrorBody, Handler, wrap
+from carrara.http import json_response as _json
 from carrara.registry.auth import Principal
 from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import (
@@ -54,13 +55,6 @@ __all__ = [
     "UpdateModelRequest",
     "create_app",
 ]
-
-
-class ErrorBody(msgspec.Struct, frozen=True):
-    """Every error response: the gRPC-style code and a message saying how to fix it."""
-
-    error: str
-    message: str
 
 
 class CreateModelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -114,7 +108,6 @@ class Health(msgspec.Struct, frozen=True):
     status: str
 
 
-Handler = Callable[[Request], Awaitable[Response]]
 Method = Literal["GET", "POST", "PATCH"]
 
 
@@ -127,17 +120,6 @@ class _Endpoint(msgspec.Struct, frozen=True):
     status: int = 200
     role: str | None = None
     query: tuple[str, ...] = ()
-
-
-_ENCODER = msgspec.json.Encoder()
-
-
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json")
-
-
-def _error(exc: CarraraError) -> Response:
-    return _json(ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
 
 
 class PayloadTooLargeError(ResourceExhaustedError):
@@ -509,7 +491,7 @@ def create_app(
         ),
     ]
     spec = openapi_spec([e for e, _ in table])
-    routes = [Route(e.path, _wrap(h), methods=[e.method]) for e, h in table]
+    routes = [Route(e.path, wrap(h), methods=[e.method]) for e, h in table]
     routes.append(Route("/openapi.json", openapi, methods=["GET"]))
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.max_body_bytes = max_body_bytes
@@ -524,18 +506,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = f"no route {request.method} {request.url.path}; see /openapi.json"
     return _json(ErrorBody(_HTTP_CODES.get(status, "UNKNOWN"), message), status)
-
-
-def _wrap(handler: Handler) -> Handler:
-    # One place maps every CarraraError to its HTTP status (and never leaks a traceback).
-    async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except CarraraError as exc:
-            return _error(exc)
-
-    run.__name__ = handler.__name__
-    return run
 
 
 def openapi_spec(endpoints: list[_Endpoint]) -> dict[str, Any]:

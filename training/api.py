@@ -11,7 +11,7 @@ document of these routes (:func:`openapi_spec`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -21,12 +21,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from carrara.errors import (
-    CarraraError,
     InvalidArgumentError,
     ResourceExhaustedError,
-    UnauthenticatedError,
 )
-from carrara.registry.auth import Principal, require_role
+from carrara.http import ErrorBody, Handler, wrap
+from carrara.http import authorize as check_token
+from carrara.http import json_response as _json
+from carrara.registry.auth import Principal
 
 from .queue import STATES, Job, JobQueue, JobState, LogLine
 from .spec import JobSpec
@@ -50,13 +51,6 @@ __all__ = [
 #: Bodies are specs, not artifacts: anything bigger is a mistake.
 MAX_BODY_BYTES = 1 << 20
 WRITE_ROLE = "publisher"
-
-
-class ErrorBody(msgspec.Struct, frozen=True):
-    """Every error response: the gRPC-style code and a message saying how to fix it."""
-
-    error: str
-    message: str
 
 
 class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -112,13 +106,6 @@ class TriggerList(msgspec.Struct, frozen=True):
     triggers: list[Trigger]
 
 
-_ENCODER = msgspec.json.Encoder()
-
-
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(value), status_code=status, media_type="application/json")
-
-
 async def _body(request: Request, kind: Any) -> Any:
     raw = b""
     async for chunk in request.stream():
@@ -150,7 +137,6 @@ def _int_query(request: Request, name: str, default: int, low: int = 0) -> int:
     return value
 
 
-Handler = Callable[[Request], Awaitable[Response]]
 Method = Literal["GET", "POST", "DELETE"]
 
 
@@ -165,18 +151,6 @@ class _Endpoint(msgspec.Struct, frozen=True):
     query: tuple[str, ...] = ()
 
 
-def _wrap(handler: Handler) -> Handler:
-    # One place maps every CarraraError to its status (and never leaks a traceback).
-    async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except CarraraError as exc:
-            return _json(ErrorBody(exc.grpc_code, str(exc)), exc.http_status)
-
-    run.__name__ = handler.__name__
-    return run
-
-
 def create_app(
     queue: JobQueue,
     features: FeatureService | None,
@@ -187,21 +161,7 @@ def create_app(
     store = TriggerStore(queue)
 
     def authorize(request: Request, action: str) -> Principal | None:
-        if tokens is None:
-            return None
-        header = request.headers.get("authorization", "")
-        principal: Principal | None = None
-        if header:
-            scheme, _, token = header.partition(" ")
-            token = token.strip()
-            if scheme.lower() != "bearer" or not token:
-                raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
-            # A lookup, not a scan: the control plane's token mapping also resolves tokens
-            # stored in the registry database, which it cannot list.
-            principal = tokens.get(token)
-            if principal is None:
-                raise UnauthenticatedError("unknown bearer token; ask an admin for a token")
-        return require_role(principal, WRITE_ROLE, action)
+        return check_token(request, tokens, WRITE_ROLE, action)
 
     async def submit(request: Request) -> Response:
         who = authorize(request, "submitting a training job")
@@ -322,7 +282,7 @@ def create_app(
         ),
     ]
     spec = openapi_spec([e for e, _ in table])
-    routes = [Route(e.path, _wrap(h), methods=[e.method]) for e, h in table]
+    routes = [Route(e.path, wrap(h), methods=[e.method]) for e, h in table]
     routes.append(Route("/training/openapi.json", openapi, methods=["GET"]))
     return routes
 
