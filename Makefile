@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES := g++ cmake protobuf-compiler libprotobuf-dev libbenchmark-dev libgtest-dev \
+                libgrpc++-dev protobuf-compiler-grpc libhiredis-dev \
                 postgresql redis-server postgresql-client redis-tools chromium
 STAMP := $(VENV)/.installed
 NATIVE_BUILD := build/native-asan
@@ -85,6 +86,17 @@ test: install services lint typecheck stubcheck native-test pytest
 
 bench: install
 	$(PY) -m bench.core
+
+# Triton's perf_analyzer (PyPI wheel, built for glibc 2.38) run through Debian trixie's glibc
+# loader from build/perf-analyzer; nothing is installed system-wide.
+.PHONY: perf-analyzer bench-check
+perf-analyzer:
+	bash bench/perf_analyzer/install.sh
+
+# Judge a `python -m bench.kserve_compare` JSON against the gateway's targets (not run in CI).
+BENCH_JSON ?= bench/results/python_front.json
+bench-check:
+	$(PYTHON) -m bench.check_ratios $(BENCH_JSON)
 
 clean:
 	rm -rf build $(VENV)

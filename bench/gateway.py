@@ -104,7 +104,7 @@ def run(requests: int = 2_000) -> list[dict[str, float | str]]:
     import grpc
     import httpx
 
-    from carrara.gateway.grpc_front import predict_stub
+    from carrara.gateway.grpc_client import predict_stub
     from carrara.gateway.server import GatewayServer, ServerThread
     from carrara.gateway.service import Gateway
     from carrara.v1 import predict_pb2

@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from carrara.gateway.config import build_backends, load_gateway_config
-    from carrara.gateway.embedded import StoreReader
+    from carrara.gateway.embedded import serving_store
     from carrara.gateway.engine import ServingEngine
     from carrara.gateway.server import GatewayServer
     from carrara.gateway.service import Gateway
@@ -57,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         event_log = open_event_log(config.event_log_url)
         logger = PredictionLogger(event_log)
     engine = ServingEngine(
-        StoreReader(store),
+        serving_store(store),
         cache=FeatureCache(capacity=config.cache_capacity, ttl_seconds=config.cache_ttl_seconds),
         sink=logger,
         max_in_flight=config.max_in_flight,
@@ -133,7 +133,7 @@ def _predict(args: argparse.Namespace) -> int:
     if target.startswith("grpc://"):
         import grpc
 
-        from carrara.gateway.grpc_front import predict_stub
+        from carrara.gateway.grpc_client import predict_stub
         from carrara.v1 import predict_pb2
 
         with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:

@@ -14,7 +14,7 @@ from carrara.gateway.backends import Backend
 from carrara.gateway.engine import ModelDeployment, Overrides, PredictionResult, ServingEngine
 from carrara.gateway.prediction_log import Appender, PredictionLogger
 
-__all__ = ["Embedded", "KeyValueStore", "StoreReader"]
+__all__ = ["Embedded", "KeyValueStore", "StoreReader", "serving_store"]
 
 
 class KeyValueStore(Protocol):
@@ -39,6 +39,33 @@ class StoreReader:
         return self.store.get_many(keys)
 
 
+def serving_store(store: KeyValueStore) -> Any:
+    """What the native engine reads features from: Redis natively (hiredis, no Python per
+    request) when ``store`` is a plain Redis online store, else ``store`` through Python."""
+    from carrara.feature_cache.online_store import RedisOnlineStore
+
+    if isinstance(store, RedisOnlineStore) and not getattr(store, "_cluster", False):
+        from urllib.parse import quote
+
+        from carrara import _native
+
+        kw = store.client.connection_pool.connection_kwargs
+        if "SSL" in store.client.connection_pool.connection_class.__name__:
+            return StoreReader(store)  # TLS: redis-py's client (hiredis here has no TLS)
+        auth = ""
+        if kw.get("password"):
+            auth = f"{quote(str(kw.get('username') or ''), safe='')}:"
+            auth += f"{quote(str(kw['password']), safe='')}@"
+        db = int(kw.get("db") or 0)
+        if kw.get("path"):
+            url = f"unix://{auth}{kw['path']}?db={db}"
+        else:
+            url = f"redis://{auth}{kw.get('host', '127.0.0.1')}:{int(kw.get('port', 6379))}/{db}"
+        prefix = f"{store.namespace}:" if store.namespace else ""
+        return _native.RedisStore(url, prefix)
+    return StoreReader(store)
+
+
 class Embedded:
     """In-process predictions: ``deploy`` models, then ``predict(model, entity_ids)``."""
 
@@ -54,7 +81,7 @@ class Embedded:
     ) -> None:
         self.logger = PredictionLogger(event_log) if event_log is not None else None
         self.engine = ServingEngine(
-            StoreReader(store),
+            serving_store(store),
             cache=FeatureCache(capacity=cache_capacity, ttl_seconds=cache_ttl_seconds),
             sink=self.logger,
             max_in_flight=max_in_flight,

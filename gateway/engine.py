@@ -1,36 +1,33 @@
-"""The serving engine: route -> cache/online store -> assemble -> infer, for one deployment set.
+"""The serving engine: the Python face of the native engine (``carrara._native.Engine``).
 
-``ServingEngine`` is the one handler path; the gRPC and HTTP fronts and ``Embedded`` all call
-``predict``. Per request Python does a constant amount of work per variant: the core routes,
-looks up the cache, decodes and assembles in C++, and the online store is read in one MGET.
+Per request, everything runs in C++ with no Python: admission, routing, the feature cache
+(with negative entries), the online-store MGET (native Redis client, or a Python store called
+once per request), assembly, dynamic batching and execution (an in-process model gets one GIL
+acquisition per batch; Triton is called over native gRPC), breakers and fallbacks, and the
+prediction log queue (bounded in bytes). The native gRPC front calls the same engine; the HTTP
+front and ``Embedded`` call ``predict`` here. Python configures deployments and drains the log.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from carrara.core import Assembler, AssemblerSpec, FeatureCache, Router, RoutingPolicy
-from carrara.errors import (
-    DeadlineExceededError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from carrara import _native
+from carrara.core import AssemblerSpec, FeatureCache, RoutingPolicy
+from carrara.errors import CarraraError, InvalidArgumentError, NotFoundError, error_for_code
 from carrara.gateway.backends import Backend
-from carrara.gateway.breaker import CircuitBreaker
 from carrara.types import PredictionRecord
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelDeployment",
@@ -42,6 +39,9 @@ __all__ = [
     "ServingEngine",
     "VariantSpec",
 ]
+
+#: A native online store (``carrara._native.RedisStore``: read with no Python per request).
+NativeStore = _native.FeatureStore
 
 #: Request feature overrides: column name -> one value, or one value per entity.
 Overrides = Mapping[str, float | Sequence[float] | NDArray[np.float32]]
@@ -93,9 +93,11 @@ class PredictionBatch(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PredictionSink(Protocol):
-    """Where predictions go (the batching event-log writer); must return at once."""
+    """Where predictions go. The engine's one log thread calls ``write`` with every batch it
+    drained from the native queue (it may block and retry: the native queue, bounded in bytes,
+    absorbs the wait) and ``flush`` once the engine has stopped."""
 
-    def submit(self, batch: PredictionBatch) -> None: ...
+    def write(self, batches: Sequence[PredictionBatch]) -> None: ...
 
 
 class VariantSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,6 +109,10 @@ class VariantSpec(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float = 1.0
     failure_threshold: int = 5
     reset_after_s: float = 5.0
+    #: Dynamic batching of an in-process model, like Triton's dynamic batcher: at most this
+    #: many rows per model call, and how long a queued request may wait for a batch to fill.
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
 
 
 class ModelDeployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,136 +136,225 @@ class PredictionResult(msgspec.Struct, frozen=True, kw_only=True):
     latency_us: int
 
 
-# Request ids: a random per-process prefix and a counter (uuid4 per request costs ~8 us).
-_ID_PREFIX = f"{uuid.uuid4().hex[:12]}-"
-_ids = itertools.count(1)
-_ARANGE = np.arange(4_096)
-_ARANGE.setflags(write=False)
+_RETIRE_AFTER_S = 30.0
 
 
-class _NeedsStore(Exception):
-    """Raised inside ``try_cached`` when a feature is not cached (the store would be needed)."""
+class _NativeVariant(msgspec.Struct, frozen=True):
+    """What the native engine reads from a variant (attribute access from C++)."""
+
+    name: str
+    version: int
+    features: AssemblerSpec
+    timeout_s: float
+    failure_threshold: int
+    reset_after_s: float
+    executor: Any
 
 
-class _Variant:
-    def __init__(self, spec: VariantSpec, backend: Backend) -> None:
-        self.spec = spec
-        self.assembler = Assembler(spec.features)
-        self.backend = backend
-        if backend.info.input_dim != self.assembler.dim:
-            raise InvalidArgumentError(
-                f"variant {spec.name!r}: model input has {backend.info.input_dim} columns but "
-                f"its feature spec selects {self.assembler.dim}"
-            )
-        self.breaker = CircuitBreaker(spec.failure_threshold, spec.reset_after_s)
-        self.inline = bool(getattr(backend, "runs_in_process", False))
+def executor_for(
+    backend: Backend,
+    spec: VariantSpec,
+    *,
+    remote_workers: int = 8,
+) -> Any:
+    """The native executor of one loaded model: its own (native Triton client) when it has
+    one, else a dynamic batcher over ``backend.infer``."""
+    native = getattr(backend, "native_executor", None)
+    if callable(native):
+        return native()
+    info = backend.info
+    in_process = bool(getattr(backend, "runs_in_process", False))
+    if spec.max_batch_size < 1:
+        raise InvalidArgumentError(f"variant {spec.name!r}: max_batch_size must be >= 1")
+    if spec.max_queue_delay_us < 0:
+        raise InvalidArgumentError(f"variant {spec.name!r}: max_queue_delay_us must be >= 0")
+    return _native.PythonExecutor(
+        backend,
+        info.input_dim,
+        info.output_dim,
+        # A remote model in Python is called one request at a time on its own thread (each
+        # may wait on the network); an in-process one gets batches on one thread.
+        max_batch_size=spec.max_batch_size if in_process else 1,
+        max_queue_delay_us=float(spec.max_queue_delay_us if in_process else 0),
+        workers=1 if in_process else remote_workers,
+        in_process=in_process,
+        label=f"variant {spec.name!r}",
+    )
 
 
-class _Live:
-    """An immutable snapshot of one model's deployment; swapped whole on redeploy."""
+class _StoreAdapter:
+    """A Python online store as the native engine calls it (``mget`` of raw keys)."""
 
-    def __init__(self, deployment: ModelDeployment, variants: dict[str, _Variant]) -> None:
-        self.deployment = deployment
-        self.router = Router(deployment.policy)
-        self.routed = [variants[name] for name in self.router.variant_names]
-        self.shadows = [variants[name] for name in deployment.policy.shadows]
-        fb = self.router.fallback_index
-        self.fallback = self.routed[fb] if fb is not None else None
-        self.all = variants
+    def __init__(self, store: OnlineReader) -> None:
+        self.store = store
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.store.mget(keys)
+
+
+def _raise(code: int, message: str) -> CarraraError:
+    return error_for_code(code)(message)
+
+
+def _result(model: str, entity_ids: Sequence[str], raw: tuple[Any, ...]) -> PredictionResult:
+    outputs, variants, versions, degraded, latency_us, request_id = raw
+    return PredictionResult(
+        model=model,
+        request_id=request_id,
+        entity_ids=list(entity_ids),
+        outputs=outputs,
+        variants=variants,
+        versions=versions,
+        degraded=degraded,
+        latency_us=latency_us,
+    )
 
 
 class ServingEngine:
-    """Holds live deployments, the feature cache and the online store client."""
+    """Holds live deployments over one native engine, its feature cache and online store."""
 
     def __init__(
         self,
-        store: OnlineReader,
+        store: OnlineReader | NativeStore | None,
         *,
         cache: FeatureCache | None = None,
         sink: PredictionSink | None = None,
         max_in_flight: int = 256,
         max_batch: int = 1_000,
-        workers: int = 4,
+        workers: int = 8,
+        store_deadline_s: float = 0.05,
+        negative_ttl_s: float = 5.0,
+        log_max_bytes: int = 64 << 20,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """``store`` is a native store (``carrara._native.RedisStore``: read with no Python) or
+        a Python object with ``mget(keys)``; ``workers`` threads serve each Python backend
+        that is not in-process (one call each); ``store_deadline_s`` bounds each store read
+        (past it the request is served from cache/defaults, flagged degraded)."""
+        if max_in_flight < 1:
+            raise InvalidArgumentError("max_in_flight must be >= 1")
         self.store = store
         self.cache = cache if cache is not None else FeatureCache()
         self.sink = sink
         self.max_batch = max_batch
-        self._live: dict[str, _Live] = {}
+        self.max_in_flight = max_in_flight
+        self._workers = workers
+        native_store: Any
+        if store is None or isinstance(store, _native.FeatureStore):
+            native_store = store
+        else:
+            native_store = _native.PythonStore(_StoreAdapter(store))
+        self.native = _native.Engine(
+            self.cache,
+            native_store,
+            max_in_flight=max_in_flight,
+            max_batch=max_batch,
+            store_deadline_s=store_deadline_s,
+            negative_ttl_s=negative_ttl_s,
+            log_max_bytes=log_max_bytes,
+            log_predictions=sink is not None,
+        )
+        self._deployments: dict[str, ModelDeployment] = {}
+        # id(backend) -> (backend, executor, spec key): a redeploy of the same loaded model
+        # keeps its executor (and its queue); models no longer deployed are retired.
+        self._executors: dict[int, tuple[Backend, Any, tuple[int, int]]] = {}
+        self._bound: dict[tuple[str, str], Backend] = {}  # (model, variant) -> backend
         self._lock = threading.Lock()
-        # A counter under a lock: threading.BoundedSemaphore is pure Python and costs several
-        # microseconds per request on this path.
-        self._max_in_flight = max_in_flight
-        self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="carrara-infer")
-        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrara-shadow")
-        self._clock = clock
-        self.store_errors = 0
-        self.shed = 0
+        self._closed = False
+        self._log_thread: threading.Thread | None = None
+        self._delivered = 0  # records handed to the sink
+        if sink is not None:
+            self._log_thread = threading.Thread(
+                target=self._drain_log, name="carrara-prediction-log", daemon=True
+            )
+            self._log_thread.start()
 
     # -- deployments ----------------------------------------------------------------------
 
     def deploy(self, deployment: ModelDeployment, backends: Mapping[str, Backend]) -> None:
-        """Make ``deployment`` live: build everything first, then switch in one assignment,
-        so requests in flight finish on the old snapshot and new ones see the new one."""
+        """Make ``deployment`` live: the native engine builds and warms every variant up first,
+        then switches in one step, so requests in flight finish on the old snapshot."""
         names = [v.name for v in deployment.variants]
         missing = [n for n in names if n not in backends]
         if missing:
             raise InvalidArgumentError(f"no backend loaded for variant(s) {missing}")
-        variants = {v.name: _Variant(v, backends[v.name]) for v in deployment.variants}
-        wanted = [v.name for v in deployment.policy.variants] + list(deployment.policy.shadows)
-        unknown = [n for n in wanted if n not in variants]
-        if unknown:
-            raise InvalidArgumentError(
-                f"routing policy names variant(s) {unknown} that the deployment does not define; "
-                f"defined: {names}"
-            )
-        live = _Live(deployment, variants)
-        for v in variants.values():
-            # Warm up before switching: the first run of a session allocates and plans, and
-            # must not land on a live request. A model that cannot run fails the deploy here.
-            out = v.backend.infer(np.zeros((1, v.assembler.dim), np.float32))
-            if out.shape[0] != 1:
-                raise InvalidArgumentError(
-                    f"variant {v.spec.name!r} returned {out.shape[0]} rows for 1 input row"
-                )
         with self._lock:
-            old = self._live.get(deployment.model)
-            self._live[deployment.model] = live
-        if old is not None:
-            for name, v in old.all.items():
-                if v.backend is not live.all.get(name, v).backend or name not in live.all:
-                    self._retire(v.backend)
+            variants = []
+            created: list[int] = []
+            for spec in deployment.variants:
+                backend = backends[spec.name]
+                batching = (spec.max_batch_size, spec.max_queue_delay_us)
+                held = self._executors.get(id(backend))
+                if held is not None and held[0] is backend and held[2] == batching:
+                    executor = held[1]
+                else:
+                    if backend.info.input_dim < 1:
+                        raise InvalidArgumentError(f"variant {spec.name!r} has no inputs")
+                    executor = executor_for(backend, spec, remote_workers=self._workers)
+                    self._executors[id(backend)] = (backend, executor, batching)
+                    created.append(id(backend))
+                variants.append(
+                    _NativeVariant(
+                        name=spec.name,
+                        version=spec.version,
+                        features=spec.features,
+                        timeout_s=spec.timeout_s,
+                        failure_threshold=spec.failure_threshold,
+                        reset_after_s=spec.reset_after_s,
+                        executor=executor,
+                    )
+                )
+            try:
+                self.native.deploy(deployment.model, deployment.policy, variants)
+            except BaseException:
+                for key_id in created:
+                    _backend, executor, _ = self._executors.pop(key_id)
+                    executor.close()
+                raise
+            self._deployments[deployment.model] = deployment
+            for bound in [k for k in self._bound if k[0] == deployment.model]:
+                del self._bound[bound]
+            for spec in deployment.variants:
+                self._bound[(deployment.model, spec.name)] = backends[spec.name]
+            self._retire_unused()
 
-    def _retire(self, backend: Backend) -> None:
-        # Requests that picked the old snapshot may still be running: close after they drain.
-        timer = threading.Timer(30.0, backend.close)
-        timer.daemon = True
-        timer.start()
+    def _retire_unused(self) -> None:
+        live = {id(b) for b in self._bound.values()}
+        for key_id in [k for k in self._executors if k not in live]:
+            backend, executor, _ = self._executors.pop(key_id)
+            # Requests that picked the old snapshot may still be running: close after they
+            # drain (the native snapshot keeps the executor alive until then).
+            timer = threading.Timer(_RETIRE_AFTER_S, _close_both, args=(executor, backend))
+            timer.daemon = True
+            timer.start()
 
     def undeploy(self, model: str) -> None:
         with self._lock:
-            self._live.pop(model, None)
-
-    def runs_inline(self, model: str) -> bool:
-        """Whether every variant of ``model`` computes in-process (no remote call to wait on)."""
-        live = self._live.get(model)
-        return live is not None and all(v.inline for v in live.all.values())
+            self.native.undeploy(model)
+            self._deployments.pop(model, None)
+            for bound in [k for k in self._bound if k[0] == model]:
+                del self._bound[bound]
+            self._retire_unused()
 
     def models(self) -> list[str]:
-        return sorted(self._live)
+        return list(self.native.models())
 
     def deployment(self, model: str) -> ModelDeployment:
-        return self._get(model).deployment
+        dep = self._deployments.get(model)
+        if dep is None or model not in self.native.models():
+            raise NotFoundError(self._not_deployed(model))
+        return dep
 
-    def _get(self, model: str) -> _Live:
-        live = self._live.get(model)
-        if live is None:
-            known = ", ".join(sorted(self._live)) or "none"
-            raise NotFoundError(f"model {model!r} is not deployed; deployed: {known}")
-        return live
+    def _not_deployed(self, model: str) -> str:
+        known = ", ".join(self.models()) or "none"
+        return f"model {model!r} is not deployed; deployed: {known}"
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        """Versions, variants, output width and feature columns of a deployed model."""
+        info = self.native.model_info(model)
+        if info is None:
+            raise NotFoundError(self._not_deployed(model))
+        return dict(info)
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -269,308 +364,133 @@ class ServingEngine:
         entity_ids: Sequence[str],
         overrides: Overrides | None = None,
         request_id: str | None = None,
+        version: str = "",
     ) -> PredictionResult:
-        self._admit()
-        try:
-            result = self._predict(model, entity_ids, overrides, request_id, cached_only=False)
-        finally:
-            self._done()
-        assert result is not None
-        return result
+        """Predictions for ``entity_ids`` (blocks this thread; the GIL is released)."""
+        raw = self.native.predict(model, entity_ids, _overrides(overrides), request_id, version)
+        return _result(model, entity_ids, raw)
 
-    def try_cached(
+    async def predict_async(
         self,
         model: str,
         entity_ids: Sequence[str],
         overrides: Overrides | None = None,
         request_id: str | None = None,
-    ) -> PredictionResult | None:
-        """``predict`` if every feature is in the cache and every variant runs in-process;
-        ``None`` (having done no I/O and logged nothing) when the online store would be needed.
-        Lets an event loop answer hot requests without a thread hop."""
-        if not self.runs_inline(model):
-            return None
-        self._admit()
-        try:
-            return self._predict(model, entity_ids, overrides, request_id, cached_only=True)
-        except _NeedsStore:
-            return None
-        finally:
-            self._done()
-
-    def _admit(self) -> None:
-        with self._in_flight_lock:
-            if self._in_flight >= self._max_in_flight:
-                self.shed += 1
-                raise ResourceExhaustedError(
-                    "gateway is at its in-flight limit; retry with backoff"
-                )
-            self._in_flight += 1
-
-    def _done(self) -> None:
-        with self._in_flight_lock:
-            self._in_flight -= 1
-
-    def _predict(
-        self,
-        model: str,
-        entity_ids: Sequence[str],
-        overrides: Overrides | None,
-        request_id: str | None,
-        *,
-        cached_only: bool,
+        version: str = "",
     ) -> PredictionResult:
-        start = self._clock()
-        live = self._get(model)
-        n = len(entity_ids)
-        if n == 0:
-            raise InvalidArgumentError("entity_ids is empty")
-        if n > self.max_batch:
-            raise InvalidArgumentError(
-                f"batch of {n} entities is over the limit of {self.max_batch}"
-            )
-        request_id = request_id or f"{_ID_PREFIX}{next(_ids):x}"
-        routed = live.router.route_many(entity_ids)
-        first = int(routed[0])
-        single = n == 1 or bool((routed == first).all())
-        groups = [first] if single else np.unique(routed).tolist()
-        outputs: NDArray[np.float32] | None = None
-        variants: list[str] = [""] * n
-        versions: list[int] = [0] * n
-        degraded: list[bool] = [False] * n
-        features_for_log: dict[int, tuple[_Variant, NDArray[np.float32], NDArray[np.bool_]]] = {}
-        shadow_jobs: list[tuple[Sequence[str], Overrides | None, NDArray[np.intp]]] = []
-        for vi in groups:
-            variant = live.routed[vi]
-            if single:
-                rows = _ARANGE[:n] if n <= len(_ARANGE) else np.arange(n)
-                ids: Sequence[str] = entity_ids
-                sub_overrides = overrides
-            else:
-                rows = np.flatnonzero(routed == vi)
-                ids = [entity_ids[int(i)] for i in rows]
-                sub_overrides = _slice_overrides(overrides, rows, n)
-            used, out, x, mask, was_degraded = self._run_variant(
-                live, variant, ids, sub_overrides, cached_only
-            )
-            if outputs is None:
-                outputs = out if single else np.empty((n, out.shape[1]), np.float32)
-            if single:
-                variants = [used.spec.name] * n
-                versions = [used.spec.version] * n
-                degraded = [was_degraded] * n
-            else:
-                outputs[rows] = out
-                for i in rows.tolist():
-                    variants[i] = used.spec.name
-                    versions[i] = used.spec.version
-                    degraded[i] = was_degraded
-            features_for_log[vi] = (used, x, mask)
-            if live.shadows:
-                shadow_jobs.append((ids, sub_overrides, rows))
-        assert outputs is not None
-        for ids, sub_overrides, rows in shadow_jobs:  # only once the request cannot fail over
-            self._shadow(live, ids, sub_overrides, request_id, rows)
-        result = PredictionResult(
-            model=model,
-            request_id=request_id,
-            entity_ids=list(entity_ids),
-            outputs=outputs,
-            variants=variants,
-            versions=versions,
-            degraded=degraded,
-            latency_us=int((self._clock() - start) * 1e6),
-        )
-        if self.sink is not None:
-            self._log(result, routed, features_for_log)
-        return result
+        """``predict`` for an event loop: the native engine completes a future, no thread
+        of the loop waits."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
 
-    def _features(
-        self,
-        variant: _Variant,
-        ids: Sequence[str],
-        overrides: Overrides | None,
-        cached_only: bool = False,
-    ) -> tuple[NDArray[np.float32], NDArray[np.bool_], bool]:
-        plan = variant.assembler.plan(self.cache, ids)
-        degraded = False
-        misses = plan.missing_keys
-        if misses and cached_only:
-            raise _NeedsStore
-        if misses:
-            try:
-                values = self.store.mget(misses)
-            except Exception:
-                # Store down: serve what the cache had, defaults for the rest, and say so.
-                self.store_errors += 1
-                values = [None] * len(misses)
-                degraded = True
-            variant.assembler.fill(plan, values, self.cache)
-        x, mask = variant.assembler.assemble_plan(plan, overrides)
-        return x, mask, degraded
+        def done(code: int, message: str, raw: tuple[Any, ...] | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, code, message, raw)
 
-    def _infer(self, variant: _Variant, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        if not variant.breaker.allow():
-            raise UnavailableError(f"variant {variant.spec.name!r} circuit breaker is open")
-        if variant.inline:
-            # In-process ONNX Runtime: a thread hop would cost more than small models take,
-            # and a native call cannot be abandoned anyway. Failures still feed the breaker.
-            try:
-                result = variant.backend.infer(x)
-            except InvalidArgumentError:
-                raise
-            except Exception:
-                variant.breaker.record_failure()
-                raise
-            variant.breaker.record_success()
-            return result
-        future = self._pool.submit(variant.backend.infer, x)
-        try:
-            out: NDArray[np.float32] = future.result(timeout=variant.spec.timeout_s)
-        except FutureTimeout:
-            variant.breaker.record_failure()
-            raise DeadlineExceededError(
-                f"variant {variant.spec.name!r} did not answer within {variant.spec.timeout_s}s"
-            ) from None
-        except InvalidArgumentError:
-            raise  # the request's fault, not the backend's
-        except Exception:
-            variant.breaker.record_failure()
-            raise
-        variant.breaker.record_success()
-        return out
+        ids = list(entity_ids)
+        self.native.predict_async(model, ids, _overrides(overrides), request_id, version, done)
+        return _result(model, ids, await future)
 
-    def _run_variant(
-        self,
-        live: _Live,
-        variant: _Variant,
-        ids: Sequence[str],
-        overrides: Overrides | None,
-        cached_only: bool = False,
-    ) -> tuple[_Variant, NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], bool]:
-        x, mask, degraded = self._features(variant, ids, overrides, cached_only)
-        try:
-            return variant, self._infer(variant, x), x, mask, degraded
-        except InvalidArgumentError:
-            raise
-        except Exception:
-            fb = live.fallback
-            if fb is None or fb is variant:
-                raise
-            fx, fmask, _ = self._features(fb, ids, overrides, cached_only)
-            return fb, self._infer(fb, fx), fx, fmask, True
+    @property
+    def store_errors(self) -> int:
+        return int(self.native.metrics()["store_errors"])
 
-    def _shadow(
-        self,
-        live: _Live,
-        ids: Sequence[str],
-        overrides: Overrides | None,
-        request_id: str,
-        rows: NDArray[np.intp],
-    ) -> None:
-        def run() -> None:
-            for shadow in live.shadows:
-                try:
-                    x, mask, degraded = self._features(shadow, ids, overrides)
-                    out = self._infer(shadow, x)
-                except Exception:
-                    continue  # a shadow never affects callers; its failures show in its breaker
-                if self.sink is not None:
-                    self.sink.submit(
-                        _batch(
-                            live.deployment.model,
-                            request_id,
-                            shadow,
-                            ids,
-                            rows,
-                            x,
-                            mask,
-                            out,
-                            [degraded] * len(ids),
-                            0,
-                            shadow=True,
-                        )
-                    )
+    @property
+    def shed(self) -> int:
+        return int(self.native.metrics()["shed"])
 
-        self._shadow_pool.submit(run)
+    # -- prediction log -------------------------------------------------------------------
 
-    def _log(
-        self,
-        result: PredictionResult,
-        routed: NDArray[np.uint32],
-        used: Mapping[int, tuple[_Variant, NDArray[np.float32], NDArray[np.bool_]]],
-    ) -> None:
+    def _drain_log(self) -> None:
         assert self.sink is not None
-        for vi, (variant, x, mask) in used.items():
-            rows = np.flatnonzero(routed == vi)
-            ids = [result.entity_ids[int(i)] for i in rows]
-            self.sink.submit(
-                _batch(
-                    result.model,
-                    result.request_id,
-                    variant,
-                    ids,
-                    rows,
-                    x,
-                    mask,
-                    result.outputs[rows],
-                    [result.degraded[i] for i in rows],
-                    result.latency_us,
-                    shadow=False,
-                )
-            )
+        while True:
+            raw = self.native.drain_log(500, 0.05)
+            if raw is None:
+                break
+            if not raw:
+                continue
+            batches = [_log_batch(r) for r in raw]
+            try:
+                self.sink.write(batches)
+            except Exception:
+                log.exception("prediction sink failed; %d batches lost", len(batches))
+            self._delivered += sum(len(b.entity_ids) for b in batches)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
-        self._shadow_pool.shutdown(wait=True)
+    def flush_log(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every prediction queued so far reached the sink; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._delivered >= int(self.native.metrics()["log_records"]):
+                return True
+            time.sleep(0.002)
+        return False
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Refuse new requests, let those in flight finish, stop the executors, flush the log."""
+        if self._closed:
+            return
+        self._closed = True
+        self.native.set_draining(True)
+        self.native.wait_idle(grace_s)
+        self.native.close()
+        if self._log_thread is not None:
+            self._log_thread.join(grace_s + 1.0)
+        for backend, executor, _ in list(self._executors.values()):
+            executor.close()
+            del backend
 
 
-def _slice_overrides(
-    overrides: Overrides | None, rows: NDArray[np.intp], n: int
-) -> Overrides | None:
+def _close_both(executor: Any, backend: Backend) -> None:
+    executor.close()
+    backend.close()
+
+
+def _settle(
+    future: asyncio.Future[tuple[Any, ...]], code: int, message: str, raw: tuple[Any, ...] | None
+) -> None:
+    if future.done():
+        return
+    if code == 0 and raw is not None:
+        future.set_result(raw)
+    else:
+        future.set_exception(_raise(code, message))
+
+
+def _overrides(overrides: Overrides | None) -> dict[str, Any] | None:
     if not overrides:
         return None
-    out: dict[str, float | NDArray[np.float32]] = {}
-    for name, value in overrides.items():
-        arr = np.asarray(value, dtype=np.float32)
-        if arr.ndim == 0 or arr.size == 1:
-            out[name] = float(arr.reshape(-1)[0])
-        elif arr.ndim == 1 and arr.shape[0] == n:
-            out[name] = arr[rows]
-        else:
-            raise InvalidArgumentError(
-                f"override {name!r} has {arr.size} values; expected 1 or one per entity ({n})"
-            )
-    return out
+    return dict(overrides)
 
 
-def _batch(
-    model: str,
-    request_id: str,
-    variant: _Variant,
-    ids: Sequence[str],
-    rows: NDArray[np.intp],
-    x: NDArray[np.float32],
-    mask: NDArray[np.bool_],
-    out: NDArray[np.float32],
-    degraded: Sequence[bool],
-    latency_us: int,
-    *,
-    shadow: bool,
-) -> PredictionBatch:
+def _log_batch(raw: tuple[Any, ...]) -> PredictionBatch:
+    (
+        model,
+        request_id,
+        variant,
+        version,
+        columns,
+        entity_ids,
+        rows,
+        features,
+        missing,
+        outputs,
+        degraded,
+        latency_us,
+        timestamp_ms,
+        shadow,
+    ) = raw
     return PredictionBatch(
         model=model,
         request_id=request_id,
-        variant=variant.spec.name,
-        version=variant.spec.version,
-        column_names=variant.assembler.column_names,
-        entity_ids=list(ids),
+        variant=variant,
+        version=version,
+        column_names=columns,
+        entity_ids=entity_ids,
         rows=rows,
-        features=x,
-        missing=mask,
-        outputs=out,
-        degraded=list(degraded),
+        features=features,
+        missing=missing,
+        outputs=outputs,
+        degraded=degraded,
         latency_us=latency_us,
-        timestamp_ms=int(time.time() * 1000),
+        timestamp_ms=timestamp_ms,
         shadow=shadow,
     )

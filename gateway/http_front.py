@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from carrara.errors import CarraraError, InvalidArgumentError
+from carrara.gateway.kserve_http import kserve_routes
 from carrara.gateway.service import Gateway
 
 __all__ = ["HttpPrediction", "HttpPredictRequest", "HttpPredictResponse", "create_app"]
@@ -101,5 +102,6 @@ def create_app(gateway: Gateway) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            *kserve_routes(gateway),
         ]
     )

@@ -1,67 +1,111 @@
-"""Prometheus metrics of one gateway (its own registry, so several gateways can share a process)."""
+"""Prometheus metrics of one gateway, read from the native engine's counters at scrape time
+(its own registry, so several gateways can share a process). Nothing is recorded per request
+in Python: the engine counts in C++."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from carrara.core import FeatureCache
 
 __all__ = ["GatewayMetrics"]
 
-# Sub-millisecond resolution where the gateway lives, up to a second for slow backends.
-_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: Any, cache: FeatureCache | None) -> None:
+        self.engine = engine
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.engine.metrics()
+        bounds: list[float] = m["buckets"]
+        latency = HistogramMetricFamily(
+            "carrara_predict_latency_seconds",
+            "Server-side predict latency per model, version and variant",
+            labels=["model", "version", "variant"],
+        )
+        predictions = CounterMetricFamily(
+            "carrara_predictions", "Entities predicted", labels=["model", "version", "variant"]
+        )
+        for model, variant, version, requests, entities, total_s, buckets in m["variants"]:
+            labels = [model, str(version), variant]
+            cumulative: list[tuple[str, float]] = []
+            running = 0
+            for bound, count in zip([*map(str, bounds), "+Inf"], buckets, strict=True):
+                running += count
+                cumulative.append((bound, float(running)))
+            latency.add_metric(labels, cumulative, total_s)
+            predictions.add_metric(labels, float(entities))
+            del requests
+        yield latency
+        yield predictions
+        errors = CounterMetricFamily(
+            "carrara_predict_errors",
+            "Failed predict calls by status code",
+            labels=["model", "code"],
+        )
+        for model, code, count in m["errors"]:
+            errors.add_metric([model, code], float(count))
+        yield errors
+        yield CounterMetricFamily(
+            "carrara_predict_shed", "Requests refused at the in-flight limit", value=m["shed"]
+        )
+        degraded = CounterMetricFamily(
+            "carrara_predict_degraded",
+            "Entities served degraded (defaults, store down, or fallback)",
+            labels=["model"],
+        )
+        for model, count in m["degraded"]:
+            degraded.add_metric([model], float(count))
+        yield degraded
+        yield CounterMetricFamily(
+            "carrara_online_store_errors",
+            "Online-store reads that failed or passed their deadline (served degraded)",
+            value=m["store_errors"],
+        )
+        yield CounterMetricFamily(
+            "carrara_prediction_log_dropped",
+            "Prediction records dropped because the log queue was at its byte bound",
+            value=m["log_dropped"],
+        )
+        yield GaugeMetricFamily(
+            "carrara_prediction_log_queued_bytes",
+            "Bytes of prediction records waiting for the event log",
+            value=m["log_queued_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "carrara_predict_in_flight",
+            "Requests admitted and not yet answered",
+            value=m["in_flight"],
+        )
+        if self.cache is not None:
+            s = self.cache.stats()
+            total = s["hits"] + s["misses"]
+            yield GaugeMetricFamily(
+                "carrara_feature_cache_hit_ratio",
+                "Feature cache hits / lookups",
+                value=s["hits"] / total if total else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "carrara_feature_cache_entries", "Feature cache entries", value=float(s["size"])
+            )
 
 
 class GatewayMetrics:
-    def __init__(self, cache: FeatureCache | None = None) -> None:
+    def __init__(self, engine: Any, cache: FeatureCache | None = None) -> None:
+        """``engine`` is the native engine (``ServingEngine.native``)."""
         self.registry = CollectorRegistry()
-        self.latency = Histogram(
-            "carrara_predict_latency_seconds",
-            "Server-side predict latency per model, version and variant",
-            ["model", "version", "variant"],
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
-        self.predictions = Counter(
-            "carrara_predictions",
-            "Entities predicted",
-            ["model", "version", "variant"],
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "carrara_predict_errors",
-            "Failed predict calls by status code",
-            ["model", "code"],
-            registry=self.registry,
-        )
-        self.shed = Counter(
-            "carrara_predict_shed",
-            "Requests refused at the in-flight limit",
-            registry=self.registry,
-        )
-        self.degraded = Counter(
-            "carrara_predict_degraded",
-            "Entities served degraded (defaults or fallback)",
-            ["model"],
-            registry=self.registry,
-        )
-        if cache is not None:
-            ratio = Gauge(
-                "carrara_feature_cache_hit_ratio",
-                "Feature cache hits / lookups",
-                registry=self.registry,
-            )
-
-            def hit_ratio() -> float:
-                s = cache.stats()
-                total = s["hits"] + s["misses"]
-                return s["hits"] / total if total else 0.0
-
-            ratio.set_function(hit_ratio)
-            size = Gauge(
-                "carrara_feature_cache_entries", "Feature cache entries", registry=self.registry
-            )
-            size.set_function(lambda: float(len(cache)))
+        self.registry.register(_EngineCollector(engine, cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

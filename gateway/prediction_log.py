@@ -1,8 +1,11 @@
-"""Prediction logging off the response path: a bounded queue drained by one thread that
-expands batches into ``PredictionRecord``s and appends them to the ``predictions`` topic.
+"""Prediction logging off the response path: batches expanded into ``PredictionRecord``s and
+appended to the ``predictions`` topic.
 
-At-least-once: a failed append is retried (the batch stays queued); ``close()`` flushes.
-Memory stays bounded: past ``max_pending`` batches new ones are dropped and counted.
+Behind the serving engine the queue is the native one (bounded in bytes) and the engine's one
+log thread calls ``write``, which appends in chunks and retries a failed append (the native
+queue absorbs the wait; past its bound records are dropped and counted). Standalone,
+``submit`` queues a batch (bounded by ``max_pending``) for a thread of the logger's own.
+At-least-once either way; ``close()`` flushes.
 """
 
 from __future__ import annotations
@@ -50,15 +53,43 @@ class PredictionLogger:
         self.failures = 0
         self._closed = False
         self._deadline = float("inf")
-        self._thread = threading.Thread(
-            target=self._run, name="carrara-prediction-log", daemon=True
-        )
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def write(self, batches: Sequence[PredictionBatch]) -> None:
+        """Append ``batches`` now, in chunks, retrying failed appends until ``close``'s
+        deadline (the serving engine's log thread calls this)."""
+        pending = [encode(r) for b in batches for r in b.records()]
+        while pending:
+            chunk = pending[: self._max]
+            try:
+                self._log.append_many(self._topic, chunk)
+            except Exception:
+                self.failures += 1
+                if self._closed and self._closed_deadline_passed():
+                    log.error(
+                        "dropping %d prediction records at shutdown: log unavailable",
+                        len(pending),
+                    )
+                    self.dropped += len(pending)
+                    return
+                log.warning("prediction log append failed; retrying", exc_info=True)
+                time.sleep(self._retry_after_s)
+                continue
+            del pending[: len(chunk)]
+            self.written += len(chunk)
 
     def submit(self, batch: PredictionBatch) -> None:
         """Queue a batch; never blocks the caller."""
         if self._closed:
             raise RuntimeError("prediction logger is closed")
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="carrara-prediction-log", daemon=True
+                    )
+                    self._thread.start()
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
@@ -110,5 +141,6 @@ class PredictionLogger:
             return
         self._closed = True
         self._deadline = time.monotonic() + timeout_s
-        self._queue.put(None)
-        self._thread.join(timeout_s + 1.0)
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout_s + 1.0)

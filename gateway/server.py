@@ -1,4 +1,5 @@
-"""Run the gateway's gRPC and HTTP fronts in one event loop (``carrara serve``)."""
+"""Run the gateway's fronts (``carrara serve``): the native gRPC front (C++, no Python per
+request) and the HTTP front (Starlette on uvicorn), over one native engine."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-import grpc
 import uvicorn
 
-from carrara.gateway.grpc_front import NOT_SERVING, SERVING, add_services
+from carrara import __version__, _native
 from carrara.gateway.http_front import create_app
 from carrara.gateway.service import Gateway
 
@@ -28,24 +28,28 @@ class GatewayServer:
         grpc_port: int = 0,
         http_port: int = 0,
         grace_s: float = 5.0,
+        max_message_bytes: int = 16 << 20,
     ) -> None:
         self.gateway = gateway
         self.host = host
         self.grpc_port = grpc_port
         self.http_port = http_port
         self.grace_s = grace_s
-        self._grpc: grpc.aio.Server | None = None
+        self.max_message_bytes = max_message_bytes
+        self._grpc: _native.GrpcServer | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)]
+        self._grpc = _native.GrpcServer(
+            self.gateway.engine.native,
+            host=self.host,
+            port=self.grpc_port,
+            max_message_bytes=self.max_message_bytes,
+            version=__version__,
         )
-        self._health = add_services(self._grpc, self.gateway)
-        self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
-        await self._grpc.start()
-        await self._health.set("", SERVING)
+        self.grpc_port = self._grpc.port
+        self._grpc.set_serving(True)
         config = uvicorn.Config(
             create_app(self.gateway),
             host=self.host,
@@ -58,17 +62,19 @@ class GatewayServer:
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
+                self._grpc.shutdown(0.0)
                 self._http_task.result()  # raises the startup error
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Graceful: report NOT_SERVING, drain in-flight requests, then close both fronts."""
+        """Graceful: report NOT_SERVING, refuse new requests, let in-flight ones finish
+        (up to ``grace_s``), then close both fronts."""
         if self._grpc is not None:
-            await self._health.set("", NOT_SERVING)
+            self._grpc.set_serving(False)
         await self.gateway.drain(self.grace_s)
         if self._grpc is not None:
-            await self._grpc.stop(self.grace_s)
+            await asyncio.to_thread(self._grpc.shutdown, self.grace_s)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task

@@ -1,47 +1,35 @@
-"""The handler path shared by the gRPC and HTTP fronts: one ``Gateway`` per process.
+"""What the HTTP front and the server process share: one ``Gateway`` per process.
 
-It runs ``ServingEngine.predict`` on a small thread pool (the engine releases the GIL in the
-native core and in ONNX Runtime), records metrics, and tracks readiness and draining.
+Requests are answered by the native engine (the native gRPC front calls it directly; the HTTP
+front through ``predict`` here, which awaits a future the engine completes — no thread pool).
+Admission, metrics and KServe statistics are the engine's, counted in C++.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
-from carrara.errors import CarraraError, ResourceExhaustedError, UnavailableError
+from carrara.errors import NotFoundError
 from carrara.gateway.engine import Overrides, PredictionResult, ServingEngine
+from carrara.gateway.kserve_types import ModelInfo, ModelStatistics
 from carrara.gateway.metrics import GatewayMetrics
 
 __all__ = ["Gateway"]
 
 
 class Gateway:
-    def __init__(
-        self,
-        engine: ServingEngine,
-        *,
-        threads: int = 8,
-        inline_max_batch: int = 16,
-        max_in_flight: int = 64,
-    ) -> None:
-        """``max_in_flight`` bounds requests admitted by the fronts (running or queued for the
-        pool); past it they are refused at once, so accepted ones keep their latency."""
+    def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
-        self.max_in_flight = max_in_flight
-        self.inline_max_batch = inline_max_batch
-        self.metrics = GatewayMetrics(engine.cache)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="carrara-predict")
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
+        self.metrics = GatewayMetrics(engine.native, engine.cache)
 
     @property
     def ready(self) -> bool:
-        return not self.draining and bool(self.engine.models())
+        return bool(self.engine.native.ready)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.engine.native.draining)
 
     async def predict(
         self,
@@ -49,64 +37,54 @@ class Gateway:
         entity_ids: Sequence[str],
         overrides: Overrides | None = None,
         request_id: str | None = None,
+        version: str = "",
     ) -> PredictionResult:
-        if self.draining:
-            raise UnavailableError("gateway is shutting down; retry on another replica")
-        if self._active >= self.max_in_flight:
-            self.metrics.shed.inc()
-            self.metrics.errors.labels(model, "RESOURCE_EXHAUSTED").inc()
-            raise ResourceExhaustedError(
-                f"gateway has {self._active} requests in flight (limit {self.max_in_flight}); "
-                "retry with backoff"
-            )
-        self._active += 1
-        self._idle.clear()
-        try:
-            # Cache hits through an in-process model take tens of microseconds of native
-            # work: cheaper on the loop than two thread hops. Anything needing the online
-            # store (or a remote backend) goes to the pool, so the loop never waits on I/O.
-            cached = (
-                self.engine.try_cached(model, entity_ids, overrides, request_id)
-                if len(entity_ids) <= self.inline_max_batch
-                else None
-            )
-            if cached is not None:
-                result = cached
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self._pool, self.engine.predict, model, entity_ids, overrides, request_id
-                )
-        except CarraraError as exc:
-            if isinstance(exc, ResourceExhaustedError):
-                self.metrics.shed.inc()
-            self.metrics.errors.labels(model, exc.grpc_code).inc()
-            raise
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-        self._record(result)
-        return result
-
-    def _record(self, result: PredictionResult) -> None:
-        seconds = result.latency_us / 1e6
-        seen: dict[tuple[str, int], int] = {}
-        for variant, version in zip(result.variants, result.versions, strict=True):
-            seen[(variant, version)] = seen.get((variant, version), 0) + 1
-        for (variant, version), count in seen.items():
-            self.metrics.latency.labels(result.model, str(version), variant).observe(seconds)
-            self.metrics.predictions.labels(result.model, str(version), variant).inc(count)
-        degraded = sum(result.degraded)
-        if degraded:
-            self.metrics.degraded.labels(result.model).inc(degraded)
+        return await self.engine.predict_async(model, entity_ids, overrides, request_id, version)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Refuse new work, wait for in-flight requests to finish."""
-        self.draining = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        """Refuse new work (UNAVAILABLE / 503), wait for in-flight requests to finish."""
+        self.engine.native.set_draining(True)
+        await asyncio.to_thread(self.engine.native.wait_idle, timeout_s)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         self.engine.close()
+
+    # -- KServe v2 / Triton model metadata and statistics ----------------------------------
+
+    def model_info(self, name: str) -> ModelInfo:
+        """The KServe view of deployed model ``name``; ``NotFoundError`` when it is not deployed."""
+        info = self.engine.native.model_info(name)
+        if info is None:
+            raise NotFoundError(f"model {name!r} is not deployed")
+        return ModelInfo(
+            name=name,
+            versions=sorted(info["versions"], key=int),
+            columns=list(info["columns"]),
+            output_dim=int(info["output_dim"]),
+        )
+
+    def statistics(self, name: str | None = None) -> list[ModelStatistics]:
+        """Request counters of model ``name`` (every deployed model when ``None``), each
+        labelled with the model's highest deployed version; ``NotFoundError`` for a model
+        that is not deployed."""
+        names = [name] if name is not None else self.engine.models()
+        out: list[ModelStatistics] = []
+        for model in names:
+            info = self.model_info(model)
+            found = self.engine.native.statistics(model)
+            s = found[0] if found else {}
+            ok = int(s.get("success_count", 0))
+            out.append(
+                ModelStatistics(
+                    name=model,
+                    version=info.versions[-1] if info.versions else "",
+                    last_inference_ms=int(s.get("last_inference_ms", 0)),
+                    inference_count=int(s.get("entities", 0)),
+                    execution_count=ok,
+                    success_count=ok,
+                    success_ns=int(s.get("success_ns", 0)),
+                    fail_count=int(s.get("fail_count", 0)),
+                    fail_ns=int(s.get("fail_ns", 0)),
+                )
+            )
+        return out

@@ -1,8 +1,10 @@
-"""Remote model execution on NVIDIA Triton over gRPC (KServe v2), via ``tritonclient``.
+"""Remote model execution on NVIDIA Triton over gRPC (KServe v2).
 
-The engine calls backends from its worker threads, so this uses the thread-safe synchronous
-gRPC client with a per-call deadline (the variant's timeout); a GPU fleet behind a Kubernetes
-Service looks the same as one local server.
+``TritonBackend`` checks the model with ``tritonclient`` when it is loaded (readiness, one FP32
+``[-1, d]`` input); on the serving path the engine calls Triton through
+``native_executor()`` — a C++ gRPC client with the variant's timeout as deadline, no Python per
+request. ``infer`` (the same call through ``tritonclient``) serves tools and tests. A GPU fleet
+behind a Kubernetes Service looks the same as one local server.
 """
 
 from __future__ import annotations
@@ -85,6 +87,19 @@ class TritonBackend:
     @property
     def info(self) -> BackendInfo:
         return self._info
+
+    def native_executor(self) -> Any:
+        """The serving engine's executor for this model: ModelInfer over native gRPC
+        (``carrara._native.TritonExecutor``), with no Python per request."""
+        from carrara import _native
+
+        return _native.TritonExecutor(
+            self.url,
+            self.model_name,
+            model_version=self.model_version,
+            output=self._output,
+            timeout_s=self.timeout_s,
+        )
 
     def infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         check_input(self._info, x)

@@ -11,11 +11,19 @@ import typing
 __all__: list[str] = [
     "Assembler",
     "ERROR_CODES",
+    "Engine",
+    "Executor",
     "FeatureCache",
+    "FeatureStore",
     "FeatureVector",
+    "GrpcServer",
     "ManualClock",
     "Plan",
+    "PythonExecutor",
+    "PythonStore",
+    "RedisStore",
     "Router",
+    "TritonExecutor",
     "stable_hash",
 ]
 
@@ -165,6 +173,168 @@ class Router:
     def shadows(self) -> list[str]: ...
     @property
     def variant_names(self) -> list[str]: ...
+
+class FeatureStore:
+    """
+    An online store the native engine reads from.
+    """
+
+class PythonStore(FeatureStore):
+    """
+    A Python online store (an object with mget(keys) -> list[bytes | None]).
+    """
+    def __init__(self, reader: typing.Any) -> None: ...
+
+class RedisStore(FeatureStore):
+    """
+    Redis read natively (hiredis): pooled, pipelined MGET with a deadline.
+    """
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str = "",
+        connect_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 0.2,
+        down_backoff_s: typing.SupportsFloat | typing.SupportsIndex = 0.25,
+    ) -> None: ...
+    def mget(
+        self,
+        keys: collections.abc.Sequence[str],
+        timeout_s: typing.SupportsFloat | typing.SupportsIndex = 0.05,
+    ) -> list: ...
+    def stats(self) -> dict: ...
+
+class Executor:
+    """
+    Where a variant's assembled features become predictions.
+    """
+    def close(self) -> None: ...
+    @property
+    def in_process(self) -> bool: ...
+    @property
+    def input_dim(self) -> int: ...
+    @property
+    def output_dim(self) -> int: ...
+
+class PythonExecutor(Executor):
+    """
+    Dynamic batcher over a Python model: backend.infer(x) once per batch (one GIL take).
+    """
+    def __init__(
+        self,
+        backend: typing.Any,
+        input_dim: typing.SupportsInt | typing.SupportsIndex,
+        output_dim: typing.SupportsInt | typing.SupportsIndex,
+        max_batch_size: typing.SupportsInt | typing.SupportsIndex = 64,
+        max_queue_delay_us: typing.SupportsFloat | typing.SupportsIndex = 0.0,
+        workers: typing.SupportsInt | typing.SupportsIndex = 1,
+        in_process: bool = True,
+        max_queued_rows: typing.SupportsInt | typing.SupportsIndex = 65536,
+        label: str = "model",
+    ) -> None: ...
+    def stats(self) -> dict: ...
+
+class Engine:
+    """
+    The native serving path: admission, routing, cache, store, batching.
+    """
+    def __init__(
+        self,
+        cache: FeatureCache,
+        store: FeatureStore | None = None,
+        max_in_flight: typing.SupportsInt | typing.SupportsIndex = 256,
+        max_batch: typing.SupportsInt | typing.SupportsIndex = 1000,
+        store_deadline_s: typing.SupportsFloat | typing.SupportsIndex = 0.05,
+        negative_ttl_s: typing.SupportsFloat | typing.SupportsIndex = 5.0,
+        log_max_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864,
+        log_predictions: bool = False,
+    ) -> None: ...
+    def close(self) -> None: ...
+    def close_log(self) -> None: ...
+    def deploy(
+        self,
+        model: str,
+        policy: typing.Any,
+        variants: collections.abc.Sequence,
+        max_in_flight: typing.SupportsInt | typing.SupportsIndex = 0,
+    ) -> None: ...
+    def drain_log(
+        self,
+        max_records: typing.SupportsInt | typing.SupportsIndex = 500,
+        wait_s: typing.SupportsFloat | typing.SupportsIndex = 0.05,
+    ) -> typing.Any: ...
+    def metrics(self) -> dict: ...
+    def model_info(self, name: str) -> typing.Any: ...
+    def models(self) -> list[str]: ...
+    def predict(
+        self,
+        model: typing.Any,
+        entity_ids: collections.abc.Sequence,
+        overrides: typing.Any = None,
+        request_id: typing.Any = None,
+        version: str = "",
+    ) -> tuple: ...
+    def predict_async(
+        self,
+        model: typing.Any,
+        entity_ids: collections.abc.Sequence,
+        overrides: typing.Any,
+        request_id: typing.Any,
+        version: str,
+        callback: typing.Any,
+    ) -> None: ...
+    def set_draining(self, draining: bool) -> None: ...
+    def statistics(self, name: str = "") -> list: ...
+    def undeploy(self, model: str) -> None: ...
+    def wait_idle(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def ready(self) -> bool: ...
+
+class TritonExecutor(Executor):
+    """
+    A model on a Triton server, called over native gRPC (KServe v2).
+    """
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        model_version: str = "",
+        output: str = "",
+        timeout_s: typing.SupportsFloat | typing.SupportsIndex = 1.0,
+        connect_timeout_s: typing.SupportsFloat | typing.SupportsIndex = 5.0,
+    ) -> None: ...
+    def infer(
+        self, x: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]
+    ) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        One synchronous call (tests and checks; the engine calls it natively).
+        """
+    @property
+    def input_name(self) -> str: ...
+    @property
+    def output_name(self) -> str: ...
+    @property
+    def platform(self) -> str: ...
+
+class GrpcServer:
+    """
+    The native gRPC front: carrara.v1.Predict, KServe v2, health.
+    """
+    def __init__(
+        self,
+        engine: Engine,
+        host: str = "127.0.0.1",
+        port: typing.SupportsInt | typing.SupportsIndex = 0,
+        max_message_bytes: typing.SupportsInt | typing.SupportsIndex = 16777216,
+        version: str = "0.1.0",
+    ) -> None: ...
+    def set_serving(self, serving: bool) -> None: ...
+    def shutdown(self, grace_s: typing.SupportsFloat | typing.SupportsIndex = 5.0) -> None: ...
+    @property
+    def port(self) -> int: ...
 
 def _raise_error(code: typing.SupportsInt | typing.SupportsIndex, message: str) -> None:
     """

@@ -699,7 +699,7 @@ class Client:
         if target.startswith("grpc://"):
             import grpc
 
-            from carrara.gateway.grpc_front import predict_stub
+            from carrara.gateway.grpc_client import predict_stub
             from carrara.v1 import predict_pb2
 
             request = predict_pb2.PredictRequest(

@@ -724,7 +724,7 @@ class _Demo:
         self.stage("load run (gateway gRPC on loopback, open loop)")
         import grpc
 
-        from carrara.gateway.grpc_front import predict_stub
+        from carrara.gateway.grpc_client import predict_stub
         from carrara.v1 import predict_pb2
 
         with p.serve() as server:

@@ -411,7 +411,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from carrara.core import FeatureCache
     from carrara.eventlog import open_event_log
     from carrara.feature_cache.online_store import open_online_store
-    from carrara.gateway.embedded import StoreReader
+    from carrara.gateway.embedded import serving_store
     from carrara.gateway.engine import ServingEngine
     from carrara.gateway.prediction_log import PredictionLogger
     from carrara.gateway.registry_source import DeploymentWatcher, load_active
@@ -426,7 +426,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     logger = PredictionLogger(predictions)
     registry = ModelRegistry.open(settings.resolved_registry_url, settings.resolved_artifact_path)
     engine = ServingEngine(
-        StoreReader(store),
+        serving_store(store),
         cache=FeatureCache(
             capacity=settings.cache_capacity, ttl_seconds=settings.cache_ttl_seconds
         ),

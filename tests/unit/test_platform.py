@@ -19,7 +19,7 @@ import pytest
 
 import carrara
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup
-from carrara.gateway.grpc_front import predict_stub
+from carrara.gateway.grpc_client import predict_stub
 from carrara.registry.types import TrafficSplit, VariantSplit
 from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
 from carrara.v1 import predict_pb2

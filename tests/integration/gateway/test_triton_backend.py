@@ -76,7 +76,10 @@ def test_engine_serves_through_triton(triton_url: str, tmp_path: Path) -> None:
     expected = float(np.array([1.0, 2.0, 3.0], np.float32) @ WEIGHTS[:, 0] + BIAS)
     assert r.variants == ["gpu", "gpu"]
     assert r.outputs[:, 0].tolist() == pytest.approx([expected, expected])
-    triton_backend.close()  # the remote side is gone: calls fail, the fallback answers
+    # The native gRPC client is what serves; closing it makes every call fail at once
+    # (UNAVAILABLE), as a dead remote would: the fallback answers.
+    engine._executors[id(triton_backend)][1].close()
     r = engine.predict("m", ["e1"])
     assert (r.variants, r.degraded, r.outputs[0, 0]) == (["cpu"], [True], 7.0)
     engine.close()
+    triton_backend.close()

@@ -29,7 +29,7 @@ from carrara.core import (
 )
 from carrara.gateway.backends import BackendInfo, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
-from carrara.gateway.grpc_front import predict_stub
+from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
@@ -299,14 +299,14 @@ def test_gateway_admission_sheds_before_queueing(tmp_path: Path) -> None:
 
     from carrara.errors import ResourceExhaustedError
 
-    engine, backend = slow_engine(tmp_path, max_in_flight=1_000)
-    gateway = Gateway(engine, max_in_flight=2)
+    engine, backend = slow_engine(tmp_path, max_in_flight=2)
+    gateway = Gateway(engine)
 
     async def scenario() -> tuple[int, float]:
         held = [asyncio.create_task(gateway.predict("slow", [f"u{i}"])) for i in range(2)]
         await asyncio.sleep(0.2)
         start = time.perf_counter()
-        with pytest.raises(ResourceExhaustedError, match="limit 2"):
+        with pytest.raises(ResourceExhaustedError, match=r"in-flight limit \(2\)"):
             await gateway.predict("slow", ["u9"])
         refused_in = time.perf_counter() - start
         backend.release.set()

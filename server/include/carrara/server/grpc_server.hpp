@@ -1,0 +1,53 @@
+// GrpcServer: the native gRPC front over core::Engine.
+//
+// One port serves Carrara's `carrara.v1.Predict`, the KServe v2 / Triton
+// `inference.GRPCInferenceService` (so unmodified tritonclient and perf_analyzer work) and
+// `grpc.health.v1.Health` (grpc++'s default health service). Requests are decoded on the gRPC
+// callback thread and handed to Engine::predict directly; the reply is sent from whichever
+// thread completes the prediction. No Python here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "carrara/core/engine.hpp"
+
+namespace carrara::server {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  int port = 0;                              // 0 = pick a free port
+  std::size_t max_message_bytes = 16u << 20;  // receive and send limit per message
+  std::string server_name = "carrara";       // ServerMetadata.name
+  std::string server_version;                // ServerMetadata.version
+};
+
+class GrpcServer {
+ public:
+  // Starts serving. Throws core::Error(kUnavailable) when the address cannot be bound and
+  // core::Error(kInvalidArgument) on bad options.
+  GrpcServer(std::shared_ptr<core::Engine> engine, ServerOptions options);
+  ~GrpcServer();  // shutdown(0) if still running
+  GrpcServer(const GrpcServer&) = delete;
+  GrpcServer& operator=(const GrpcServer&) = delete;
+
+  int port() const noexcept;  // the bound port
+  const ServerOptions& options() const noexcept;
+  // grpc.health.v1 status of "" and of the two services by name. Ignored once shutdown began.
+  void set_serving(bool serving);
+  // Stops accepting: health turns NOT_SERVING and predictions that arrive from now on (on
+  // open streams, say) get UNAVAILABLE; in-flight RPCs get up to `grace_ns` to finish, then
+  // are cancelled. Returns once every RPC has completed. Idempotent. Does not drain or close
+  // the engine (other fronts may share it).
+  void shutdown(std::int64_t grace_ns);
+  bool shutting_down() const noexcept;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace carrara::server
