@@ -71,13 +71,20 @@ stubcheck: install
 	diff -u python/carrara/_native.pyi build/stubs/_native.pyi || { echo "python/carrara/_native.pyi is stale: run 'make stubs'"; exit 1; }
 	$(PY) -m mypy.stubtest carrara._native --concise --mypy-config-file pyproject.toml --allowlist cpp/stubtest-allowlist.txt
 
-# The core's C++ tests, built with AddressSanitizer + UndefinedBehaviorSanitizer.
-native-test: apt
+# The native C++ tests (core, gRPC front, Triton client), built with AddressSanitizer +
+# UndefinedBehaviorSanitizer. The Triton client's tests start a real Triton from triton-env.
+native-test: apt triton-env
 	cmake -S . -B $(NATIVE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCARRARA_NATIVE_TESTS=ON \
-	  -DCARRARA_SANITIZE=ON -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja >/dev/null
+	  -DCARRARA_SANITIZE=ON -DCARRARA_KSERVE_PYTHON=$(abspath $(PY)) \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja >/dev/null
 	cmake --build $(NATIVE_BUILD) -j2
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(NATIVE_BUILD)/core/tests/carrara_core_tests --gtest_brief=1
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(NATIVE_BUILD)/server/tests/carrara_server_tests --gtest_brief=1
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  CARRARA_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python \
+	  $(NATIVE_BUILD)/server/triton/tests/carrara_triton_tests --gtest_brief=1
 
 pytest: install services triton-env
 	$(VENV)/bin/pytest -q -p no:cacheprovider

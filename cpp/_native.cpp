@@ -997,6 +997,13 @@ PYBIND11_MODULE(_native, m) {
              return values;
            },
            py::arg("keys"), py::arg("timeout_s") = 0.05)
+      .def("ping",
+           [](cc::RedisStore& r, double timeout_s) {
+             py::gil_scoped_release nogil;
+             r.ping(cc::steady_now_ns() + seconds_to_ns(timeout_s, "timeout_s"));
+           },
+           py::arg("timeout_s") = 1.0,
+           "One PING round trip (opens a pooled connection); raises when Redis does not answer.")
       .def("stats", [](const cc::RedisStore& r) {
         cc::RedisStoreStats s = r.stats();
         py::dict d;

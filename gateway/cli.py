@@ -62,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         sink=logger,
         max_in_flight=config.max_in_flight,
         max_batch=config.max_batch,
+        store_deadline_s=config.store_deadline_s,
     )
     for model in config.models:
         engine.deploy(model.deployment(), build_backends(model))

@@ -43,6 +43,9 @@ class VariantConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     timeout_s: float = 1.0
     failure_threshold: int = 5
     reset_after_s: float = 5.0
+    # Dynamic batching of an in-process model (Triton's dynamic_batching).
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
 
     def spec(self) -> VariantSpec:
         return VariantSpec(
@@ -52,6 +55,8 @@ class VariantConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             timeout_s=self.timeout_s,
             failure_threshold=self.failure_threshold,
             reset_after_s=self.reset_after_s,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
         )
 
 
@@ -59,10 +64,14 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     name: str
     policy: RoutingPolicy
     variants: tuple[VariantConfig, ...]
+    max_in_flight: int = 0  # this model's share of the gateway's bound; 0 = no own bound
 
     def deployment(self) -> ModelDeployment:
         return ModelDeployment(
-            model=self.name, policy=self.policy, variants=tuple(v.spec() for v in self.variants)
+            model=self.name,
+            policy=self.policy,
+            variants=tuple(v.spec() for v in self.variants),
+            max_in_flight=self.max_in_flight,
         )
 
 
@@ -82,8 +91,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     event_log_url: str | None = None  # prediction logs; None = not logged
     cache_capacity: int = 10_000
     cache_ttl_seconds: float = 30.0
-    max_in_flight: int = 256
-    max_batch: int = 1_000
+    max_in_flight: int = 256  # requests admitted at once (all models); past it RESOURCE_EXHAUSTED
+    max_batch: int = 1_000  # entities per request
+    store_deadline_s: float = 0.05  # online-store read budget; past it: cache/defaults, degraded
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:

@@ -6,10 +6,12 @@ online store (anything with ``get_many(keys)``, e.g. ``carrara.feature_cache`` s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from carrara.core import FeatureCache
+from carrara.errors import CarraraError
 from carrara.gateway.backends import Backend
 from carrara.gateway.engine import ModelDeployment, Overrides, PredictionResult, ServingEngine
 from carrara.gateway.prediction_log import Appender, PredictionLogger
@@ -62,7 +64,12 @@ def serving_store(store: KeyValueStore) -> Any:
         else:
             url = f"redis://{auth}{kw.get('host', '127.0.0.1')}:{int(kw.get('port', 6379))}/{db}"
         prefix = f"{store.namespace}:" if store.namespace else ""
-        return _native.RedisStore(url, prefix)
+        native = _native.RedisStore(url, prefix)
+        with contextlib.suppress(CarraraError):
+            # Open a connection now, with time to spare: the first request must not pay the
+            # connect inside its store deadline. A Redis that is down now is retried later.
+            native.ping(1.0)
+        return native
     return StoreReader(store)
 
 

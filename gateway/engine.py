@@ -121,6 +121,8 @@ class ModelDeployment(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     policy: RoutingPolicy
     variants: tuple[VariantSpec, ...]
+    #: Requests of this model admitted at once (0: only the engine's overall bound).
+    max_in_flight: int = 0
 
 
 class PredictionResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -305,7 +307,12 @@ class ServingEngine:
                     )
                 )
             try:
-                self.native.deploy(deployment.model, deployment.policy, variants)
+                self.native.deploy(
+                    deployment.model,
+                    deployment.policy,
+                    variants,
+                    max_in_flight=deployment.max_in_flight,
+                )
             except BaseException:
                 for key_id in created:
                     _backend, executor, _ = self._executors.pop(key_id)

@@ -26,6 +26,7 @@ from carrara.registry.registry import DEPLOYMENTS_TOPIC, ModelRegistry
 from carrara.registry.types import Deployment
 
 __all__ = [
+    "Batching",
     "DeploymentWatcher",
     "build_deployment",
     "load_active",
@@ -37,9 +38,20 @@ log = logging.getLogger(__name__)
 _deployment_decoder = msgspec.json.Decoder(Deployment)
 
 
-def serving_spec(spec: AssemblerSpec) -> dict[str, Any]:
-    """What to register as a version's ``serving_spec``: the features it reads, in order."""
+class Batching(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Dynamic batching of an in-process model (Triton's ``dynamic_batching``)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+
+
+def serving_spec(
+    spec: AssemblerSpec, *, max_batch_size: int = 64, max_queue_delay_us: int = 0
+) -> dict[str, Any]:
+    """What to register as a version's ``serving_spec``: the features it reads, in order, and
+    how the gateway batches its calls."""
     out: dict[str, Any] = msgspec.to_builtins(spec)
+    out["batching"] = msgspec.to_builtins(Batching(max_batch_size, max_queue_delay_us))
     return out
 
 
@@ -62,7 +74,9 @@ def build_deployment(
                     ".serving_spec(AssemblerSpec(...))"
                 )
             try:
-                features = msgspec.convert(v.serving_spec, AssemblerSpec)
+                raw = dict(v.serving_spec)
+                batching = msgspec.convert(raw.pop("batching", {}), Batching)
+                features = msgspec.convert(raw, AssemblerSpec)
             except msgspec.ValidationError as exc:
                 raise FailedPreconditionError(
                     f"model {deployment.model!r} version {v.version} has a bad feature spec: {exc}"
@@ -74,7 +88,14 @@ def build_deployment(
                 data, providers=providers, name=f"{deployment.model} v{v.version}"
             )
             specs.append(
-                VariantSpec(name=v.name, version=v.version, features=features, timeout_s=timeout_s)
+                VariantSpec(
+                    name=v.name,
+                    version=v.version,
+                    features=features,
+                    timeout_s=timeout_s,
+                    max_batch_size=batching.max_batch_size,
+                    max_queue_delay_us=batching.max_queue_delay_us,
+                )
             )
     except BaseException:
         for b in backends.values():

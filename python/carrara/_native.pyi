@@ -201,6 +201,10 @@ class RedisStore(FeatureStore):
         keys: collections.abc.Sequence[str],
         timeout_s: typing.SupportsFloat | typing.SupportsIndex = 0.05,
     ) -> list: ...
+    def ping(self, timeout_s: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
+        """
+        One PING round trip (opens a pooled connection); raises when Redis does not answer.
+        """
     def stats(self) -> dict: ...
 
 class Executor:

@@ -127,8 +127,8 @@ struct GrpcServer::Impl {
   std::unique_ptr<PredictService> predict;
   std::unique_ptr<grpc::Server> server;  // after the services: destroyed before them
   int port = 0;
-  std::mutex shutdown_mu;
-  bool stopped = false;
+  std::mutex health_mu;  // orders set_serving against the start of shutdown
+  std::once_flag stop_once;
   mutable std::mutex fail_mu;
   std::map<std::string, FrontFailures, std::less<>> front_failures;
 };
@@ -700,8 +700,8 @@ const ServerOptions& GrpcServer::options() const noexcept { return impl_->option
 bool GrpcServer::shutting_down() const noexcept { return impl_->draining(); }
 
 void GrpcServer::set_serving(bool serving) {
-  std::lock_guard<std::mutex> lock(impl_->shutdown_mu);
-  if (impl_->draining() || !impl_->server) return;
+  std::lock_guard<std::mutex> lock(impl_->health_mu);
+  if (impl_->draining()) return;
   grpc::HealthCheckServiceInterface* health = impl_->server->GetHealthCheckService();
   if (!health) return;
   for (const char* service : {"", "carrara.v1.Predict", "inference.GRPCInferenceService"}) {
@@ -710,20 +710,24 @@ void GrpcServer::set_serving(bool serving) {
 }
 
 void GrpcServer::shutdown(std::int64_t grace_ns) {
-  std::lock_guard<std::mutex> lock(impl_->shutdown_mu);
-  if (impl_->stopped) return;
-  impl_->draining_.store(true);
-  if (grpc::HealthCheckServiceInterface* health = impl_->server->GetHealthCheckService()) {
-    health->SetServingStatus(false);
+  {
+    std::lock_guard<std::mutex> lock(impl_->health_mu);
+    if (!impl_->draining_.exchange(true)) {
+      if (grpc::HealthCheckServiceInterface* health = impl_->server->GetHealthCheckService()) {
+        health->SetServingStatus(false);
+      }
+    }
   }
-  const auto deadline =
-      std::chrono::system_clock::now() + std::chrono::nanoseconds(std::max<std::int64_t>(0, grace_ns));
-  // Stops listening, lets in-flight calls finish until the deadline, then cancels the rest;
-  // returns once every call is done (a unary call is done when its engine callback has
-  // finished it, a stream when every request it read has been answered).
-  impl_->server->Shutdown(deadline);
-  impl_->server->Wait();
-  impl_->stopped = true;
+  // Concurrent callers wait here until the first one's shutdown has completed.
+  std::call_once(impl_->stop_once, [&] {
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::nanoseconds(std::max<std::int64_t>(0, grace_ns));
+    // Stops listening, lets in-flight calls finish until the deadline, then cancels the rest;
+    // returns once every call is done (a unary call is done when its engine callback has
+    // finished it, a stream when every request it read has been answered).
+    impl_->server->Shutdown(deadline);
+    impl_->server->Wait();
+  });
 }
 
 }  // namespace carrara::server

@@ -3,13 +3,10 @@ nothing else): serving continues degraded while Redis is down and recovers when 
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,60 +32,6 @@ pytestmark = pytest.mark.integration
 SPEC = AssemblerSpec(groups=(GroupSchema("u", 1, ("x",)),), features=(FeatureRef("u", "x", -5.0),))
 
 
-class PrivateRedis:
-    def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed (make test installs it)"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    r.start()
-    yield r
-    if r.proc is not None and r.proc.poll() is None:
-        r.kill()
-
-
 def populate(port: int) -> None:
     client = redis.Redis(port=port)
     client.mset(
@@ -97,9 +40,7 @@ def populate(port: int) -> None:
     client.close()
 
 
-def test_redis_down_mid_load_degrades_then_recovers(
-    private_redis: PrivateRedis, tmp_path: Path
-) -> None:
+def test_redis_down_mid_load_degrades_then_recovers(private_redis: Any, tmp_path: Path) -> None:
     populate(private_redis.port)
     # Fail fast: redis-py's default retries back off for seconds, and the serving path has
     # its own answer to a dead store (cache, defaults, degraded flag).

@@ -39,8 +39,10 @@ class GrpcServer {
   void set_serving(bool serving);
   // Stops accepting: health turns NOT_SERVING and predictions that arrive from now on (on
   // open streams, say) get UNAVAILABLE; in-flight RPCs get up to `grace_ns` to finish, then
-  // are cancelled. Returns once every RPC has completed. Idempotent. Does not drain or close
-  // the engine (other fronts may share it).
+  // are cancelled. Returns once every RPC has completed, i.e. once the engine has answered
+  // every prediction it was given (its timeouts bound that). Idempotent; concurrent callers
+  // all return after the first one's shutdown completed. Does not drain or close the engine
+  // (other fronts may share it). Never call it from an engine or gRPC callback thread.
   void shutdown(std::int64_t grace_ns);
   bool shutting_down() const noexcept;
 
