@@ -214,10 +214,15 @@ struct UrlParser {
     return Error(ErrorCode::kInvalidArgument, "redis URL '" + mask_password(url) + "': " + why);
   }
 
-  std::string decode(std::string_view s, const char* what) const {
+  // Percent-decoding; in a query value '+' is a space too (as Python's parse_qs reads it).
+  std::string decode(std::string_view s, const char* what, bool query = false) const {
     std::string out;
     out.reserve(s.size());
     for (std::size_t i = 0; i < s.size(); ++i) {
+      if (query && s[i] == '+') {
+        out.push_back(' ');
+        continue;
+      }
       if (s[i] != '%') {
         out.push_back(s[i]);
         continue;
@@ -313,10 +318,18 @@ struct UrlParser {
       query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
       const std::size_t eq = param.find('=');
       const std::string_view name = param.substr(0, eq);
-      if (name != "db") throw bad("unknown parameter '" + std::string(name) + "' (known: db)");
-      if (db.has_value()) throw bad("the database is given twice");
-      db = number(eq == std::string_view::npos ? std::string_view() : param.substr(eq + 1), 0,
-                  std::numeric_limits<int>::max(), "database");
+      const std::string_view value =
+          eq == std::string_view::npos ? std::string_view() : param.substr(eq + 1);
+      if (name == "db") {
+        if (db.has_value()) throw bad("the database is given twice");
+        db = number(value, 0, std::numeric_limits<int>::max(), "database");
+      } else if (name == "namespace") {
+        ep.key_namespace = decode(value, "namespace", true);
+      } else if (name == "cluster") {
+        throw bad("Redis Cluster is not supported by the native Redis client");
+      } else {
+        throw bad("unknown parameter '" + std::string(name) + "' (known: db, namespace)");
+      }
     }
     ep.db = db.value_or(0);
     return ep;
@@ -330,11 +343,13 @@ struct UrlParser {
 std::string RedisEndpoint::describe() const {
   std::string creds;
   if (!password.empty()) creds = user + ":***@";
-  if (!unix_path.empty()) {
-    return "unix://" + creds + unix_path + (db != 0 ? "?db=" + std::to_string(db) : "");
-  }
+  std::string query;
+  if (!unix_path.empty() && db != 0) query = "db=" + std::to_string(db);
+  if (!key_namespace.empty()) query += (query.empty() ? "" : "&") + ("namespace=" + key_namespace);
+  if (!query.empty()) query.insert(0, "?");
+  if (!unix_path.empty()) return "unix://" + creds + unix_path + query;
   const std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
-  return "redis://" + creds + h + ":" + std::to_string(port) + "/" + std::to_string(db);
+  return "redis://" + creds + h + ":" + std::to_string(port) + "/" + std::to_string(db) + query;
 }
 
 RedisEndpoint parse_redis_url(std::string_view url) { return UrlParser{url}.parse(); }
@@ -363,7 +378,9 @@ class RedisStore::Connection {
 
 RedisStore::RedisStore(std::string_view url, std::string key_prefix, RedisStoreOptions options)
     : endpoint_(parse_redis_url(url)),
-      key_prefix_(std::move(key_prefix)),
+      key_prefix_(key_prefix.empty() && !endpoint_.key_namespace.empty()
+                      ? endpoint_.key_namespace + ":"
+                      : std::move(key_prefix)),
       options_(std::move(options)),
       name_("redis " + endpoint_.describe()),
       guard_sigpipe_(!sigpipe_ignored()) {

@@ -301,6 +301,9 @@ TEST(RedisUrl, ParsesTcpForms) {
 
   e = parse_redis_url("redis://h?db=4");
   EXPECT_EQ(e.db, 4);
+  e = parse_redis_url("redis://127.0.0.1:6379/0?namespace=run%3A1+a");  // as parse_qs reads it
+  EXPECT_EQ(e.key_namespace, "run:1 a");
+  EXPECT_EQ(e.db, 0);
   EXPECT_EQ(parse_redis_url("redis://").host, "localhost");
 }
 
@@ -332,7 +335,8 @@ TEST(RedisUrl, RejectsBadUrlsWithTheReason) {
   expect_error(parse("redis://h/-1"), ErrorCode::kInvalidArgument, {"database '-1'"});
   expect_error(parse("redis://h/1?db=2"), ErrorCode::kInvalidArgument, {"given twice"});
   expect_error(parse("redis://h?timeout=3"), ErrorCode::kInvalidArgument,
-               {"unknown parameter 'timeout'", "known: db"});
+               {"unknown parameter 'timeout'", "known: db, namespace"});
+  expect_error(parse("redis://h?cluster=1"), ErrorCode::kInvalidArgument, {"Redis Cluster"});
   expect_error(parse("redis://[::1:6379"), ErrorCode::kInvalidArgument, {"unclosed '['"});
   expect_error(parse("unix://tmp/r.sock"), ErrorCode::kInvalidArgument, {"absolute socket path"});
   expect_error(parse("unix://"), ErrorCode::kInvalidArgument, {"absolute socket path"});
@@ -350,6 +354,9 @@ TEST(RedisUrl, DescribeMasksThePassword) {
   EXPECT_EQ(parse_redis_url("redis://:hunter2@h").describe(), "redis://:***@h:6379/0");
   EXPECT_EQ(parse_redis_url("redis://[::1]").describe(), "redis://[::1]:6379/0");
   EXPECT_EQ(parse_redis_url("unix:///s.sock?db=2").describe(), "unix:///s.sock?db=2");
+  EXPECT_EQ(parse_redis_url("unix:///s.sock?namespace=x&db=2").describe(),
+            "unix:///s.sock?db=2&namespace=x");
+  EXPECT_EQ(parse_redis_url("redis://h/1?namespace=x").describe(), "redis://h:6379/1?namespace=x");
 }
 
 TEST(RedisStoreOptions, AreValidated) {
@@ -503,6 +510,16 @@ TEST_F(RedisStoreTest, KeyPrefixIsPrepended) {
   EXPECT_EQ(out, (Values{"prefixed", std::nullopt, std::nullopt}));
   RedisStore bare(kRedisUrl, prefix_);
   bare.mget(std::vector<std::string>{"user:1"}, out, in_ms(1000));
+  EXPECT_EQ(out, (Values{"bare"}));
+
+  // The Python online store's ?namespace=ns means the prefix "ns:"; an explicit prefix wins.
+  const std::string ns = prefix_ + "ns";  // ':' is fine in a query value
+  RedisStore from_url(kRedisUrl + "/0?namespace=" + ns);
+  EXPECT_EQ(from_url.key_prefix(), ns + ":");
+  from_url.mget(std::vector<std::string>{"user:1"}, out, in_ms(1000));
+  EXPECT_EQ(out, (Values{"prefixed"}));
+  RedisStore explicit_wins(kRedisUrl + "/0?namespace=" + ns, prefix_);
+  explicit_wins.mget(std::vector<std::string>{"user:1"}, out, in_ms(1000));
   EXPECT_EQ(out, (Values{"bare"}));
 }
 
@@ -705,15 +722,15 @@ TEST_F(RedisStoreTest, DownBackoffFailsFastThenReconnects) {
 
   std::int64_t t0 = now();
   expect_error([&] { store.mget(keys, out, in_ms(20)); }, ErrorCode::kDeadlineExceeded,
-               {"deadline exceeded", "waiting for the reply", "budget"});
-  EXPECT_GE(elapsed_ms(t0), 19.0);
+               {"deadline exceeded", "budget"});
+  EXPECT_GE(elapsed_ms(t0), 15.0);  // the socket timeout may end up to one tick (4 ms) early
 
   // Inside the window: at once, and without touching the network.
   t0 = now();
   const std::string msg =
       expect_error([&] { store.mget(keys, out, in_ms(1000)); }, ErrorCode::kUnavailable,
-                   {"marked down for another", "deadline exceeded waiting for the reply"});
-  EXPECT_LT(elapsed_ms(t0), 50.0) << msg;  // touching the stalled server would take 1 s
+                   {"marked down for another", "after a failure (deadline exceeded"});
+  EXPECT_LT(elapsed_ms(t0), 200.0) << msg;  // touching the stalled server would take 1 s
   EXPECT_EQ(fake.accepted(1), 1);
   EXPECT_EQ(fake.closed(1), 1) << "the timed-out connection must be closed";
 
@@ -774,11 +791,11 @@ TEST(RedisStoreFailure, DownWindowSkipsTheNetworkThenProbes) {
   Values out;
   expect_error([&] { store.mget(keys, out, in_ms(20)); }, ErrorCode::kDeadlineExceeded);
   for (int i = 0; i < 100; ++i) {
-    // Touching the stalled server would take the whole second; a loaded machine, a few ms.
+    // Microseconds; touching the stalled server would take the whole second.
     const std::int64_t t0 = now();
     expect_error([&] { store.mget(keys, out, in_ms(1000)); }, ErrorCode::kUnavailable,
                  {"marked down"});
-    EXPECT_LT(elapsed_ms(t0), 50.0);
+    EXPECT_LT(elapsed_ms(t0), 200.0);
   }
   EXPECT_EQ(fake.accepted(1), 1);
   EXPECT_EQ(store.stats().fast_failures, 100u);
@@ -818,9 +835,11 @@ TEST(RedisStoreFailure, HungServerTimesOutAndTheConnectionIsDropped) {
     const std::int64_t t0 = now();
     expect_error([&] { store.mget(std::vector<std::string>{"k"}, out, in_ms(20)); },
                  ErrorCode::kDeadlineExceeded, {"deadline exceeded", "budget"});
+    // 20 ms, give or take one timer tick (1-4 ms) and scheduling; a store that waited for its
+    // connect timeout (200 ms) or without a timeout would be far past the bound.
     const double took = elapsed_ms(t0);
-    EXPECT_GE(took, 19.0);
-    EXPECT_LE(took, 60.0);
+    EXPECT_GE(took, 15.0);
+    EXPECT_LE(took, 80.0);
     // Closed, not pooled: the next probe opens a new connection.
     EXPECT_EQ(store.stats().connections_open, 0u);
     EXPECT_EQ(fake.closed(round), round);

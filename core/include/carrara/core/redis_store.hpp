@@ -2,10 +2,13 @@
 //
 // A pool of connections, one pipelined MGET per call (split into commands of at most
 // `max_keys_per_command` keys, all sent before any reply is read), and a hard deadline: the
-// socket timeout is set to the time left before every read and write. A connection that failed
-// or timed out is closed, never reused (its late replies would answer the next call). After a
-// failure the store is "down" for `down_backoff_ns`: calls then fail at once without touching
-// the network, and the first call after the window probes again.
+// socket timeout is set to the time left before every read and write (the kernel's timer tick
+// may end a wait up to one tick, 1-4 ms, early; never late). A connection that failed or timed
+// out is closed, never reused (its late replies would answer the next call). After a failure
+// (a timeout included; a deadline already past on entry excluded) the store is "down" for
+// `down_backoff_ns`: calls then fail at once without touching the network, and the first call
+// after the window probes again. A pooled connection the server had closed is replaced and the
+// read retried once, transparently.
 #pragma once
 
 #include <atomic>
@@ -25,9 +28,11 @@ struct redisContext;  // hiredis; only redis_store.cpp includes its headers
 namespace carrara::core {
 
 // Where and how to connect, as parsed from a URL:
-//   redis://[[user]:password@]host[:port][/db]     (host may be [v6]; port 6379, db 0)
-//   unix://[[user]:password@]/path/to/sock[?db=N]
-// user and password may be percent-encoded. TLS (rediss://) is not supported.
+//   redis://[[user]:password@]host[:port][/db][?namespace=ns]   (host may be [v6]; port 6379)
+//   unix://[[user]:password@]/path/to/sock[?db=N][&namespace=ns]
+// user and password may be percent-encoded. `namespace` is the Python online store's
+// (feature_cache/online_store.py): keys are "{namespace}:{group}:{version}:{entity}", so the
+// same URL configures both. TLS (rediss://) and Redis Cluster (?cluster=1) are not supported.
 struct RedisEndpoint {
   std::string host;       // empty for a unix socket
   int port = 6379;
@@ -35,6 +40,7 @@ struct RedisEndpoint {
   std::string user;       // empty: AUTH with the password only (the "default" user)
   std::string password;   // empty: no AUTH
   int db = 0;
+  std::string key_namespace;  // ?namespace=; empty: none
 
   // The URL with the password masked, for messages and logs.
   std::string describe() const;
@@ -67,7 +73,8 @@ struct RedisStoreStats {
 class RedisStore final : public FeatureStore {
  public:
   // Connects lazily: the constructor only parses and validates (kInvalidArgument).
-  // `key_prefix` is prepended to every key (e.g. "ns:").
+  // `key_prefix` is prepended to every key (e.g. "ns:"); when empty, the URL's ?namespace=ns
+  // gives "ns:" (an explicit key_prefix wins, as the Python store's explicit namespace does).
   explicit RedisStore(std::string_view url, std::string key_prefix = {},
                       RedisStoreOptions options = {});
   ~RedisStore() override;
