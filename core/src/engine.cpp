@@ -277,6 +277,12 @@ struct Engine::Impl {
     return names.empty() ? "none" : join(names);
   }
 
+  // Under the mutex: a waiter between its predicate check and its wait must not miss it.
+  void notify_idle() {
+    std::lock_guard<std::mutex> lock(idle_mu);
+    idle_cv.notify_all();
+  }
+
   void count_error(const std::string& model, ErrorCode code) {
     std::lock_guard<std::mutex> lock(err_mu);
     ++errors[{model, code}];
@@ -842,10 +848,7 @@ void finish(const std::shared_ptr<Call>& c, Status status) {
   // Release admission before answering: a caller that sends its next request as soon as it
   // has this answer must find the slot free.
   mc.in_flight.fetch_sub(1, std::memory_order_relaxed);
-  if (engine->in_flight_dec() == 0) {
-    std::lock_guard<std::mutex> lock(impl->idle_mu);
-    impl->idle_cv.notify_all();
-  }
+  if (engine->in_flight_dec() == 0) impl->notify_idle();
   const bool shadows = ok && !live.shadows.empty();
   if (done) {
     if (ok) {
@@ -885,7 +888,7 @@ void Engine::predict(PredictCall call, PredictDone done) {
   }
   std::shared_ptr<const Live> live = impl_->find(call.model);
   if (!live) {
-    if (in_flight_dec() == 0) impl_->idle_cv.notify_all();
+    if (in_flight_dec() == 0) impl_->notify_idle();
     fail_now(ErrorCode::kNotFound, "model '" + call.model + "' is not deployed; deployed: " +
                                        impl_->deployed_names());
     return;
@@ -893,7 +896,7 @@ void Engine::predict(PredictCall call, PredictDone done) {
   if (live->counters->in_flight.fetch_add(1) >= (live->max_in_flight ? live->max_in_flight
                                                                      : options_.max_in_flight)) {
     live->counters->in_flight.fetch_sub(1);
-    if (in_flight_dec() == 0) impl_->idle_cv.notify_all();
+    if (in_flight_dec() == 0) impl_->notify_idle();
     impl_->shed.fetch_add(1, std::memory_order_relaxed);
     fail_now(ErrorCode::kResourceExhausted,
              "model '" + call.model + "' is at its in-flight limit (" +
