@@ -165,6 +165,9 @@ class CarraraSetup:
     sleep_ms: float = 0.0  # > 0: model SLEEP_MODEL, a backend that sleeps this long per batch
     max_in_flight: int = 64  # the gateway's admission bound (Gateway and engine)
     threads: int = 8  # Gateway pool (and engine worker pool for the sleep backend)
+    store_url: str | None = None  # online store (e.g. redis://...); None = an in-process dict
+    max_batch_size: int = 64  # dynamic batching of the in-process model
+    max_queue_delay_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,10 @@ class DictStore:
 
 
 class SleepBackend:
-    """A model that takes ``sleep_ms`` per batch (remote-style: the engine runs it on its
-    worker pool with a deadline, as it would a Triton call)."""
+    """A model that takes ``sleep_ms`` per batch, in process and dynamically batched (up to
+    1,024 rows, one instance, no queue delay), as Triton's ``sleep10`` model is configured."""
 
-    runs_in_process = False
+    runs_in_process = True
 
     def __init__(self, sleep_ms: float) -> None:
         from carrara.gateway.backends import BackendInfo
@@ -221,6 +224,23 @@ class SleepBackend:
 
     def close(self) -> None:
         pass
+
+
+def redis_store(url: str, data: dict[str, bytes]) -> Any:
+    """``data`` written to Redis under a fresh namespace; the store the gateway reads it from
+    (the native hiredis reader where the gateway has one, else redis-py)."""
+    from carrara.feature_cache.online_store import open_online_store
+    from carrara.gateway import embedded
+
+    namespace = f"kserve-bench-{uuid.uuid4().hex[:8]}"
+    sep = "&" if "?" in url else "?"
+    online: Any = open_online_store(f"{url}{sep}namespace={namespace}")
+    pipe = online.client.pipeline(transaction=False)
+    for k, v in data.items():
+        pipe.set(f"{namespace}:{k}", v, ex=3_600)  # gone an hour after the run
+    pipe.execute()
+    wrap = getattr(embedded, "serving_store", None) or embedded.StoreReader
+    return wrap(online)
 
 
 def _supported(cls: Any, **kwargs: Any) -> dict[str, Any]:
@@ -250,8 +270,11 @@ def build_engine(setup: CarraraSetup) -> Any:
     else:  # every entry expires a microsecond after it is written: each request misses
         cache = FeatureCache(capacity=64, ttl_seconds=1e-6)
     sleeping = setup.sleep_ms > 0
+    store: Any = DictStore(setup.store_ids)
+    if setup.store_url:
+        store = redis_store(setup.store_url, store.data)
     engine = ServingEngine(
-        DictStore(setup.store_ids),
+        store,
         **_supported(
             ServingEngine,
             cache=cache,
@@ -266,7 +289,18 @@ def build_engine(setup: CarraraSetup) -> Any:
             model=model,
             policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
             variants=(
-                VariantSpec(name="v1", version=1, features=spec, timeout_s=60.0, reset_after_s=1),
+                VariantSpec(
+                    name="v1",
+                    version=1,
+                    features=spec,
+                    timeout_s=60.0,
+                    reset_after_s=1,
+                    **_supported(
+                        VariantSpec,
+                        max_batch_size=1024 if sleeping else setup.max_batch_size,
+                        max_queue_delay_us=0 if sleeping else setup.max_queue_delay_us,
+                    ),
+                ),
             ),
         ),
         {"v1": backend},
@@ -276,6 +310,14 @@ def build_engine(setup: CarraraSetup) -> Any:
         for i in range(0, len(ids), 100):
             engine.predict(model, ids[i : i + 100])
     return engine
+
+
+def _front_description() -> str:
+    from carrara import _native
+
+    if hasattr(_native, "GrpcServer"):
+        return "native (C++ grpc++ front over the C++ engine, in-process; HTTP on uvicorn)"
+    return "python (grpc.aio + uvicorn, in-process ServerThread)"
 
 
 @contextmanager
@@ -297,7 +339,7 @@ def start_python_front(setup: CarraraSetup) -> Iterator[CarraraEndpoint]:
         yield CarraraEndpoint(
             grpc=f"127.0.0.1:{server.grpc_port}",
             http=f"127.0.0.1:{server.http_port}",
-            front="python (grpc.aio + uvicorn, in-process ServerThread)",
+            front=_front_description(),
         )
     finally:
         thread.stop()
@@ -734,13 +776,17 @@ def _text(value: str | bytes | None) -> str:
 
 
 def perf_analyzer_version(binary: Path) -> str:
+    """The wheel's version (the binary reports 0.0.0) and the binary's own line."""
     try:
-        out = subprocess.run(
+        proc = subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unavailable ({exc})"
-    return out.strip()
+    line = (proc.stdout + proc.stderr).strip().splitlines()
+    wheels = sorted(binary.resolve().parent.parent.glob("dist/perf_analyzer-*.dist-info"))
+    wheel = wheels[-1].name.removesuffix(".dist-info").replace("-", " ") if wheels else ""
+    return "; ".join(p for p in (wheel, line[0] if line else "") if p)
 
 
 @contextmanager
@@ -789,6 +835,9 @@ class Plan:
     inflight_threads: int = 16
     inflight_workers: int = 64
     sleep_ms: float = 10.0
+    store_url: str | None = None
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
     triton: bool = True
     triton_instances: int = 1
 
@@ -850,8 +899,10 @@ def source_info(label: str) -> dict[str, Any]:
     return {
         "label": label,
         "carrara_package": str(Path(carrara.__file__).parent),
-        "repo_commit": git("rev-parse", "HEAD"),
-        "repo_modified_files": len(git("status", "--porcelain").splitlines()),
+        # The checkout the benchmark ran from (the package measured may be elsewhere: see
+        # carrara_package and the label).
+        "repo_head_at_start": git("rev-parse", "HEAD"),
+        "repo_modified_files_at_start": len(git("status", "--porcelain").splitlines()),
     }
 
 
@@ -989,14 +1040,16 @@ def loadgen(address: str, model: str, stage: Any) -> dict[str, Any]:
         if stage.mode == "closed"
         else f"open loop, {stage.arrivals} arrivals at {stage.rate:,.0f}/s"
     )
-    return {
+    out: dict[str, Any] = {
         "tool": f"carrara loadtest (library), kserve target, {mode}, {stage.duration_s:g} s",
         "achieved_rate": round(result.achieved_rate, 1),
         "p50_ms": round(result.latency.p50_ms, 3),
         "p99_ms": round(result.latency.p99_ms, 3),
         "errors": dict(result.errors),
-        "little_inflight": round(result.achieved_rate * result.latency.mean_ms / 1e3, 1),
     }
+    if stage.mode == "closed":  # latency from the actual send: Little's law holds
+        out["little_inflight"] = round(result.achieved_rate * result.latency.mean_ms / 1e3, 1)
+    return out
 
 
 def run_overload(
@@ -1074,6 +1127,7 @@ def run(
 
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     machine = machine_info()
+    source = source_info(label)
     nonce = uuid.uuid4().hex[:8]
     data = write_input_data(workdir / "input-data", nonce)
     model_path = write_linear_model(workdir / "linear.onnx", WEIGHTS, BIAS, output_name="score")
@@ -1101,6 +1155,9 @@ def run(
                 model_path=model_path,
                 cache=scenario,
                 store_ids=hot if scenario == "hit" else hot + tuple(miss_ids(nonce)),
+                store_url=plan.store_url,
+                max_batch_size=plan.max_batch_size,
+                max_queue_delay_us=plan.max_queue_delay_us,
             )
             _log(f"carrara {scenario}: starting the gateway")
             with launcher(setup) as endpoint:
@@ -1172,7 +1229,7 @@ def run(
     )
     return Report(
         machine=machine,
-        source=source_info(label),
+        source=source,
         started_at=started,
         finished_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         carrara_front=front,
@@ -1360,6 +1417,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--inflight-workers", type=int, default=64, help="gateway pool threads (sleep model)"
     )
     p.add_argument("--sleep-ms", type=float, default=10.0, help="the in-flight model's time")
+    p.add_argument(
+        "--store-url",
+        help="online store the gateway reads (e.g. redis://127.0.0.1:6379/0; the data is "
+        "written under a fresh namespace); default: an in-process dict",
+    )
+    p.add_argument("--max-batch-size", type=int, default=64, help="gateway dynamic batching")
+    p.add_argument("--max-queue-delay-us", type=int, default=0, help="gateway batching delay")
     p.add_argument("--workdir", type=Path, help="keep input data, CSVs and logs here")
     p.add_argument("--label", default="", help="what was measured, for the JSON")
     p.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "kserve_compare.json")
@@ -1394,6 +1458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         inflight_threads=args.inflight_threads,
         inflight_workers=args.inflight_workers,
         sleep_ms=args.sleep_ms,
+        store_url=args.store_url,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
         triton=not args.no_triton,
         triton_instances=args.triton_instances,
     )

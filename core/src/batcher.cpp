@@ -61,6 +61,34 @@ void DynamicBatcher::infer(Matrix x, InferDone done) {
          Matrix{});
     return;
   }
+  bool run_here = false;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    // Idle, in-process and not waiting for batches to fill: run on the caller's thread. A hop
+    // to a worker would cost two context switches for nothing to batch with; under load the
+    // queue is not empty (or a batch is running) and requests queue and batch as usual.
+    run_here = options_.in_process && options_.max_queue_delay_ns == 0 && !closed_ &&
+               queue_.empty() && running_ == 0 && x.rows <= options_.max_batch_size;
+    if (run_here) {
+      ++running_;
+      ++stats_.batches;
+      ++stats_.requests;
+      stats_.rows += x.rows;
+    }
+  }
+  if (run_here) {
+    Matrix output;
+    Status status = call(x, x.rows, output);
+    bool more = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
+      more = !queue_.empty();
+    }
+    if (more) cv_.notify_one();
+    done(std::move(status), std::move(output));
+    return;
+  }
   {
     std::unique_lock<std::mutex> lock(mu_);
     if (closed_) {
@@ -111,6 +139,7 @@ void DynamicBatcher::run() {
         queue_.pop_front();
       }
       queued_rows_ -= rows;
+      ++running_;
       ++stats_.batches;
       stats_.requests += batch.size();
       stats_.rows += rows;
@@ -134,21 +163,10 @@ void DynamicBatcher::run() {
       x = &input;
     }
     output = Matrix{};
-    Status status;
-    try {
-      status = fn_(*x, output);
-    } catch (const Error& e) {
-      status = Status::From(e);
-    } catch (const std::exception& e) {
-      status = Status{ErrorCode::kInternal, e.what()};
-    }
-    if (status.ok() && (output.rows != rows || output.cols != output_dim_ ||
-                        output.data.size() != rows * output_dim_)) {
-      status = Status{ErrorCode::kInternal,
-                      "model returned [" + std::to_string(output.rows) + ", " +
-                          std::to_string(output.cols) + "] for [" + std::to_string(rows) + ", " +
-                          std::to_string(input_dim_) + "]; expected [" + std::to_string(rows) +
-                          ", " + std::to_string(output_dim_) + "]"};
+    Status status = call(*x, rows, output);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
     }
     if (!status.ok()) {
       for (Pending& p : batch) p.done(status, Matrix{});
@@ -166,6 +184,26 @@ void DynamicBatcher::run() {
       p.done(Status::Ok(), std::move(part));
     }
   }
+}
+
+Status DynamicBatcher::call(const Matrix& x, std::size_t rows, Matrix& output) {
+  Status status;
+  try {
+    status = fn_(x, output);
+  } catch (const Error& e) {
+    status = Status::From(e);
+  } catch (const std::exception& e) {
+    status = Status{ErrorCode::kInternal, e.what()};
+  }
+  if (status.ok() && (output.rows != rows || output.cols != output_dim_ ||
+                      output.data.size() != rows * output_dim_)) {
+    status = Status{ErrorCode::kInternal,
+                    "model returned [" + std::to_string(output.rows) + ", " +
+                        std::to_string(output.cols) + "] for [" + std::to_string(rows) + ", " +
+                        std::to_string(input_dim_) + "]; expected [" + std::to_string(rows) +
+                        ", " + std::to_string(output_dim_) + "]"};
+  }
+  return status;
 }
 
 void DynamicBatcher::close() {

@@ -82,7 +82,9 @@ struct BatcherStats {
 
 // Triton-style dynamic batcher: requests are queued whole (never split), a worker takes as
 // many as fit in max_batch_size rows, waiting up to max_queue_delay for the batch to fill,
-// concatenates them, calls the batch function once and splits the output back.
+// concatenates them, calls the batch function once and splits the output back. An in-process
+// batcher with no queue delay that is idle (nothing queued or running) runs a request on the
+// caller's thread instead: there is nothing to batch it with, and the hop would cost more.
 class DynamicBatcher final : public Executor {
  public:
   DynamicBatcher(std::size_t input_dim, std::size_t output_dim, BatchFn fn, BatcherOptions options);
@@ -105,6 +107,7 @@ class DynamicBatcher final : public Executor {
     std::int64_t enqueued_ns;
   };
   void run();
+  Status call(const Matrix& x, std::size_t rows, Matrix& output);
 
   std::size_t input_dim_;
   std::size_t output_dim_;
@@ -114,6 +117,7 @@ class DynamicBatcher final : public Executor {
   std::condition_variable cv_;
   std::deque<Pending> queue_;
   std::size_t queued_rows_ = 0;
+  std::size_t running_ = 0;  // batches executing now (workers and callers)
   bool closed_ = false;
   BatcherStats stats_;
   std::vector<std::thread> workers_;
