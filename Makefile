@@ -101,7 +101,7 @@ perf-analyzer:
 	bash bench/perf_analyzer/install.sh
 
 # Judge a `python -m bench.kserve_compare` JSON against the gateway's targets (not run in CI).
-BENCH_JSON ?= bench/results/python_front.json
+BENCH_JSON ?= bench/results/native_front.json
 bench-check:
 	$(PYTHON) -m bench.check_ratios $(BENCH_JSON)
 
