@@ -727,6 +727,7 @@ class PyEngine {
     d["log_records"] = m.log_records;
     d["log_queued_bytes"] = m.log_queued_bytes;
     d["in_flight"] = m.in_flight;
+    d["max_in_flight"] = m.max_in_flight;
     std::vector<double> bounds(cc::kLatencyBuckets.begin(), cc::kLatencyBuckets.end());
     d["buckets"] = bounds;
     return d;

@@ -88,6 +88,11 @@ class _EngineCollector(Collector):
             "Requests admitted and not yet answered",
             value=m["in_flight"],
         )
+        yield GaugeMetricFamily(
+            "carrara_predict_in_flight_limit",
+            "Requests admitted at once before RESOURCE_EXHAUSTED (max_in_flight)",
+            value=m["max_in_flight"],
+        )
         if self.cache is not None:
             s = self.cache.stats()
             total = s["hits"] + s["misses"]

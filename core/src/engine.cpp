@@ -1038,6 +1038,7 @@ EngineMetrics Engine::metrics() const {
     m.log_queued_bytes = impl_->log_bytes;
   }
   m.in_flight = in_flight_.load();
+  m.max_in_flight = options_.max_in_flight;
   return m;
 }
 

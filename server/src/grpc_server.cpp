@@ -3,8 +3,11 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <google/protobuf/stubs/logging.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <chrono>
 #include <climits>
 #include <deque>
@@ -686,8 +689,26 @@ bool GrpcServer::Impl::model_ready(const std::string& name, const std::string& v
          std::find(view->versions.begin(), view->versions.end(), version) != view->versions.end();
 }
 
+namespace {
+
+// libprotobuf logs one ERROR line for every string field with invalid UTF-8 it parses; here
+// that is a client's bad bytes, answered INVALID_ARGUMENT — a line per request would let any
+// client flood the log. Other protobuf messages still go to stderr.
+void protobuf_log(google::protobuf::LogLevel level, const char* filename, int line,
+                  const std::string& message) {
+  if (message.find("invalid UTF-8") != std::string::npos) return;
+  static const char* const kLevels[] = {"INFO", "WARNING", "ERROR", "FATAL"};
+  const int l = static_cast<int>(level);
+  std::fprintf(stderr, "[libprotobuf %s %s:%d] %s\n", l >= 0 && l < 4 ? kLevels[l] : "LOG",
+               filename, line, message.c_str());
+}
+
+}  // namespace
+
 GrpcServer::GrpcServer(std::shared_ptr<core::Engine> engine, ServerOptions options)
     : impl_(std::make_unique<Impl>(std::move(engine), std::move(options))) {
+  static std::once_flag quiet;
+  std::call_once(quiet, [] { google::protobuf::SetLogHandler(&protobuf_log); });
   set_serving(true);
 }
 

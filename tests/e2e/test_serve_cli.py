@@ -56,6 +56,7 @@ def test_serve_and_predict(tmp_path: Path, redis_url: str, redis_namespace: str)
     client.close()
     config = {
         "online_store_url": f"{redis_url}?namespace={redis_namespace}",
+        "max_in_flight": 37,
         "models": [
             {
                 "name": "eta",
@@ -127,6 +128,9 @@ def test_serve_and_predict(tmp_path: Path, redis_url: str, redis_namespace: str)
             assert json.loads(out.stdout)["predictions"][0]["values"][0] == pytest.approx(3.5)
             out = carrara("predict", "nope", "d3", "--target", target)
             assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+        # The configured admission bound is the one the native engine enforces.
+        metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
+        assert "carrara_predict_in_flight_limit 37.0" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

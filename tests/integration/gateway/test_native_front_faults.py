@@ -171,9 +171,17 @@ def _raw_call(channel: grpc.Channel, method: str, payload: bytes) -> grpc.RpcErr
     return err.value
 
 
-def test_bad_input_is_invalid_argument(served: tuple[Any, GatewayServer, Any]) -> None:
+def test_bad_input_is_invalid_argument(
+    served: tuple[Any, GatewayServer, Any], capfd: pytest.CaptureFixture[str]
+) -> None:
     _, server, _ = served
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        # An entity id that is not UTF-8 (field 2 of PredictRequest): refused, and not logged
+        # per request (a client must not be able to flood the gateway's log).
+        for _ in range(3):
+            err = _raw_call(channel, "/carrara.v1.Predict/Predict", b"\x0a\x01m\x12\x01\xff")
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UTF-8" not in capfd.readouterr().err
         for method in (
             "/carrara.v1.Predict/Predict",
             "/inference.GRPCInferenceService/ModelInfer",

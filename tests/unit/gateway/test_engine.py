@@ -392,3 +392,32 @@ def test_deploy_warms_up_and_refuses_a_broken_model(
     with pytest.raises(RuntimeError, match="exploded"):
         engine.deploy(deployment((10_000, 0)), {"v1": broken, "v2": OnnxBackend(models[1])})
     assert engine.models() == []  # nothing was switched in
+
+
+def test_prediction_log_is_bounded_in_bytes(store: DictStore, models: tuple[Path, Path]) -> None:
+    """Past the byte bound, records are dropped and counted, never queued without limit; what
+    was queued is delivered."""
+    release = threading.Event()
+
+    class StuckSink:
+        def __init__(self) -> None:
+            self.records = 0
+
+        def write(self, batches: Sequence[PredictionBatch]) -> None:
+            release.wait(10)  # the event log is down: the drain thread waits here
+            self.records += sum(len(b.entity_ids) for b in batches)
+
+    sink = StuckSink()
+    engine = ServingEngine(store, sink=sink, log_max_bytes=64 << 10)  # type: ignore[arg-type]
+    engine.deploy(deployment(), {"v1": OnnxBackend(models[0]), "v2": OnnxBackend(models[1])})
+    for i in range(200):
+        engine.predict("ranker", [f"u{j}" for j in range(i, i + 20)])
+    m = engine.native.metrics()
+    assert m["log_queued_bytes"] <= 64 << 10
+    assert m["log_dropped"] > 0
+    queued = m["log_records"]
+    assert queued + m["log_dropped"] == 200 * 20
+    release.set()
+    assert engine.flush_log()
+    engine.close()
+    assert sink.records == queued

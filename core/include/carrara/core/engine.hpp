@@ -137,6 +137,7 @@ struct EngineMetrics {
   std::uint64_t log_dropped = 0;  // records
   std::size_t log_queued_bytes = 0;
   std::size_t in_flight = 0;
+  std::size_t max_in_flight = 0;  // the engine's admission bound
 };
 
 // One variant's share of one request, for the prediction log (expanded into records later).
