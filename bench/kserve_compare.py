@@ -27,11 +27,11 @@ per request, BYTES ``entity_ids`` [1]; Triton: that entity's 3 features, FP32 ``
 p50, p99, ratios Carrara / Triton) goes to stdout and everything to ``--out`` (JSON; checked by
 ``python -m bench.check_ratios``).
 
-What the Carrara front does not give perf_analyzer (recorded as errors in the rows, not hidden):
-KServe v2 over HTTP (the HTTP front serves ``POST /predict/{model}`` only, so perf_analyzer's
-first call, model metadata, fails) and ``ModelStreamInfer`` (``--streaming``: the gRPC front does
-not implement the streaming RPC; perf_analyzer never gets a response and reports "No valid
-requests recorded").
+Carrara's gateway here is the native front (C++ gRPC server over the C++ engine, KServe v2
+REST on the HTTP front); the same script run from a checkout of commit 20511bd measured the
+retired Python ``grpc.aio`` front (``bench/results/python_front.json``), which served neither
+KServe REST nor ``ModelStreamInfer``. ``--store-url redis://...`` makes the gateway read the
+real Redis (natively) instead of an in-process dict.
 
 Extra scenarios:
 
@@ -322,8 +322,8 @@ def _front_description() -> str:
 
 @contextmanager
 def start_python_front(setup: CarraraSetup) -> Iterator[CarraraEndpoint]:
-    """THE place the gateway is started in process: the current Python (grpc.aio + uvicorn)
-    fronts, ``GatewayServer`` on a ``ServerThread`` (its own event loop), as in
+    """THE place the gateway is started in process: ``GatewayServer`` (the native gRPC front
+    and the uvicorn HTTP front) on a ``ServerThread`` (its own event loop), as in
     tests/unit/gateway/test_fronts.py. Swap this function (or add one to ``CARRARA_LAUNCHERS``)
     for another front; the rest of the benchmark only sees the endpoint."""
     from carrara.gateway.server import GatewayServer, ServerThread
