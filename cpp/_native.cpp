@@ -504,6 +504,20 @@ cc::BatchFn python_batch_fn(py::object backend, std::string label) {
   };
 }
 
+// Starts an asynchronous native call (`start(callback)`) and waits for its callback's
+// (Status, value) without the GIL: the work may run Python models or stores on native threads.
+template <class Value, class Start>
+std::pair<cc::Status, Value> await_native(Start&& start) {
+  std::promise<std::pair<cc::Status, Value>> promise;
+  auto future = promise.get_future();
+  {
+    py::gil_scoped_release nogil;
+    start([&promise](cc::Status s, Value v) { promise.set_value({std::move(s), std::move(v)}); });
+    future.wait();
+  }
+  return future.get();
+}
+
 std::vector<cc::OverrideInput> override_inputs(const py::object& overrides) {
   std::vector<cc::OverrideInput> out;
   if (overrides.is_none()) return out;
@@ -633,17 +647,8 @@ class PyEngine {
   py::tuple predict(py::handle model, const py::sequence& entity_ids, const py::object& overrides,
                     const py::object& request_id, const std::string& version) {
     cc::PredictCall call = make_call(model, entity_ids, overrides, request_id, version);
-    std::promise<std::pair<cc::Status, cc::PredictOutcome>> promise;
-    auto future = promise.get_future();
-    {
-      // The request may run Python models or stores on native threads: wait without the GIL.
-      py::gil_scoped_release nogil;
-      engine_->predict(std::move(call), [&promise](cc::Status s, cc::PredictOutcome o) {
-        promise.set_value({std::move(s), std::move(o)});
-      });
-      future.wait();
-    }
-    auto [status, outcome] = future.get();
+    auto [status, outcome] = await_native<cc::PredictOutcome>(
+        [&](cc::PredictDone done) { engine_->predict(std::move(call), std::move(done)); });
     if (!status.ok()) throw cc::Error(status.code, status.message);
     return outcome_tuple(std::move(outcome));
   }
@@ -1109,16 +1114,8 @@ PYBIND11_MODULE(_native, m) {
              }
              cc::Matrix in(static_cast<std::size_t>(x.shape(0)), static_cast<std::size_t>(x.shape(1)));
              std::memcpy(in.data.data(), x.data(), in.data.size() * sizeof(float));
-             std::promise<std::pair<cc::Status, cc::Matrix>> promise;
-             auto future = promise.get_future();
-             {
-               py::gil_scoped_release nogil;
-               t.infer(std::move(in), [&promise](cc::Status s, cc::Matrix y) {
-                 promise.set_value({std::move(s), std::move(y)});
-               });
-               future.wait();
-             }
-             auto [status, y] = future.get();
+             auto [status, y] = await_native<cc::Matrix>(
+                 [&](cc::InferDone done) { t.infer(std::move(in), std::move(done)); });
              if (!status.ok()) throw cc::Error(status.code, status.message);
              py::array_t<float> out({static_cast<py::ssize_t>(y.rows), static_cast<py::ssize_t>(y.cols)});
              if (!y.data.empty()) std::memcpy(out.mutable_data(), y.data.data(), y.data.size() * sizeof(float));

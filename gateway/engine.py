@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from carrara import _native
 from carrara.core import AssemblerSpec, FeatureCache, RoutingPolicy
-from carrara.errors import CarraraError, InvalidArgumentError, NotFoundError, error_for_code
+from carrara.errors import InvalidArgumentError, NotFoundError, error_for_code
 from carrara.gateway.backends import Backend
 from carrara.types import PredictionRecord
 
@@ -95,7 +95,7 @@ class PredictionBatch(msgspec.Struct, frozen=True, kw_only=True):
 class PredictionSink(Protocol):
     """Where predictions go. The engine's one log thread calls ``write`` with every batch it
     drained from the native queue (it may block and retry: the native queue, bounded in bytes,
-    absorbs the wait) and ``flush`` once the engine has stopped."""
+    absorbs the wait)."""
 
     def write(self, batches: Sequence[PredictionBatch]) -> None: ...
 
@@ -184,20 +184,6 @@ def executor_for(
     )
 
 
-class _StoreAdapter:
-    """A Python online store as the native engine calls it (``mget`` of raw keys)."""
-
-    def __init__(self, store: OnlineReader) -> None:
-        self.store = store
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return self.store.mget(keys)
-
-
-def _raise(code: int, message: str) -> CarraraError:
-    return error_for_code(code)(message)
-
-
 def _result(model: str, entity_ids: Sequence[str], raw: tuple[Any, ...]) -> PredictionResult:
     outputs, variants, versions, degraded, latency_us, request_id = raw
     return PredictionResult(
@@ -227,7 +213,6 @@ class ServingEngine:
         store_deadline_s: float = 0.05,
         negative_ttl_s: float = 5.0,
         log_max_bytes: int = 64 << 20,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """``store`` is a native store (``carrara._native.RedisStore``: read with no Python) or
         a Python object with ``mget(keys)``; ``workers`` threads serve each Python backend
@@ -245,7 +230,7 @@ class ServingEngine:
         if store is None or isinstance(store, _native.FeatureStore):
             native_store = store
         else:
-            native_store = _native.PythonStore(_StoreAdapter(store))
+            native_store = _native.PythonStore(store)
         self.native = _native.Engine(
             self.cache,
             native_store,
@@ -441,9 +426,8 @@ class ServingEngine:
         self.native.close()
         if self._log_thread is not None:
             self._log_thread.join(grace_s + 1.0)
-        for backend, executor, _ in list(self._executors.values()):
+        for _backend, executor, _ in list(self._executors.values()):
             executor.close()
-            del backend
 
 
 def _close_both(executor: Any, backend: Backend) -> None:
@@ -459,7 +443,7 @@ def _settle(
     if code == 0 and raw is not None:
         future.set_result(raw)
     else:
-        future.set_exception(_raise(code, message))
+        future.set_exception(error_for_code(code)(message))
 
 
 def _overrides(overrides: Overrides | None) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ class _EngineCollector(Collector):
         predictions = CounterMetricFamily(
             "carrara_predictions", "Entities predicted", labels=["model", "version", "variant"]
         )
-        for model, variant, version, requests, entities, total_s, buckets in m["variants"]:
+        for model, variant, version, _requests, entities, total_s, buckets in m["variants"]:
             labels = [model, str(version), variant]
             cumulative: list[tuple[str, float]] = []
             running = 0
@@ -46,7 +46,6 @@ class _EngineCollector(Collector):
                 cumulative.append((bound, float(running)))
             latency.add_metric(labels, cumulative, total_s)
             predictions.add_metric(labels, float(entities))
-            del requests
         yield latency
         yield predictions
         errors = CounterMetricFamily(

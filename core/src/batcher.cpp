@@ -12,14 +12,6 @@ std::int64_t steady_now_ns() noexcept {
       .count();
 }
 
-namespace {
-
-std::chrono::steady_clock::time_point at(std::int64_t ns) {
-  return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns));
-}
-
-// Joins a thread unless it is the calling one (an executor may be released by its own worker,
-// e.g. when the last request holding a retired deployment completes there).
 void join_or_detach(std::thread& t) {
   if (!t.joinable()) return;
   if (t.get_id() == std::this_thread::get_id()) {
@@ -27,6 +19,12 @@ void join_or_detach(std::thread& t) {
   } else {
     t.join();
   }
+}
+
+namespace {
+
+std::chrono::steady_clock::time_point at(std::int64_t ns) {
+  return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns));
 }
 
 }  // namespace

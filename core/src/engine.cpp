@@ -178,13 +178,7 @@ class TaskPool {
       stopped_ = true;
     }
     cv_.notify_all();
-    for (std::thread& t : threads_) {
-      if (t.get_id() == std::this_thread::get_id()) {
-        t.detach();
-      } else if (t.joinable()) {
-        t.join();
-      }
-    }
+    for (std::thread& t : threads_) join_or_detach(t);
   }
 
  private:
@@ -361,14 +355,13 @@ struct Engine::Impl {
 };
 
 // One request in flight.
-struct Call : std::enable_shared_from_this<Call> {
+struct Call {
   Engine::Impl* impl = nullptr;
   std::shared_ptr<const Live> live;
   PredictCall req;
   PredictDone done;
   std::int64_t start_ns = 0;
   std::vector<std::string_view> ids;
-  // Overrides resolved per request (name -> values); columns resolved per variant.
   std::vector<Group> groups;
   std::mutex mu;
   std::size_t pending = 0;
@@ -399,6 +392,43 @@ std::vector<Override> resolve_overrides(const Assembler& a, const std::vector<Ov
     out.push_back(std::move(r));
   }
   return out;
+}
+
+// The features of request `c` for variant `v`: cache, store, assembly and the request's
+// overrides. `rows`: the request rows this variant answers, or null for all of them.
+void assemble(const Call& c, const LiveVariant& v, const std::vector<std::uint32_t>* rows,
+              Matrix& x, std::vector<std::uint8_t>& mask, std::vector<std::uint8_t>& degraded) {
+  std::vector<std::string_view> sub;
+  std::span<const std::string_view> ids = c.ids;
+  if (rows != nullptr) {
+    sub.reserve(rows->size());
+    for (std::uint32_t i : *rows) sub.push_back(c.ids[i]);
+    ids = sub;
+  }
+  c.impl->features(v, ids, x, mask, degraded);
+  if (!c.req.overrides.empty()) {
+    std::vector<Override> ov = resolve_overrides(v.assembler, c.req.overrides, rows);
+    v.assembler.apply_overrides(ov, ids.size(), x.data.data(), mask.data());
+  }
+}
+
+// A log batch of request `c` for variant `v`, naming its entities (`rows`: null = all).
+LogBatch log_batch(const Call& c, const LiveVariant& v, const std::vector<std::uint32_t>* rows) {
+  LogBatch b;
+  b.model = c.live->model;
+  b.request_id = c.request_id;
+  b.variant = v.name;
+  b.version = v.version;
+  b.columns = v.columns;
+  if (rows == nullptr) {
+    b.entity_ids = c.req.entity_ids;
+    b.rows.resize(c.ids.size());
+    for (std::size_t i = 0; i < c.ids.size(); ++i) b.rows[i] = static_cast<std::uint32_t>(i);
+  } else {
+    b.rows = *rows;
+    for (std::uint32_t i : *rows) b.entity_ids.push_back(c.req.entity_ids[i]);
+  }
+  return b;
 }
 
 }  // namespace
@@ -660,19 +690,7 @@ void run_group(const std::shared_ptr<Call>& c, std::size_t gi, std::uint16_t var
   std::vector<std::uint8_t> mask;
   std::vector<std::uint8_t> degraded;
   try {
-    std::vector<std::string_view> sub;
-    std::span<const std::string_view> ids = c->ids;
-    if (!g.rows.empty()) {
-      sub.reserve(g.rows.size());
-      for (std::uint32_t i : g.rows) sub.push_back(c->ids[i]);
-      ids = sub;
-    }
-    c->impl->features(v, ids, x, mask, degraded);
-    if (!c->req.overrides.empty()) {
-      std::vector<Override> ov = resolve_overrides(v.assembler, c->req.overrides,
-                                                   g.rows.empty() ? nullptr : &g.rows);
-      v.assembler.apply_overrides(ov, ids.size(), x.data.data(), mask.data());
-    }
+    assemble(*c, v, g.rows.empty() ? nullptr : &g.rows, x, mask, degraded);
   } catch (const Error& e) {
     finish(c, Status::From(e));
     return;
@@ -732,39 +750,27 @@ void run_shadows(const std::shared_ptr<Call>& c) {
     std::vector<std::uint8_t> mask;
     std::vector<std::uint8_t> degraded;
     try {
-      impl->features(v, c->ids, x, mask, degraded);
-      if (!c->req.overrides.empty()) {
-        auto ov = resolve_overrides(v.assembler, c->req.overrides, nullptr);
-        v.assembler.apply_overrides(ov, c->ids.size(), x.data.data(), mask.data());
-      }
+      assemble(*c, v, nullptr, x, mask, degraded);
     } catch (const Error&) {
       continue;  // a shadow never affects callers
     }
     if (!v.breaker->allow()) continue;
-    const bool log = impl->engine->options().log_predictions;
-    auto batch = std::make_shared<LogBatch>();
-    if (log) {
-      batch->model = live.model;
-      batch->request_id = c->request_id;
-      batch->variant = v.name;
-      batch->version = v.version;
-      batch->columns = v.columns;
-      batch->entity_ids = c->req.entity_ids;
-      batch->rows.resize(c->ids.size());
-      for (std::size_t i = 0; i < c->ids.size(); ++i) batch->rows[i] = static_cast<std::uint32_t>(i);
+    std::shared_ptr<LogBatch> batch;  // null: predictions are not logged
+    if (impl->engine->options().log_predictions) {
+      batch = std::make_shared<LogBatch>(log_batch(*c, v, nullptr));
       batch->features = x;
       batch->missing = std::move(mask);
       batch->degraded = std::move(degraded);
       batch->shadow = true;
     }
     auto breaker = v.breaker;
-    v.executor->infer(std::move(x), [impl, batch, breaker, log](Status st, Matrix y) {
+    v.executor->infer(std::move(x), [impl, batch, breaker](Status st, Matrix y) {
       if (!st.ok()) {
         breaker->failure();
         return;
       }
       breaker->success();
-      if (!log) return;
+      if (!batch) return;
       batch->outputs = std::move(y);
       batch->timestamp_ms = wall_ms();
       impl->push_log(std::move(*batch));
@@ -816,21 +822,7 @@ void finish(const std::shared_ptr<Call>& c, Status status) {
     if (engine->options().log_predictions) {
       const std::int64_t ts = wall_ms();
       for (Group& g : c->groups) {
-        const LiveVariant& v = *live.variants[g.used];
-        LogBatch b;
-        b.model = live.model;
-        b.request_id = c->request_id;
-        b.variant = v.name;
-        b.version = v.version;
-        b.columns = v.columns;
-        if (g.rows.empty()) {
-          b.entity_ids = c->req.entity_ids;
-          b.rows.resize(n);
-          for (std::size_t i = 0; i < n; ++i) b.rows[i] = static_cast<std::uint32_t>(i);
-        } else {
-          b.rows = g.rows;
-          for (std::uint32_t i : g.rows) b.entity_ids.push_back(c->req.entity_ids[i]);
-        }
+        LogBatch b = log_batch(*c, *live.variants[g.used], g.rows.empty() ? nullptr : &g.rows);
         b.features = std::move(g.x);  // the answering variant's (a fallback's replaced them)
         b.missing = std::move(g.mask);
         b.outputs = std::move(g.y);

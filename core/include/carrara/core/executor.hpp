@@ -151,4 +151,9 @@ class TimerQueue {
 // Steady-clock now in ns (the time base of deadlines everywhere in the engine).
 std::int64_t steady_now_ns() noexcept;
 
+// Joins a worker thread unless it is the calling one, which is detached instead: an executor
+// or pool may be released by its own worker (e.g. when the last request holding a retired
+// deployment completes there).
+void join_or_detach(std::thread& t);
+
 }  // namespace carrara::core
