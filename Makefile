@@ -94,6 +94,18 @@ test: install services lint typecheck stubcheck native-test pytest
 bench: install
 	$(PY) -m bench.core
 
+# The chaos suite in full (CARRARA_CHAOS_FULL=1: longer loads, more faults, more fuzz inputs;
+# `make test` runs it short), with the native open-loop client for the overload case, then
+# RELIABILITY.md from the figures the cases recorded in build/chaos (also when a case failed).
+.PHONY: chaos kserve-load
+kserve-load: install
+	$(PY) -c "from bench.overload import build_load; build_load()"
+
+chaos: install services kserve-load
+	rm -rf build/chaos
+	CARRARA_CHAOS_FULL=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/chaos; status=$$?; \
+	$(PY) -m tests.chaos.report; exit $$status
+
 # Triton's perf_analyzer (PyPI wheel, built for glibc 2.38) run through Debian trixie's glibc
 # loader from build/perf-analyzer; nothing is installed system-wide.
 .PHONY: perf-analyzer bench-check

@@ -1126,17 +1126,29 @@ PYBIND11_MODULE(_native, m) {
   py::class_<cs::GrpcServer>(m, "GrpcServer",
                              "The native gRPC front: carrara.v1.Predict, KServe v2, health.")
       .def(py::init([](const PyEngine& engine, const std::string& host, int port,
-                       std::size_t max_message_bytes, const std::string& version) {
+                       std::size_t max_message_bytes, const std::string& version,
+                       std::vector<std::string> auth_tokens, std::string tls_cert_chain,
+                       std::string tls_private_key, std::string tls_client_ca) {
              cs::ServerOptions o;
              o.host = host;
              o.port = port;
              o.max_message_bytes = max_message_bytes;
              o.server_version = version;
+             o.auth_tokens = std::move(auth_tokens);
+             o.tls_cert_chain = std::move(tls_cert_chain);
+             o.tls_private_key = std::move(tls_private_key);
+             o.tls_client_ca = std::move(tls_client_ca);
              py::gil_scoped_release nogil;
-             return std::make_unique<cs::GrpcServer>(engine.native(), o);
+             return std::make_unique<cs::GrpcServer>(engine.native(), std::move(o));
            }),
            py::arg("engine"), py::arg("host") = "127.0.0.1", py::arg("port") = 0,
-           py::arg("max_message_bytes") = 16u << 20, py::arg("version") = CARRARA_VERSION)
+           py::arg("max_message_bytes") = 16u << 20, py::arg("version") = CARRARA_VERSION,
+           py::arg("auth_tokens") = std::vector<std::string>{}, py::arg("tls_cert_chain") = "",
+           py::arg("tls_private_key") = "", py::arg("tls_client_ca") = "",
+           "Serves until shutdown(). Off by default: with auth_tokens, every call but "
+           "grpc.health.v1 needs metadata 'authorization: Bearer <token>' (else "
+           "UNAUTHENTICATED); tls_cert_chain/tls_private_key (PEM contents, not paths) make the "
+           "port TLS-only; tls_client_ca (PEM) also requires client certificates it signed.")
       .def_property_readonly("port", &cs::GrpcServer::port)
       .def("set_serving", &cs::GrpcServer::set_serving, py::arg("serving"),
            py::call_guard<py::gil_scoped_release>())

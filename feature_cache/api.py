@@ -1,7 +1,9 @@
 """The feature HTTP API (Starlette + msgspec): ``POST /features/groups/{group}/get-online``.
 
 Errors are ``carrara.CarraraError`` subclasses mapped to their ``http_status`` by one handler,
-with a JSON body ``{"error": {"code": ..., "message": ...}}``.
+with the kernel's JSON body ``{"error": <gRPC code>, "message": ...}`` (every control-plane API
+answers this shape). Bodies over :data:`MAX_BODY_BYTES` are refused with 413 while they are
+read (chunked ones too).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import msgspec
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from carrara.errors import CarraraError, InvalidArgumentError
+from carrara.errors import CarraraError
 from carrara.feature_cache.online_store import EmbeddedOnlineStore
-from carrara.feature_cache.service import BatchTooLargeError, FeatureService
+from carrara.feature_cache.service import FeatureService
+from carrara.http import ErrorBody, InputGuard, check_path_params, decode_json, read_body
+from carrara.http import error_response as _error
 
 __all__ = [
     "EntityFeatures",
@@ -58,15 +63,6 @@ class GetOnlineResponse(msgspec.Struct):
     results: list[EntityFeatures]
 
 
-class ErrorDetail(msgspec.Struct):
-    code: str
-    message: str
-
-
-class ErrorBody(msgspec.Struct):
-    error: ErrorDetail
-
-
 class GroupSummary(msgspec.Struct):
     name: str
     version: int
@@ -83,10 +79,6 @@ _request_decoder = msgspec.json.Decoder(GetOnlineRequest)
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status_code=status, media_type="application/json")
-
-
-def _error(exc: CarraraError) -> Response:
-    return _json(ErrorBody(ErrorDetail(exc.grpc_code, str(exc))), exc.http_status)
 
 
 def _openapi() -> dict[str, Any]:
@@ -166,18 +158,13 @@ def create_app(service: FeatureService) -> Starlette:
 
     async def get_online(request: Request) -> Response:
         try:
-            length = int(request.headers.get("content-length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise BatchTooLargeError(
-                    f"request body of {length} bytes is over {MAX_BODY_BYTES}; split the batch"
-                )
-            try:
-                body = _request_decoder.decode(await request.body())
-            except msgspec.DecodeError as exc:
-                raise InvalidArgumentError(
-                    f"invalid request body: {exc}; expected "
-                    '{"entity_ids": ["..."], "features": ["..."] (optional)}'
-                ) from exc
+            check_path_params(request.path_params)
+            raw = await read_body(request, MAX_BODY_BYTES, hint="split the batch")
+            body: GetOnlineRequest = decode_json(
+                raw,
+                _request_decoder,
+                hint='expected {"entity_ids": ["..."], "features": ["..."] (optional)}',
+            )
             group = request.path_params["group"]
             if inline:
                 result = service.get_online(
@@ -249,5 +236,6 @@ def create_app(service: FeatureService) -> Starlette:
             Route("/features/groups", list_groups, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
-        ]
+        ],
+        middleware=[Middleware(InputGuard)],
     )

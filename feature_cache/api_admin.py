@@ -14,12 +14,15 @@ beyond the read API of ``api.py``), as Starlette routes mounted by ``carrara up`
 
 Errors answer ``{"error": <grpc code>, "message": ...}`` (the registry's shape). Writes need a
 bearer token from ``tokens`` whose principal has role ``publisher``; ``tokens=None`` leaves
-them open (a single-user setup).
+them open (a single-user setup). The token is checked before the body is read; bodies over
+:data:`MAX_BODY_BYTES` (rows, training sets) or :data:`MAX_SPEC_BYTES` (definitions, a
+materialize request) are refused with 413 while they are read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -30,19 +33,20 @@ from starlette.routing import Route
 
 from carrara.errors import (
     InvalidArgumentError,
+    PayloadTooLargeError,
     PermissionDeniedError,
-    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from carrara.feature_cache.catalog import Change
 from carrara.feature_cache.definitions import Definitions
 from carrara.feature_cache.service import FeatureService
+from carrara.http import check_int64, decode_json, read_body, wrap
 from carrara.http import json_response as _json
-from carrara.http import wrap
 
 __all__ = [
     "ARROW_STREAM",
     "MaterializeRequest",
+    "PayloadTooLargeError",
     "TrainingSetRequest",
     "TrainingSetResponse",
     "arrow_from_ipc",
@@ -52,6 +56,13 @@ __all__ = [
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 MAX_BODY_BYTES = 512 << 20
+#: Definitions and materialize requests are specs: anything bigger is a mistake (and a dry-run
+#: apply is open to callers without a token).
+MAX_SPEC_BYTES = 16 << 20
+
+
+#: Longest materialization overlap accepted (a year; more overflows the microsecond clock).
+_MAX_OVERLAP_S = 365 * 86_400.0
 
 
 class _Principal(Protocol):
@@ -88,10 +99,6 @@ class _Ids(msgspec.Struct, frozen=True):
     ids: list[str]
 
 
-class PayloadTooLargeError(ResourceExhaustedError):
-    http_status = 413
-
-
 def arrow_to_ipc(table: Any) -> bytes:
     """An Arrow table as an IPC stream."""
     import pyarrow as pa
@@ -117,30 +124,34 @@ def _version(request: Request) -> int | None:
     if not raw:
         return None
     try:
-        return int(raw)
+        version = int(raw)
     except ValueError as exc:
         raise InvalidArgumentError(f"version must be an integer, got {raw!r}") from exc
+    return check_int64(version, "version")
 
 
-async def _body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(
-            f"request body of {declared} bytes is over {MAX_BODY_BYTES}; send it in parts"
-        )
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(f"request body is over {MAX_BODY_BYTES} bytes")
-    return raw
+async def _body(request: Request, *, spec: bool = False) -> bytes:
+    limit = MAX_SPEC_BYTES if spec else MAX_BODY_BYTES
+    return await read_body(request, limit, hint="send it in parts")
 
 
 def _decode(raw: bytes, kind: Any, what: str) -> Any:
     if not raw.strip():
         raise InvalidArgumentError(f"{what} needs a JSON body")
+    return decode_json(raw, kind, what=f"{what} body")
+
+
+async def _convert(group: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)`` in the thread pool, with rows that Arrow cannot convert (a list
+    where a number goes, an integer past int64) answered 400 rather than 500."""
+    import pyarrow as pa
+
     try:
-        return msgspec.json.decode(raw, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise InvalidArgumentError(f"invalid {what} body: {exc}") from exc
+        return await run_in_threadpool(fn, *args, **kw)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as exc:
+        raise InvalidArgumentError(
+            f"rows for feature group {group!r} do not convert to its columns: {exc}"
+        ) from None
 
 
 async def _rows(request: Request) -> Any:
@@ -182,7 +193,8 @@ def create_routes(
         dry_run = request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
         if not dry_run:
             authorize(request, "applying feature definitions")
-        definitions = _decode(await _body(request), Definitions, "definitions")
+        raw = await _body(request, spec=True)
+        definitions = _decode(raw, Definitions, "definitions")
         changes: list[Change] = await run_in_threadpool(service.apply, definitions, dry_run=dry_run)
         return _json(changes)
 
@@ -195,21 +207,19 @@ def create_routes(
     async def ingest(request: Request) -> Response:
         authorize(request, "ingesting feature rows")
         rows = await _rows(request)
-        n = await run_in_threadpool(
-            service.ingest, request.path_params["group"], rows, version=_version(request)
-        )
+        group = request.path_params["group"]
+        n = await _convert(group, service.ingest, group, rows, version=_version(request))
         return _json(_Rows(n))
 
     async def write_offline(request: Request) -> Response:
         authorize(request, "writing feature rows")
         rows = await _rows(request)
+        group = request.path_params["group"]
         if isinstance(rows, list):
             import pyarrow as pa
 
-            rows = pa.Table.from_pylist(rows)
-        n = await run_in_threadpool(
-            service.write_offline, request.path_params["group"], rows, version=_version(request)
-        )
+            rows = await _convert(group, pa.Table.from_pylist, rows)
+        n = await _convert(group, service.write_offline, group, rows, version=_version(request))
         return _json(_Rows(n))
 
     async def compact(request: Request) -> Response:
@@ -224,15 +234,21 @@ def create_routes(
         rows = await _rows(request)
         if not isinstance(rows, list):
             rows = rows.to_pylist()
-        ids = await run_in_threadpool(service.publish, request.path_params["group"], rows)
+        group = request.path_params["group"]
+        ids = await _convert(group, service.publish, group, rows)
         return _json(_Ids(ids))
 
     async def materialize(request: Request) -> Response:
         authorize(request, "materializing feature groups")
-        raw = await _body(request)
+        raw = await _body(request, spec=True)
         body = (
             _decode(raw, MaterializeRequest, "materialize") if raw.strip() else MaterializeRequest()
         )
+        if not math.isfinite(body.overlap_s) or abs(body.overlap_s) > _MAX_OVERLAP_S:
+            raise InvalidArgumentError(
+                f"overlap_s must be a finite number of seconds up to {_MAX_OVERLAP_S:g}, "
+                f"got {body.overlap_s!r}"
+            )
         results = await run_in_threadpool(
             service.materialize, body.group, full=body.full, overlap_s=body.overlap_s
         )

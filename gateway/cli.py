@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -24,7 +25,18 @@ def register(sub: Any) -> None:
     predict.add_argument(
         "--target",
         default="http://127.0.0.1:8000",
-        help="http://host:port or grpc://host:port of the gateway",
+        help="http[s]://host:port or grpc[s]://host:port of the gateway (s: TLS)",
+    )
+    predict.add_argument(
+        "--token",
+        default=None,
+        help="bearer token of a gateway with auth on (default: $CARRARA_GATEWAY_TOKEN)",
+    )
+    predict.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA certificate(s) to trust for https:// or grpcs:// (default: the system's)",
     )
     predict.add_argument(
         "--override", action="append", default=[], metavar="FEATURE=VALUE", help="feature override"
@@ -44,6 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     from carrara.gateway.service import Gateway
 
     config = load_gateway_config(args.config)
+    # Auth first: a token_env that is unset fails before anything is loaded.
+    auth = config.auth.resolve(os.environ) if config.auth is not None else None
     from carrara.core import FeatureCache
     from carrara.feature_cache.online_store import open_online_store
 
@@ -64,31 +78,46 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=config.max_batch,
         store_deadline_s=config.store_deadline_s,
     )
+    unavailable: dict[str, str] = {}
     for model in config.models:
-        engine.deploy(model.deployment(), build_backends(model))
-    registry = watcher = deployment_events = None
+        # One model that does not load is reported unavailable; the others serve.
+        try:
+            engine.deploy(model.deployment(), build_backends(model))
+        except Exception as exc:
+            print(f"carrara gateway: model {model.name} is unavailable: {exc}", file=sys.stderr)
+            unavailable[model.name] = str(exc)
+    follower = deployment_events = None
     if config.registry is not None:
-        from carrara.gateway.registry_source import DeploymentWatcher, load_active
-        from carrara.registry.registry import ModelRegistry
-
-        registry = ModelRegistry.open(config.registry.url, config.registry.artifact_path)
-        load_active(registry, engine, config.registry.models)
         from carrara.eventlog import open_event_log
+        from carrara.gateway.registry_source import DeploymentFollower
+        from carrara.registry.artifacts import ArtifactStore
 
         deployment_events = open_event_log(config.registry.event_log_url)
-        watcher = DeploymentWatcher(
-            registry, engine, deployment_events, models=config.registry.models
-        ).start()
-    gateway = Gateway(engine)
+        follower = DeploymentFollower(
+            engine,
+            deployment_events,
+            ArtifactStore(config.registry.artifact_path),
+            state_dir=config.registry.state_dir,
+            models=config.registry.models,
+        )
+        follower.restore()  # the last good state, before (and without) any event
+        follower.start()
+    gateway = Gateway(
+        engine,
+        follower=follower,
+        max_staleness_s=config.registry.max_staleness_s if config.registry else None,
+    )
+    gateway.unavailable.update(unavailable)
     server = GatewayServer(
-        gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port
+        gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, auth=auth
     )
 
     async def main() -> None:
         await server.start()
         print(
             f"carrara gateway: gRPC {args.host}:{server.grpc_port}, "
-            f"HTTP {args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}",
+            f"HTTP {args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}, "
+            f"auth: {server.auth.describe()}",
             flush=True,
         )
         stop = asyncio.Event()
@@ -103,11 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
 
         uvloop.run(main())
     finally:
-        if watcher is not None:
-            watcher.stop()
+        if follower is not None:
+            follower.stop()
         gateway.close()
-        if registry is not None:
-            registry.close()
         if deployment_events is not None:
             deployment_events.close()
         if logger is not None:
@@ -131,13 +158,14 @@ def _predict(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise InvalidArgumentError(f"--override wants FEATURE=NUMBER, got {item!r}")
     target: str = args.target
-    if target.startswith("grpc://"):
+    token = args.token or os.environ.get("CARRARA_GATEWAY_TOKEN") or None
+    if target.startswith(("grpc://", "grpcs://")):
         import grpc
 
-        from carrara.gateway.grpc_client import predict_stub
+        from carrara.gateway.grpc_client import bearer_metadata, open_channel, predict_stub
         from carrara.v1 import predict_pb2
 
-        with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+        with open_channel(target, root_certificates=args.tls_ca) as channel:
             call = predict_stub(channel)
             request = predict_pb2.PredictRequest(
                 model=args.model,
@@ -147,7 +175,7 @@ def _predict(args: argparse.Namespace) -> int:
                 ],
             )
             try:
-                r = call(request, timeout=args.timeout)
+                r = call(request, timeout=args.timeout, metadata=bearer_metadata(token))
             except grpc.RpcError as exc:
                 print(f"carrara: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -168,13 +196,19 @@ def _predict(args: argparse.Namespace) -> int:
                 ],
             }
     else:
+        import ssl
+
         import httpx
 
         payload: dict[str, Any] = {"entity_ids": args.entity_ids}
         if overrides:
             payload["overrides"] = overrides
         response = httpx.post(
-            f"{target.rstrip('/')}/predict/{args.model}", json=payload, timeout=args.timeout
+            f"{target.rstrip('/')}/predict/{args.model}",
+            json=payload,
+            timeout=args.timeout,
+            headers={"authorization": f"Bearer {token}"} if token else None,
+            verify=ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else True,
         )
         body = response.json()
         if response.status_code != 200:

@@ -7,6 +7,7 @@ Triton models).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -15,10 +16,12 @@ import yaml
 
 from carrara.core import AssemblerSpec, RoutingPolicy
 from carrara.errors import ConfigError
+from carrara.gateway.auth import FrontAuth
 from carrara.gateway.backends import Backend, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, VariantSpec
 
 __all__ = [
+    "GatewayAuth",
     "GatewayConfig",
     "ModelConfig",
     "RegistryConfig",
@@ -76,12 +79,58 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class RegistryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Serve what the model registry says is deployed, and follow its deployment events."""
+    """Serve what the model registry deploys, from its ``deployments`` events alone: the gateway
+    needs the event log and the artifact store, never the registry's database."""
 
-    url: str  # sqlite:///path or postgresql://...
-    artifact_path: str
     event_log_url: str  # where the registry publishes `deployments` events
-    models: tuple[str, ...]  # the models this gateway serves
+    artifact_path: str  # the registry's artifact store (read once per artifact, then cached)
+    models: tuple[str, ...] | None = None  # the models this gateway serves (None: all)
+    state_dir: str = ".carrara-gateway"  # last good state (relative to the config file)
+    max_staleness_s: float | None = None  # /readyz 503 past this many seconds without events
+    url: str | None = None  # no longer read; refused with a message saying so
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            raise ValueError(
+                "registry.url is no longer used: the gateway reads deployments (serving spec, "
+                "artifact and sha256) from the event log and keeps no database credentials; "
+                "remove it"
+            )
+
+
+class GatewayAuth(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional auth on both predict fronts (``carrara.gateway.auth``); without an ``auth:``
+    block the gateway checks nothing and speaks plaintext (meant for loopback). Paths are
+    relative to the config file. Tokens are read at start-up; they never sit in this file."""
+
+    tokens_file: str | None = None  # bearer tokens, one a line ('#' comments)
+    token_env: str | None = None  # name of an environment variable holding one bearer token
+    tls_cert: str | None = None  # PEM certificate chain: both fronts speak TLS only
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: clients need a certificate it signed
+
+    def __post_init__(self) -> None:
+        if not (self.tokens_file or self.token_env or self.tls_cert or self.tls_key):
+            raise ValueError("auth needs tokens_file, token_env and/or tls_cert + tls_key")
+
+    def resolve(self, env: Mapping[str, str]) -> FrontAuth:
+        """The tokens and files both fronts use; ConfigError when ``token_env`` is unset or
+        empty (auth was asked for: never fall back to none)."""
+        tokens: list[str] = []
+        if self.token_env:
+            token = env.get(self.token_env, "").strip()
+            if not token:
+                raise ConfigError(
+                    f"gateway auth.token_env names {self.token_env}, which is unset or empty"
+                )
+            tokens.append(token)
+        return FrontAuth.build(
+            tokens=tokens,
+            tokens_file=self.tokens_file,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_client_ca=self.tls_client_ca,
+        )
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +143,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_in_flight: int = 256  # requests admitted at once (all models); past it RESOURCE_EXHAUSTED
     max_batch: int = 1_000  # entities per request
     store_deadline_s: float = 0.05  # online-store read budget; past it: cache/defaults, degraded
+    auth: GatewayAuth | None = None  # bearer tokens / TLS on both fronts; None = off
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
@@ -118,7 +168,20 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
                 v = msgspec.structs.replace(v, artifact=str(path.parent / v.artifact))
             variants.append(v)
         models.append(msgspec.structs.replace(m, variants=tuple(variants)))
-    return msgspec.structs.replace(config, models=tuple(models))
+    config = msgspec.structs.replace(config, models=tuple(models))
+    if config.auth is not None:
+        files = {
+            name: str(path.parent / value)
+            for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+            if (value := getattr(config.auth, name)) and not Path(value).is_absolute()
+        }
+        config = msgspec.structs.replace(config, auth=msgspec.structs.replace(config.auth, **files))
+    if config.registry is not None and not Path(config.registry.state_dir).is_absolute():
+        registry = msgspec.structs.replace(
+            config.registry, state_dir=str(path.parent / config.registry.state_dir)
+        )
+        config = msgspec.structs.replace(config, registry=registry)
+    return config
 
 
 def build_backends(model: ModelConfig) -> dict[str, Backend]:

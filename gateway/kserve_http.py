@@ -16,26 +16,27 @@ Routes (``{m}`` a model, ``[/versions/{v}]`` optional and checked against deploy
 
 Errors answer ``{"error": "message"}`` (Triton's REST shape) with the status of their
 ``CarraraError`` class: 400 bad input, 404 unknown model or version, 413 body over 16 MiB,
-429 shed, 503 unavailable.
+429 shed, 503 unavailable. Bodies are read by the kernel's bounded reader
+(``carrara.http.read_body``: 413 as soon as the limit is passed, on the wire or decompressed).
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from carrara.errors import CarraraError, InvalidArgumentError, NotFoundError
+from carrara.errors import CarraraError, InvalidArgumentError, NotFoundError, PayloadTooLargeError
 from carrara.gateway.engine import PredictionResult
 from carrara.gateway.kserve_types import ModelInfo, ModelStatistics
+from carrara.http import check_path_params, decode_json, read_body
 
 __all__ = [
     "ENTITY_INPUT",
@@ -45,6 +46,7 @@ __all__ = [
     "OUTPUT_NAME",
     "KServeTarget",
     "PayloadTooLargeError",
+    "kserve_error",
     "kserve_routes",
 ]
 
@@ -79,13 +81,6 @@ class KServeTarget(Protocol):
     def model_info(self, name: str) -> ModelInfo: ...
 
     def statistics(self, name: str | None = None) -> list[ModelStatistics]: ...
-
-
-class PayloadTooLargeError(CarraraError):
-    """A request body over ``MAX_BODY_BYTES``."""
-
-    http_status = 413
-    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 # -- request / response shapes -------------------------------------------------------------
@@ -126,8 +121,12 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(_encoder.encode(body), status_code=status, media_type="application/json")
 
 
-def _error(exc: CarraraError) -> Response:
+def kserve_error(exc: CarraraError) -> Response:
+    """``exc`` in Triton's REST error shape, ``{"error": "message"}``, with its status."""
     return _json({"error": str(exc)}, exc.http_status)
+
+
+_error = kserve_error
 
 
 # -- reading the body ------------------------------------------------------------------------
@@ -135,43 +134,7 @@ def _error(exc: CarraraError) -> Response:
 
 async def _read_body(request: Request) -> bytes:
     """The request body, decompressed, stopping at ``MAX_BODY_BYTES`` (413) while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(
-            f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES}"
-        )
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    inflater: Any = None
-    if encoding in ("gzip", "x-gzip"):
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif encoding == "deflate":
-        inflater = zlib.decompressobj(zlib.MAX_WBITS)  # zlib-wrapped, as HTTP and tritonclient
-    elif encoding not in ("", "identity"):
-        raise InvalidArgumentError(
-            f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or identity"
-        )
-    chunks: list[bytes] = []
-    wire = size = 0
-    try:
-        async for chunk in request.stream():
-            wire += len(chunk)
-            if inflater is not None and chunk:
-                try:
-                    chunk = inflater.decompress(chunk, MAX_BODY_BYTES - size + 1)
-                except zlib.error as exc:
-                    raise InvalidArgumentError(f"invalid {encoding} request body: {exc}") from None
-            size += len(chunk)
-            if size > MAX_BODY_BYTES or wire > MAX_BODY_BYTES:
-                raise PayloadTooLargeError(
-                    f"request body is over the limit of {MAX_BODY_BYTES} bytes"
-                    + (" (decompressed)" if inflater is not None else "")
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidArgumentError("client disconnected while sending the body") from None
-    if inflater is not None and (not inflater.eof or inflater.unused_data):
-        raise InvalidArgumentError(f"{encoding} request body is truncated or has trailing data")
-    return b"".join(chunks)
+    return await read_body(request, MAX_BODY_BYTES, decode_content=True)
 
 
 # -- parsing an infer request ----------------------------------------------------------------
@@ -266,10 +229,7 @@ def _parse_infer(body: bytes, header_length: str | None) -> _ParsedInfer:
             )
         split = int(header_length)
         head, binary = body[:split], body[split:]
-    try:
-        request = _decoder.decode(head)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise InvalidArgumentError(f"invalid inference request JSON: {exc}") from None
+    request: _InferRequest = decode_json(head, _decoder, what="inference request JSON")
 
     entity_ids: list[str] | None = None
     overrides: dict[str, list[float]] = {}
@@ -557,6 +517,7 @@ def kserve_routes(target: KServeTarget) -> list[BaseRoute]:
         model = request.path_params["model"]
         version = request.path_params.get("version")
         try:
+            check_path_params(request.path_params)
             if version is not None:
                 _info(target, model, version)
             body = await _read_body(request)

@@ -105,11 +105,50 @@ class _EngineCollector(Collector):
             )
 
 
+class _FollowerCollector(Collector):
+    def __init__(self, follower: Any) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.follower.status()
+        yield GaugeMetricFamily(
+            "carrara_deployments_stale_seconds",
+            "Seconds since the gateway last read the deployments topic",
+            value=s.stale_s,
+        )
+        yield GaugeMetricFamily(
+            "carrara_deployments_connected",
+            "1 when the last read of the deployments topic succeeded",
+            value=1.0 if s.connected else 0.0,
+        )
+        yield CounterMetricFamily(
+            "carrara_deployments_applied", "Deployments loaded and switched to", value=s.applied
+        )
+        yield CounterMetricFamily(
+            "carrara_deployments_failed",
+            "Deployments refused by this gateway (bad artifact, load failure)",
+            value=s.failed,
+        )
+        available = GaugeMetricFamily(
+            "carrara_model_available",
+            "1 when the model is served, 0 when its deployment could not be loaded",
+            labels=["model"],
+        )
+        for model, m in sorted(s.models.items()):
+            available.add_metric([model], 1.0 if m.state == "serving" else 0.0)
+        yield available
+
+
 class GatewayMetrics:
-    def __init__(self, engine: Any, cache: FeatureCache | None = None) -> None:
-        """``engine`` is the native engine (``ServingEngine.native``)."""
+    def __init__(
+        self, engine: Any, cache: FeatureCache | None = None, *, follower: Any = None
+    ) -> None:
+        """``engine`` is the native engine (``ServingEngine.native``); ``follower`` the
+        registry deployment follower, if any."""
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine, cache))
+        if follower is not None:
+            self.registry.register(_FollowerCollector(follower))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

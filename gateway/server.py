@@ -11,6 +11,7 @@ from concurrent.futures import Future
 import uvicorn
 
 from carrara import __version__, _native
+from carrara.gateway.auth import FrontAuth
 from carrara.gateway.http_front import create_app
 from carrara.gateway.service import Gateway
 
@@ -18,7 +19,10 @@ __all__ = ["GatewayServer", "ServerThread"]
 
 
 class GatewayServer:
-    """Both fronts on ``host`` (loopback by default); port 0 picks a free port."""
+    """Both fronts on ``host`` (loopback by default); port 0 picks a free port.
+
+    ``auth`` (off by default) puts bearer tokens and/or TLS on both fronts
+    (``carrara.gateway.auth``)."""
 
     def __init__(
         self,
@@ -29,6 +33,7 @@ class GatewayServer:
         http_port: int = 0,
         grace_s: float = 5.0,
         max_message_bytes: int = 16 << 20,
+        auth: FrontAuth | None = None,
     ) -> None:
         self.gateway = gateway
         self.host = host
@@ -36,6 +41,7 @@ class GatewayServer:
         self.http_port = http_port
         self.grace_s = grace_s
         self.max_message_bytes = max_message_bytes
+        self.auth = auth or FrontAuth()
         self._grpc: _native.GrpcServer | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -47,16 +53,18 @@ class GatewayServer:
             port=self.grpc_port,
             max_message_bytes=self.max_message_bytes,
             version=__version__,
+            **self.auth.grpc_options(),
         )
         self.grpc_port = self._grpc.port
         self._grpc.set_serving(True)
         config = uvicorn.Config(
-            create_app(self.gateway),
+            create_app(self.gateway, auth_tokens=self.auth.tokens),
             host=self.host,
             port=self.http_port,
             log_level="warning",
             lifespan="off",
             access_log=False,
+            **self.auth.uvicorn_options(),
         )
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http.serve())
@@ -95,6 +103,7 @@ class ServerThread:
             server = self._make()
             self._loop.run_until_complete(server.start())
         except BaseException as exc:
+            self._loop.close()  # nothing runs on it: stop() is never called after this
             self._started.set_exception(exc)
             return
         self._started.set_result(server)

@@ -9,19 +9,64 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from carrara.errors import NotFoundError
 from carrara.gateway.engine import Overrides, PredictionResult, ServingEngine
 from carrara.gateway.kserve_types import ModelInfo, ModelStatistics
 from carrara.gateway.metrics import GatewayMetrics
 
+if TYPE_CHECKING:
+    from carrara.gateway.registry_source import DeploymentFollower
+
 __all__ = ["Gateway"]
 
 
 class Gateway:
-    def __init__(self, engine: ServingEngine) -> None:
+    """``follower``: the registry deployment follower, when models come from the registry;
+    ``unavailable``: models named in the config that failed to load (model -> reason)."""
+
+    def __init__(
+        self,
+        engine: ServingEngine,
+        *,
+        follower: DeploymentFollower | None = None,
+        max_staleness_s: float | None = None,
+    ) -> None:
         self.engine = engine
-        self.metrics = GatewayMetrics(engine.native, engine.cache)
+        self.follower = follower
+        self.max_staleness_s = max_staleness_s
+        self.unavailable: dict[str, str] = {}
+        self.metrics = GatewayMetrics(engine.native, engine.cache, follower=follower)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether to take traffic, and what ``/readyz`` says: the models served, those that
+        failed to load, and how stale the deployment state is."""
+        ready = self.ready
+        body: dict[str, Any] = {
+            "ready": ready,
+            "models": self.engine.models(),
+            "draining": self.draining,
+        }
+        unavailable = dict(self.unavailable)
+        if self.follower is not None:
+            import msgspec
+
+            status = self.follower.status()
+            unavailable.update(self.follower.unavailable())
+            body["deployments"] = msgspec.to_builtins(status)
+            if not self.follower.alive:
+                ready = False
+                body["deployments"]["error"] = "the deployment follower stopped"
+            elif self.max_staleness_s is not None and status.stale_s > self.max_staleness_s:
+                ready = False
+                body["deployments"]["error"] = (
+                    f"no deployment events read for {status.stale_s:.0f} s "
+                    f"(max_staleness_s {self.max_staleness_s:g})"
+                )
+        body["unavailable"] = unavailable
+        body["ready"] = ready
+        return ready, body
 
     @property
     def ready(self) -> bool:

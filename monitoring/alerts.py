@@ -6,6 +6,12 @@ the same transaction as the evaluation that caused them, together with an outbox
 outbox is then drained to the sinks: a crash between commit and delivery delays an alert, it
 does not lose it (delivery is at-least-once; ``key`` + ``state`` + ``started_ms`` identify one
 transition for receivers that must dedupe).
+
+Sinks are independent: each marks the queued alerts it took (``monitoring_alert_deliveries``,
+by the sink's ``name``), gets the alerts in order, and a sink that fails (a webhook that is
+down) stops only itself: it is retried from where it stopped, after a backoff that doubles per
+failure (:class:`SinkBackoff`), while the ``alerts`` topic and the other sinks go on. An outbox
+row is deleted once every sink of the drain has it.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ __all__ = [
     "CallbackSink",
     "Condition",
     "EventLogSink",
+    "SinkBackoff",
     "WebhookSink",
     "active_alerts",
     "apply_conditions",
     "decode_alert",
     "deliver_outbox",
     "retrain_on_degradation",
+    "sink_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,6 +174,10 @@ def active_alerts(db: Database, model: str | None = None) -> list[Alert]:
 
 
 class AlertSink(Protocol):
+    """Where alerts go. A sink may also have a ``name`` attribute: its stable identity in the
+    outbox (where it stopped), which must differ between the sinks of one consumer; without
+    one the class name is used."""
+
     def send(self, alert: Alert) -> None:
         """Deliver one alert; raise to have it retried later."""
 
@@ -176,6 +188,7 @@ class EventLogSink:
     def __init__(self, event_log: EventLog, topic: str = TOPIC_ALERTS) -> None:
         self._log = event_log
         self._topic = topic
+        self.name = f"topic:{topic}"
 
     def send(self, alert: Alert) -> None:
         self._log.append(self._topic, _msgpack.encode(alert))
@@ -188,6 +201,7 @@ class WebhookSink:
         import httpx
 
         self.url = url
+        self.name = f"webhook:{url}"
         self._client = httpx.Client(timeout=timeout_s, headers=headers or {})
 
     def send(self, alert: Alert) -> None:
@@ -205,37 +219,135 @@ class WebhookSink:
 class CallbackSink:
     """Calls a function in-process (tests, embedded subscribers)."""
 
-    def __init__(self, fn: Callable[[Alert], None]) -> None:
+    def __init__(self, fn: Callable[[Alert], None], *, name: str = "") -> None:
         self._fn = fn
+        self.name = name or f"callback:{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
     def send(self, alert: Alert) -> None:
         self._fn(alert)
 
 
-def deliver_outbox(db: Database, sinks: Sequence[AlertSink], *, limit: int = 1000) -> int:
-    """Send queued alerts to every sink, oldest first; returns how many were delivered.
+class SinkBackoff:
+    """When each failing sink may be tried again: ``base_s`` after its first failure, doubling
+    per consecutive failure up to ``max_s``; a success resets it. In memory: a restarted
+    consumer retries every sink at once."""
 
-    Stops at the first failure and keeps that alert (and later ones) queued, so order holds
-    and nothing is lost; sinks that already took it may see it again on the retry.
+    def __init__(
+        self,
+        base_s: float = 1.0,
+        max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base_s = base_s
+        self.max_s = max_s
+        self._clock = clock
+        self.failures: dict[str, int] = {}
+        self._next: dict[str, float] = {}
+
+    def ready(self, sink: str) -> bool:
+        return self._clock() >= self._next.get(sink, float("-inf"))
+
+    def failed(self, sink: str) -> float:
+        """Record a failure; returns the delay before the next try."""
+        n = self.failures.get(sink, 0) + 1
+        self.failures[sink] = n
+        delay = min(self.max_s, self.base_s * 2.0 ** (n - 1))
+        self._next[sink] = self._clock() + delay
+        return delay
+
+    def succeeded(self, sink: str) -> None:
+        self.failures.pop(sink, None)
+        self._next.pop(sink, None)
+
+
+def sink_names(sinks: Sequence[AlertSink]) -> list[str]:
+    """Each sink's identity in ``monitoring_alert_deliveries`` (its ``name``, else its class
+    name; repeats numbered)."""
+    out: list[str] = []
+    for sink in sinks:
+        base = str(getattr(sink, "name", "") or type(sink).__qualname__)
+        name, n = base, 1
+        while name in out:
+            n += 1
+            name = f"{base}#{n}"
+        out.append(name)
+    return out
+
+
+def deliver_outbox(
+    db: Database,
+    sinks: Sequence[AlertSink],
+    *,
+    limit: int = 1000,
+    backoff: SinkBackoff | None = None,
+) -> int:
+    """Send queued alerts to every sink, oldest first, each sink on its own; returns how many
+    alerts every sink now has (they leave the outbox).
+
+    A sink that fails keeps its place: it gets that alert and the later ones, in order, on a
+    later drain (with ``backoff``, not before its delay has passed), while the other sinks
+    are served. With no sinks nothing is drained: the alerts wait for a consumer that has
+    sinks (e.g. ``carrara monitor run`` publishing to the ``alerts`` topic).
     """
     ensure_schema(db)
+    if not sinks:
+        return 0
     with db.transaction() as tx:
-        rows = tx.fetchall(
-            "SELECT id, payload FROM monitoring_alert_outbox ORDER BY id LIMIT ?", (limit,)
-        )
-    delivered = 0
-    for oid, payload in rows:
-        alert = _alert_decoder.decode(bytes(payload))
-        try:
-            for sink in sinks:
-                sink.send(alert)
-        except Exception as exc:  # any sink failure: retry on the next drain
-            log.warning("alert %s (%s) not delivered, will retry: %s", alert.key, alert.state, exc)
-            break
+        if tx.fetchone("SELECT id FROM monitoring_alert_outbox LIMIT 1") is None:
+            return 0
+    names = sink_names(sinks)
+    for name, sink in zip(names, sinks, strict=True):
+        if backoff is not None and not backoff.ready(name):
+            continue
+        # What this sink has not taken yet (a mark per alert and sink, rather than a
+        # position: ids may commit out of order when several consumers raise alerts).
         with db.transaction() as tx:
-            tx.execute("DELETE FROM monitoring_alert_outbox WHERE id = ?", (oid,))
-        delivered += 1
-    return delivered
+            rows = tx.fetchall(
+                "SELECT o.id, o.payload FROM monitoring_alert_outbox o WHERE NOT EXISTS"
+                " (SELECT 1 FROM monitoring_alert_deliveries d"
+                "  WHERE d.outbox_id = o.id AND d.sink = ?) ORDER BY o.id LIMIT ?",
+                (name, limit),
+            )
+        for oid, payload in rows:
+            alert = _alert_decoder.decode(bytes(payload))
+            try:
+                sink.send(alert)
+            except Exception as exc:  # this sink retries later; the others go on
+                delay = backoff.failed(name) if backoff is not None else 0.0
+                log.warning(
+                    "alert %s (%s) not delivered to %s, will retry%s: %s",
+                    alert.key,
+                    alert.state,
+                    name,
+                    f" in {delay:.1f} s" if delay else "",
+                    exc,
+                )
+                break
+            with db.transaction() as tx:
+                tx.execute(
+                    "INSERT INTO monitoring_alert_deliveries (outbox_id, sink) VALUES (?, ?)"
+                    " ON CONFLICT (outbox_id, sink) DO NOTHING",
+                    (int(oid), name),
+                )
+        else:
+            if backoff is not None:
+                backoff.succeeded(name)
+    marks = ", ".join("?" * len(names))
+    with db.transaction() as tx:
+        done = [
+            int(r[0])
+            for r in tx.fetchall(
+                "SELECT outbox_id FROM monitoring_alert_deliveries"
+                f" WHERE sink IN ({marks}) GROUP BY outbox_id HAVING COUNT(*) = ?",
+                (*names, len(names)),
+            )
+        ]
+        for i in range(0, len(done), 500):
+            chunk = done[i : i + 500]
+            ids = ", ".join("?" * len(chunk))
+            tx.execute(f"DELETE FROM monitoring_alert_outbox WHERE id IN ({ids})", chunk)
+            tx.execute(f"DELETE FROM monitoring_alert_deliveries WHERE outbox_id IN ({ids})", chunk)
+    return len(done)
 
 
 class AlertSubscriber:

@@ -6,8 +6,9 @@
 /monitoring/run?flush=`` (consume what is logged, judge windows; returns the alert transitions)
 and ``GET /monitoring/models/{model}/report?version=`` (the HTML report). Errors answer as the
 registry API does: ``{"error": <grpc code>, "message": ...}`` with the error's HTTP status.
-Writes need a bearer token (from ``tokens``) with role ``publisher``; ``tokens=None`` leaves
-them open (a single-user setup).
+Writes need a bearer token (from ``tokens``) with role ``publisher``, checked before the body
+is read; ``tokens=None`` leaves them open (a single-user setup). Bodies over
+:data:`MAX_BODY_BYTES` are refused with 413 while they are read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.routing import Route
 
 from carrara.errors import InvalidArgumentError
 from carrara.eventlog import EventLog
-from carrara.http import authorize, wrap
+from carrara.http import authorize, check_int64, decode_json, decode_msgpack, read_body, wrap
 from carrara.http import json_response as _json
 from carrara.registry.auth import Principal
 from carrara.sql import Database
@@ -60,13 +61,6 @@ class MonitorRun(msgspec.Struct, frozen=True):
     alerts: list[Alert]
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise InvalidArgumentError(f"request body of {len(raw)} bytes is over {limit}")
-    return raw
-
-
 def create_routes(
     db: Database,
     event_log: EventLog,
@@ -92,22 +86,20 @@ def create_routes(
     async def configure(request: Request) -> Response:
         authorize(request, tokens, "publisher", "configuring monitoring")
         model = request.path_params["model"]
-        try:
-            config = msgspec.json.decode(await read_body(request), type=ModelMonitorConfig)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise InvalidArgumentError(f"invalid monitoring config: {exc}") from exc
+        raw = await read_body(request, MAX_BODY_BYTES)
+        config = decode_json(raw, ModelMonitorConfig, what="monitoring config")
         await run_in_threadpool(configure_model, db, model, config)
         return _json(config)
 
     async def reference(request: Request) -> Response:
         authorize(request, tokens, "publisher", "storing a reference profile")
         model, version = request.path_params["model"], request.path_params["version"]
-        try:
-            profile = msgspec.msgpack.decode(await read_body(request), type=ReferenceProfile)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise InvalidArgumentError(
-                f"invalid reference profile (send build_profile(...) as msgpack): {exc}"
-            ) from exc
+        profile: ReferenceProfile = decode_msgpack(
+            await read_body(request, MAX_BODY_BYTES),
+            ReferenceProfile,
+            what="reference profile",
+            hint="send build_profile(...) as msgpack",
+        )
         if (profile.model, profile.version) != (model, version):
             raise InvalidArgumentError(
                 f"the profile is of {profile.model} v{profile.version} but the path names "
@@ -141,6 +133,8 @@ def create_routes(
             version = int(raw) if raw else None
         except ValueError as exc:
             raise InvalidArgumentError(f"version must be an integer, got {raw!r}") from exc
+        if version is not None:
+            check_int64(version, "version")
         html = await run_in_threadpool(render_report, db, model, version)
         return HTMLResponse(html)
 

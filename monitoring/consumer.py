@@ -33,7 +33,7 @@ from carrara.types import (
     decode_prediction,
 )
 
-from .alerts import Alert, AlertSink, Condition, apply_conditions, deliver_outbox
+from .alerts import Alert, AlertSink, Condition, SinkBackoff, apply_conditions, deliver_outbox
 from .batch_sql import existing_ids, insert_returning, rows_matching
 from .config import ModelMonitorConfig
 from .drift import FeatureDrift, judge_feature, warm_up
@@ -88,6 +88,7 @@ class MonitoringConsumer:
         metrics: MonitoringMetrics | None = None,
         batch_size: int = 500,
         refresh_s: float = 30.0,
+        sink_backoff: SinkBackoff | None = None,
     ) -> None:
         ensure_schema(db)
         warm_up()
@@ -97,6 +98,8 @@ class MonitoringConsumer:
         self.consumer = consumer
         self.default_config = default_config or ModelMonitorConfig()
         self.sinks = list(sinks)
+        #: When each failing sink is tried again (a down webhook waits alone).
+        self.sink_backoff = sink_backoff or SinkBackoff()
         self.metrics = metrics or MonitoringMetrics()
         self.batch_size = batch_size
         self._refresh_s = refresh_s
@@ -107,6 +110,8 @@ class MonitoringConsumer:
         self._drift_dirty: set[tuple[str, int]] = set()
         self._perf_dirty: set[tuple[str, int]] = set()
         self._last_sweep = time.monotonic()
+        # A restarted monitor exports the alerts still firing, not an empty gauge.
+        self._export_active_alerts(None)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -311,9 +316,15 @@ class MonitoringConsumer:
             self.metrics.alerts_sent.labels(alert.model, alert.kind, alert.state).inc()
         if alerts:
             self._export_active_alerts({a.model for a in alerts})
-        if alerts or self.sinks:
-            deliver_outbox(self.db, self.sinks)
+        self.deliver()
         return alerts
+
+    def deliver(self) -> int:
+        """Drain the alert outbox to the sinks (each on its own, a failing one after its
+        backoff); a consumer without sinks leaves the alerts queued for one that has them."""
+        if not self.sinks:
+            return 0
+        return deliver_outbox(self.db, self.sinks, backoff=self.sink_backoff)
 
     def _judge_windows(
         self, tx: Transaction, profile: ReferenceProfile, cfg: ModelMonitorConfig, *, flush: bool
@@ -426,9 +437,15 @@ class MonitoringConsumer:
             ]
             return apply_conditions(tx, conditions)
 
-    def _export_active_alerts(self, models: set[str]) -> None:
+    def _export_active_alerts(self, models: set[str] | None) -> None:
+        """Set the ``alerts_active`` gauge of ``models`` (None: every model with an alert
+        row) from the stored alert state."""
         with self.db.transaction() as tx:
-            for model in models:
+            if models is None:
+                models = {
+                    str(r[0]) for r in tx.fetchall("SELECT DISTINCT model FROM monitoring_alerts")
+                }
+            for model in sorted(models):
                 counts = dict.fromkeys(("drift", "performance"), 0)
                 for kind, n in tx.fetchall(
                     "SELECT kind, COUNT(*) FROM monitoring_alerts WHERE model = ? AND active = 1"
@@ -449,7 +466,9 @@ class MonitoringConsumer:
     def evaluate_performance_now(self, model: str, version: int) -> list[Alert]:
         """Judge a version's performance immediately (e.g. after the label API was used)."""
         alerts = self._judge_performance(model, version)
-        deliver_outbox(self.db, self.sinks)
+        if alerts:
+            self._export_active_alerts({model})
+        self.deliver()
         return alerts
 
 

@@ -102,6 +102,12 @@ MIGRATIONS = [
         "0002_alert_clear_streak",
         sql="ALTER TABLE monitoring_alerts ADD COLUMN clear_streak INTEGER NOT NULL DEFAULT 0",
     ),
+    # Which sink already took which queued alert (sinks are delivered to independently).
+    Migration(
+        "0003_alert_deliveries",
+        sql="CREATE TABLE monitoring_alert_deliveries (outbox_id BIGINT NOT NULL,"
+        " sink TEXT NOT NULL, PRIMARY KEY (outbox_id, sink))",
+    ),
 ]
 
 _migrated: weakref.WeakSet[Database] = weakref.WeakSet()

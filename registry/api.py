@@ -16,6 +16,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -23,13 +24,13 @@ from starlette.routing import Route
 from carrara.errors import (
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
+    PayloadTooLargeError,
     UnauthenticatedError,
     UnavailableError,
 )
-from carrara.http import ErrorBody, Handler, wrap
+from carrara.http import ErrorBody, Handler, InputGuard, decode_json, read_body, wrap
 from carrara.http import json_response as _json
-from carrara.registry.auth import Principal
+from carrara.registry.auth import Principal, require_role
 from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import (
     Approval,
@@ -122,38 +123,15 @@ class _Endpoint(msgspec.Struct, frozen=True):
     query: tuple[str, ...] = ()
 
 
-class PayloadTooLargeError(ResourceExhaustedError):
-    """A request body over the app's ``max_body_bytes``."""
-
-    http_status = 413
-
-
 async def _body(request: Request, kind: Any, *, optional: bool = False) -> Any:
-    limit: int = request.app.state.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(
-            f"request body of {int(declared)} bytes is over the limit of {limit}; register "
-            "large artifacts through the SDK against the artifact store directly"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        if optional:
-            return msgspec.convert({}, kind)
-        raise InvalidArgumentError("this call needs a JSON body")
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        raise InvalidArgumentError(f"invalid request body: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidArgumentError(f"request body is not valid JSON: {exc}") from exc
+    """The body as ``kind``: over the app's ``max_body_bytes`` is a 413 while reading (the
+    kernel's :func:`~carrara.http.read_body`), anything malformed a 400."""
+    raw = await read_body(
+        request,
+        request.app.state.max_body_bytes,
+        hint="register large artifacts through the SDK against the artifact store directly",
+    )
+    return decode_json(raw, kind, optional=optional)
 
 
 def create_app(
@@ -187,8 +165,24 @@ def create_app(
         return version
 
     def actor(request: Request) -> Any:
-        # The registry checks the role and raises 401 for None, 403 for a missing role.
+        # Authenticated before the body was read (``authenticated``); the registry checks the
+        # role again and raises 401 for None, 403 for a missing role.
+        if hasattr(request.state, "principal"):
+            return request.state.principal
         return principal(request)
+
+    def authenticated(role: str, summary: str, handler: Handler) -> Handler:
+        """``handler`` behind a token check that runs before any of the body is read, so a
+        caller without a token with ``role`` never makes the server read a large body."""
+
+        async def check(request: Request) -> Response:
+            who = await call(principal, request)
+            require_role(who, role, f"'{summary}'")
+            request.state.principal = who
+            return await handler(request)
+
+        check.__name__ = handler.__name__
+        return check
 
     async def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await run_in_threadpool(fn, *args, **kw)
@@ -491,9 +485,20 @@ def create_app(
         ),
     ]
     spec = openapi_spec([e for e, _ in table])
-    routes = [Route(e.path, wrap(h), methods=[e.method]) for e, h in table]
+    routes = [
+        Route(
+            e.path,
+            wrap(h if e.role is None else authenticated(e.role, e.summary, h)),
+            methods=[e.method],
+        )
+        for e, h in table
+    ]
     routes.append(Route("/openapi.json", openapi, methods=["GET"]))
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(InputGuard)],
+    )
     app.state.max_body_bytes = max_body_bytes
     return app
 

@@ -121,6 +121,26 @@ class ArtifactStore:
             )
         return data
 
+    def verify(self, path: str, sha256: str, *, what: str = "artifact") -> None:
+        """Check an artifact against its recorded sha256 without holding it in memory (the
+        registry does this at deploy time, so a tampered file is refused before it goes live)."""
+        digest = hashlib.sha256()
+        try:
+            with self._fs.open(path, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+        except FileNotFoundError as exc:
+            raise NotFoundError(
+                f"{what} {path} is missing from the artifact store; restore it or register "
+                "a new version"
+            ) from exc
+        if digest.hexdigest() != sha256:
+            raise ArtifactIntegrityError(
+                f"{what} {path} fails its integrity check: sha256 is {digest.hexdigest()}, "
+                f"registered {sha256}; the file changed after registration, so it is refused — "
+                "restore the original or register a new version"
+            )
+
     def delete(self, path: str) -> None:
         """Remove an artifact written by a registration that did not commit."""
         try:

@@ -921,8 +921,16 @@ class ModelRegistry:
         *,
         actor: Principal,
         serving_endpoint: str = "",
+        prepare: Callable[[Deployment], None] | None = None,
     ) -> Deployment:
-        """Make a traffic split the model's active deployment and publish it to gateways."""
+        """Make a traffic split the model's active deployment and publish it to gateways.
+
+        Checked before anything is recorded: every version exists, none is archived, each has
+        a serving artifact that matches its registered sha256, and on a high-stakes model every
+        version taking live traffic (routed or fallback; shadows excepted) is PRODUCTION or
+        approved. ``prepare`` (e.g. loading the model in an embedded gateway) runs before the
+        commit; if it raises, nothing is recorded.
+        """
         require_role(actor, "deployer", "deploying a model")
         split = split or default_split(version)
         validate_split(split, version)
@@ -932,8 +940,8 @@ class ModelRegistry:
             wanted = split_versions(split)
             marks = ", ".join("?" for _ in wanted)
             rows = tx.fetchall(
-                "SELECT version_number, status, artifact_path FROM model_versions"
-                f" WHERE model_id = ? AND version_number IN ({marks})",
+                "SELECT version_number, status, artifact_path, artifact_sha256, version_id"
+                f" FROM model_versions WHERE model_id = ? AND version_number IN ({marks})",
                 [model[0], *wanted],
             )
             found = {r[0]: r for r in rows}
@@ -954,6 +962,12 @@ class ModelRegistry:
                 raise FailedPreconditionError(
                     f"version(s) {no_serving} of model {name!r} have no serving (ONNX) artifact"
                 )
+            if model[2]:
+                self._check_live_approvals(tx, name, split, found)
+            for n in wanted:
+                self.artifacts.verify(
+                    found[n][2], found[n][3], what=f"serving artifact of {name!r} version {n}"
+                )
             deployment = self._insert_deployment(
                 tx,
                 model,
@@ -964,8 +978,37 @@ class ModelRegistry:
                 rollback_of=None,
                 action="deployment.create",
             )
+            if prepare is not None:
+                prepare(deployment)
         self.publish_pending()
         return deployment
+
+    def _check_live_approvals(
+        self, tx: Transaction, name: str, split: TrafficSplit, found: Mapping[int, Sequence[Any]]
+    ) -> None:
+        """On a high-stakes model, a version may take live traffic (routed, canary or
+        fallback) only once PRODUCTION or approved; shadows see traffic but answer nobody."""
+        live = {v.version for v in split.variants}
+        if split.fallback is not None:
+            live.add(split.fallback.version)
+        staging = sorted(n for n in live if found[n][1] == "STAGING")
+        if not staging:
+            return
+        marks = ", ".join("?" for _ in staging)
+        approved = {
+            r[0]
+            for r in tx.fetchall(
+                f"SELECT DISTINCT version_id FROM approvals WHERE version_id IN ({marks})",
+                [found[n][4] for n in staging],
+            )
+        }
+        missing = [n for n in staging if found[n][4] not in approved]
+        if missing:
+            raise FailedPreconditionError(
+                f"model {name!r} is high-stakes: STAGING version(s) {missing} have no approval "
+                "and may not take live traffic; have a user with the 'approver' role run "
+                f"carrara models approve {name} {missing[0]}, or deploy them as shadows"
+            )
 
     def _insert_deployment(
         self,

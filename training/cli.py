@@ -145,6 +145,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             node=args.node or None,
             gpus=gpus,
             heartbeat_interval_s=min(5.0, queue.lease_timeout_s / 3),
+            data_roots=settings.resolved_data_roots,
         )
         # SIGTERM (Kubernetes, `carrara up`): the running job goes back to the queue at its
         # next epoch and resumes from its checkpoint on another worker.

@@ -249,12 +249,16 @@ class JobQueue:
         upgrade: bool = True,
         gpus_per_node: int = 0,
         backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S,
+        data_roots: Sequence[str] | None = None,
     ) -> None:
         self.db = db
         self.events = events
         self.lease_timeout_s = lease_timeout_s
         self.gpus_per_node = gpus_per_node
         self.backfill_window_s = backfill_window_s
+        #: Folders a spec's label source must lie under (None: any, the embedded default;
+        #: servers pass ``Settings.resolved_data_roots``).
+        self.data_roots = None if data_roots is None else tuple(data_roots)
         if upgrade:
             db.migrate("training", MIGRATIONS)
 
@@ -267,6 +271,7 @@ class JobQueue:
         lease_timeout_s: float = 60.0,
         gpus_per_node: int = 0,
         backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S,
+        data_roots: Sequence[str] | None = None,
     ) -> JobQueue:
         return cls(
             connect(url),
@@ -274,6 +279,7 @@ class JobQueue:
             lease_timeout_s=lease_timeout_s,
             gpus_per_node=gpus_per_node,
             backfill_window_s=backfill_window_s,
+            data_roots=data_roots,
         )
 
     def close(self) -> None:
@@ -313,8 +319,9 @@ class JobQueue:
         return max([self.gpus_per_node, *declared])
 
     def validate(self, spec: JobSpec, *, features: FeatureService | None = None) -> None:
-        """Everything :meth:`submit` checks, without queueing (InvalidArgumentError)."""
-        from .spec import validate_spec
+        """Everything :meth:`submit` checks, without queueing (InvalidArgumentError; with
+        ``data_roots``, PermissionDeniedError for a label source outside them)."""
+        from .spec import check_label_source, validate_spec
 
         problem = inventory_problem(spec.resources.gpus, self.known_gpus_per_node())
         try:
@@ -325,6 +332,8 @@ class JobQueue:
             raise
         if problem is not None:
             raise InvalidArgumentError(f"invalid training job spec: {problem}")
+        if self.data_roots is not None:
+            check_label_source(spec.dataset.label_source, self.data_roots)
 
     def submit(
         self,

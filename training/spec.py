@@ -21,14 +21,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from carrara.errors import InvalidArgumentError
+from carrara.errors import InvalidArgumentError, PermissionDeniedError
 
 if TYPE_CHECKING:
     from carrara.feature_cache.service import FeatureService
@@ -44,6 +46,7 @@ __all__ = [
     "ParamRange",
     "Resources",
     "SearchSpec",
+    "check_label_source",
     "load_spec",
     "parse_spec",
     "validate_spec",
@@ -170,6 +173,50 @@ def load_spec(path: str | Path) -> JobSpec:
         dataset = msgspec.structs.replace(spec.dataset, label_source=str(p.parent / src))
         spec = msgspec.structs.replace(spec, dataset=dataset)
     return spec
+
+
+#: URL schemes a label source may use: the workers read local files only.
+LABEL_SOURCE_SCHEMES = ("file",)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def check_label_source(source: str, roots: Sequence[str]) -> Path:
+    """The file a label source names, once it is allowed: an absolute path or ``file://``
+    URL that, with symlinks and ``..`` resolved, lies under one of ``roots`` (the settings'
+    ``data_roots``). InvalidArgumentError for other schemes and relative paths,
+    PermissionDeniedError for a path outside the roots; says nothing of whether it exists."""
+    path_text = source
+    scheme = _SCHEME.match(source)
+    if scheme is not None:
+        name = scheme.group(1).lower()
+        if name not in LABEL_SOURCE_SCHEMES:
+            raise InvalidArgumentError(
+                f"label_source {source!r}: the {name}:// scheme is not supported; use a path "
+                "or a file:// URL under the platform's data roots"
+            )
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(source)
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidArgumentError(
+                f"label_source {source!r}: a file:// URL must name a local file (no host)"
+            )
+        path_text = unquote(parts.path)
+    if "\0" in path_text or not os.path.isabs(path_text):
+        raise InvalidArgumentError(
+            f"label_source {source!r} must be an absolute path (or file:// URL) under the "
+            f"platform's data roots: {', '.join(roots)}"
+        )
+    resolved = Path(os.path.realpath(path_text))
+    for root in roots:
+        base = Path(os.path.realpath(root))
+        if resolved == base or base in resolved.parents:
+            return resolved
+    raise PermissionDeniedError(
+        f"label_source {source!r} is outside the folders training jobs may read "
+        f"({', '.join(roots)}); put the labels there or add their folder to the "
+        "data_roots setting"
+    )
 
 
 def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> None:

@@ -41,7 +41,7 @@ from carrara.errors import (
 from .checkpoints import CheckpointStore, checkpoint_root
 from .frameworks.base import Checkpoint, EarlyStopper, FitResult, Pruned, TrainData
 from .queue import Job, JobQueue
-from .spec import EarlyStoppingSpec, JobSpec, validate_spec
+from .spec import EarlyStoppingSpec, JobSpec, check_label_source, validate_spec
 
 if TYPE_CHECKING:
     import optuna
@@ -73,12 +73,17 @@ def default_actor() -> Principal:
     return Principal("training-worker", frozenset({"publisher"}))
 
 
-def load_labels(spec: JobSpec) -> pd.DataFrame:
-    """The label rows in ``[start, end)``: entity column, timestamp (UTC), label."""
+def load_labels(spec: JobSpec, *, data_roots: Sequence[str] | None = None) -> pd.DataFrame:
+    """The label rows in ``[start, end)``: entity column, timestamp (UTC), label. With
+    ``data_roots`` the label source must lie under one of them (checked again here, right
+    before reading, whatever the submitter checked)."""
     import pandas as pd
 
     d = spec.dataset
-    path = Path(d.label_source)
+    if data_roots is not None:
+        path = check_label_source(d.label_source, data_roots)
+    else:
+        path = Path(d.label_source)
     if not path.exists():
         raise InvalidArgumentError(f"label source {path} does not exist")
     frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
@@ -294,8 +299,10 @@ def run_job(
     actor: Principal | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[str], None] | None = None,
+    data_roots: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run one job end to end; returns its result (registered version, metrics, lineage)."""
+    """Run one job end to end; returns its result (registered version, metrics, lineage).
+    ``data_roots``: the folders the label source must lie under (None: any)."""
     from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
     from carrara.gateway.registry_source import serving_spec
 
@@ -308,6 +315,8 @@ def run_job(
     _LEASED_GPUS.set(tuple(job.gpus) if isinstance(job, Job) else ())
     validate_spec(spec, features=features)
     d = spec.dataset
+    if data_roots is not None:  # before anything else: a refused source reads nothing
+        check_label_source(d.label_source, data_roots)
 
     def say(message: str) -> None:
         log.info("training job %s: %s", run_id, message)
@@ -334,7 +343,7 @@ def run_job(
     refs = [tuple(f.split(":", 1)) for f in d.features]
     group_names = list(dict.fromkeys(g for g, _ in refs))
     groups = {name: features.group(name) for name in group_names}
-    labels = load_labels(spec)
+    labels = load_labels(spec, data_roots=data_roots)
     entity_df = labels.copy()
     for g in groups.values():
         if g.entity.key not in entity_df.columns:
@@ -637,8 +646,12 @@ class Worker:
         heartbeat_interval_s: float = 5.0,
         node: str | None = None,
         gpus: Sequence[int] = (),
+        data_roots: Sequence[str] | None = None,
     ) -> None:
         self.queue = queue
+        #: Folders label sources must lie under (None: any; ``carrara train worker`` passes
+        #: the settings' ``data_roots``).
+        self.data_roots = None if data_roots is None else tuple(data_roots)
         self.features = features
         self.registry = registry
         self.actor = actor
@@ -719,6 +732,7 @@ class Worker:
                 actor=self.actor,
                 should_stop=should_stop,
                 progress=progress,
+                data_roots=self.data_roots,
             )
         except CancelledError:
             done.set()

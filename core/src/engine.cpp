@@ -916,6 +916,14 @@ void Engine::predict(PredictCall call, PredictDone done) {
                                                    " entities is over the limit of " +
                                                    std::to_string(options_.max_batch));
     }
+    for (const std::string& e : c->req.entity_ids) {
+      // One huge id would cost every other request its store read (the shared deadline).
+      if (e.size() > options_.max_entity_id_bytes) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "an entity id of " + std::to_string(e.size()) + " bytes is over the limit of " +
+                        std::to_string(options_.max_entity_id_bytes));
+      }
+    }
     for (const OverrideInput& o : c->req.overrides) {
       if (o.values.size() != 1 && o.values.size() != n) {
         throw Error(ErrorCode::kInvalidArgument,

@@ -334,7 +334,14 @@ class GrpcServer:
         port: typing.SupportsInt | typing.SupportsIndex = 0,
         max_message_bytes: typing.SupportsInt | typing.SupportsIndex = 16777216,
         version: str = "0.1.0",
-    ) -> None: ...
+        auth_tokens: collections.abc.Sequence[str] = [],
+        tls_cert_chain: str = "",
+        tls_private_key: str = "",
+        tls_client_ca: str = "",
+    ) -> None:
+        """
+        Serves until shutdown(). Off by default: with auth_tokens, every call but grpc.health.v1 needs metadata 'authorization: Bearer <token>' (else UNAUTHENTICATED); tls_cert_chain/tls_private_key (PEM contents, not paths) make the port TLS-only; tls_client_ca (PEM) also requires client certificates it signed.
+        """
     def set_serving(self, serving: bool) -> None: ...
     def shutdown(self, grace_s: typing.SupportsFloat | typing.SupportsIndex = 5.0) -> None: ...
     @property

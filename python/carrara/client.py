@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -588,6 +589,11 @@ class Client:
     (``Settings.api_token`` or one from ``carrara models token create``). ``gateway`` is the
     serving gateway, ``grpc://host:port`` (its gRPC front) or ``http://host:port``; without it
     ``predict`` is unavailable and ``deploy`` does not wait for the gateway.
+
+    A gateway with auth on (``Settings.gateway_token`` / ``gateway_tls_cert``) wants
+    ``gateway_token`` (sent as ``authorization: Bearer ...``) and, with TLS, a
+    ``grpcs://`` or ``https://`` address; ``gateway_tls_ca`` is the PEM file of the
+    certificate(s) to trust for it (default: the system's roots).
     """
 
     def __init__(
@@ -596,11 +602,15 @@ class Client:
         token: str | None = None,
         *,
         gateway: str | None = None,
+        gateway_token: str | None = None,
+        gateway_tls_ca: str | None = None,
         timeout_s: float = 60.0,
         http: httpx.Client | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.gateway = gateway.rstrip("/") if gateway else None
+        self._gateway_token = gateway_token or None
+        self._gateway_tls_ca = gateway_tls_ca or None
         self.timeout_s = timeout_s
         self._owns = http is None
         self._client = http if http is not None else httpx.Client(base_url=url, timeout=timeout_s)
@@ -622,29 +632,54 @@ class Client:
             )
         return self.gateway
 
+    def _is_grpc(self) -> bool:
+        return self._need_gateway().startswith(("grpc://", "grpcs://"))
+
     def _grpc(self) -> Any:
         if self._channel is None:
-            import grpc
+            from carrara.gateway.grpc_client import open_channel
 
-            self._channel = grpc.insecure_channel(self._need_gateway().removeprefix("grpc://"))
+            self._channel = open_channel(
+                self._need_gateway(), root_certificates=self._gateway_tls_ca
+            )
         return self._channel
+
+    def _grpc_metadata(self) -> Any:
+        from carrara.gateway.grpc_client import bearer_metadata
+
+        return bearer_metadata(self._gateway_token)
 
     def _gw_http(self) -> httpx.Client:
         if self._gateway_http is None:
-            self._gateway_http = httpx.Client(base_url=self._need_gateway(), timeout=self.timeout_s)
+            import ssl
+
+            self._gateway_http = httpx.Client(
+                base_url=self._need_gateway(),
+                timeout=self.timeout_s,
+                headers={"authorization": f"Bearer {self._gateway_token}"}
+                if self._gateway_token
+                else None,
+                verify=ssl.create_default_context(cafile=self._gateway_tls_ca)
+                if self._gateway_tls_ca
+                else True,
+            )
         return self._gateway_http
 
     def _served_versions(self, model: str) -> set[int] | None:
-        """The versions the gateway serves for ``model`` (None: not deployed there; over HTTP,
-        where the gateway does not list versions, an empty set means 'deployed')."""
-        if self._need_gateway().startswith("grpc://"):
+        """The versions the gateway serves for ``model`` (None: not deployed there), from its
+        KServe model metadata on either front."""
+        if self._is_grpc():
             import grpc
             from tritonclient.grpc import service_pb2 as kserve
             from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
             stub = kserve_grpc.GRPCInferenceServiceStub(self._grpc())
             try:
-                meta = stub.ModelMetadata(kserve.ModelMetadataRequest(name=model), timeout=5.0)
+                meta = stub.ModelMetadata(
+                    kserve.ModelMetadataRequest(name=model),
+                    timeout=5.0,
+                    metadata=self._grpc_metadata(),
+                )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return None
@@ -653,10 +688,16 @@ class Client:
                 ) from exc
             return {int(v) for v in meta.versions}
         try:
-            r = self._gw_http().get("/readyz")
+            r = self._gw_http().get(f"/v2/models/{quote(model, safe='')}")
         except httpx.HTTPError as exc:
             raise errors.UnavailableError(f"gateway {self.gateway} unreachable: {exc}") from exc
-        return set() if model in r.json().get("models", []) else None
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise errors.UnavailableError(
+                f"gateway {self.gateway}: HTTP {r.status_code} for model metadata: {r.text[:200]}"
+            )
+        return {int(v) for v in r.json().get("versions", [])}
 
     def deploy(
         self,
@@ -675,7 +716,7 @@ class Client:
         deadline = time.monotonic() + wait_s
         while True:
             served = self._served_versions(model)
-            if served is not None and (not served or served == wanted):
+            if served == wanted:
                 return deployment
             if time.monotonic() > deadline:
                 raise errors.DeadlineExceededError(
@@ -696,7 +737,7 @@ class Client:
         if isinstance(entity_ids, str):
             raise errors.InvalidArgumentError("entity_ids must be a list of ids, not one string")
         target = self._need_gateway()
-        if target.startswith("grpc://"):
+        if self._is_grpc():
             import grpc
 
             from carrara.gateway.grpc_client import predict_stub
@@ -711,7 +752,9 @@ class Client:
                 ],
             )
             try:
-                r = predict_stub(self._grpc())(request, timeout=self.timeout_s)
+                r = predict_stub(self._grpc())(
+                    request, timeout=self.timeout_s, metadata=self._grpc_metadata()
+                )
             except grpc.RpcError as exc:
                 cls = _BY_CODE.get(exc.code().name, errors.InternalError)
                 raise cls(f"gateway: {exc.details()}") from exc

@@ -40,12 +40,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_token: str = ""
     log_level: str = "INFO"
     training_gpus_per_node: int = 0  # GPUs of the largest training node (submit-time check)
+    # Auth on the gateway's predict fronts (`carrara up`'s gateway; clients send the token).
+    # Off when empty: the gateway listens on loopback and checks nothing.
+    gateway_token: str = ""  # bearer token every gRPC call / HTTP predict must carry
+    gateway_tls_cert: str = ""  # PEM certificate chain: both fronts speak TLS only
+    gateway_tls_key: str = ""  # PEM private key of gateway_tls_cert
+    # Folders training jobs may read label files from (os.pathsep-separated, like PATH);
+    # "" = {home} and the offline store. Checked at submission and again by the worker.
+    data_roots: str = ""
 
     def __post_init__(self) -> None:
         if self.cache_capacity <= 0:
             raise ConfigError(f"cache_capacity must be > 0, got {self.cache_capacity}")
         if self.cache_ttl_seconds <= 0:
             raise ConfigError(f"cache_ttl_seconds must be > 0, got {self.cache_ttl_seconds}")
+        if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
+            raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
         if self.training_gpus_per_node < 0:
             raise ConfigError(
                 f"training_gpus_per_node must be >= 0, got {self.training_gpus_per_node}"
@@ -62,6 +72,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def resolved_event_log_url(self) -> str:
         return self.event_log_url or f"local:///{Path(self.home) / 'events.db'}"
+
+    @property
+    def resolved_data_roots(self) -> list[str]:
+        """The folders label sources must lie under (``data_roots``, else home and the
+        offline store)."""
+        roots = [r.strip() for r in self.data_roots.split(os.pathsep) if r.strip()]
+        if roots:
+            return roots
+        offline = self.resolved_offline_store_path
+        return [self.home] + ([] if "://" in offline else [offline])  # local folders only
 
     @property
     def resolved_artifact_path(self) -> str:

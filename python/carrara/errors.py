@@ -19,6 +19,7 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
@@ -77,6 +78,12 @@ class ResourceExhaustedError(CarraraError, RuntimeError):
 
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class PayloadTooLargeError(ResourceExhaustedError):
+    """A request body over the limit of the API that received it (HTTP 413 in every API)."""
+
+    http_status = 413
 
 
 class UnauthenticatedError(CarraraError, PermissionError):

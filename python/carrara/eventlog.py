@@ -14,6 +14,13 @@ acked within the visibility timeout (``?visibility_timeout_ms=``, default 30 s) 
 again, possibly to another consumer. Event ids are opaque strings, increasing per topic.
 
 Topics used by the platform are listed in :data:`TOPICS`; any name of ``[A-Za-z0-9._-]`` works.
+
+Retention: a topic keeps every event unless it has a length cap. The ``predictions`` topic is
+capped by default (:data:`DEFAULT_TOPIC_MAXLEN`, about the newest 1,000,000 events), so an
+unread or slowly read prediction log cannot grow Redis without bound; ``deployments``,
+``alerts`` and the other topics are never trimmed unless asked. Per topic, ``?maxlen.TOPIC=N``
+on the URL sets the cap (``0``: no cap); ``?maxlen=N`` caps every topic that has no cap of its
+own. Trimmed events are gone even if a group has not acked them.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -33,6 +40,7 @@ import msgspec
 from carrara.errors import ConfigError, InvalidArgumentError, UnavailableError
 
 __all__ = [
+    "DEFAULT_TOPIC_MAXLEN",
     "TOPICS",
     "Event",
     "EventLog",
@@ -45,6 +53,9 @@ __all__ = [
 TOPICS = ("predictions", "training-events", "feature-updates", "alerts", "deployments")
 
 DEFAULT_VISIBILITY_TIMEOUT_MS = 30_000
+#: Length caps applied unless configured otherwise: the high-volume prediction log only
+#: (events the platform must not lose, such as deployments and alerts, are never trimmed).
+DEFAULT_TOPIC_MAXLEN: Mapping[str, int] = {"predictions": 1_000_000}
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -55,6 +66,18 @@ class Event(msgspec.Struct, frozen=True):
     id: str
     payload: bytes
     timestamp_ms: int
+
+
+def _topic_caps(maxlen: int | None, topic_maxlen: Mapping[str, int] | None) -> dict[str, int]:
+    """Per-topic caps: ``topic_maxlen`` first, then (for the other topics) the built-in
+    defaults unless ``maxlen`` caps every topic. A cap of 0 means none."""
+    caps = dict(DEFAULT_TOPIC_MAXLEN) if maxlen is None else {}
+    for topic, cap in (topic_maxlen or {}).items():
+        _check_name("topic", topic)
+        if cap < 0:
+            raise ConfigError(f"the length cap of topic {topic} must be >= 0, got {cap}")
+        caps[topic] = cap
+    return caps
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -68,6 +91,13 @@ class EventLog(ABC):
     """Append-only topics with consumer groups (at-least-once)."""
 
     visibility_timeout_ms: int
+    _maxlen: int | None = None
+    _caps: Mapping[str, int] = DEFAULT_TOPIC_MAXLEN
+
+    def maxlen(self, topic: str) -> int | None:
+        """About how many events ``topic`` keeps (None: all of them)."""
+        cap = self._caps.get(topic, self._maxlen)
+        return cap or None
 
     @abstractmethod
     def append(self, topic: str, payload: bytes) -> str:
@@ -88,6 +118,15 @@ class EventLog(ABC):
     @abstractmethod
     def ack(self, topic: str, group: str, ids: Iterable[str]) -> None:
         """Mark events as processed by ``group``; they are not delivered to it again."""
+
+    @abstractmethod
+    def read_after(
+        self, topic: str, after: str | None, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        """Up to ``count`` events of ``topic`` with ids after ``after`` (None: from the start
+        of the retained log), oldest first, with no consumer group: for a reader that keeps its
+        own offset (a gateway following deployments leaves nothing behind in the log). Waits
+        up to ``block_ms`` when there are none."""
 
     @abstractmethod
     def close(self) -> None:
@@ -144,9 +183,14 @@ class LocalEventLog(EventLog):
         visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS,
         poll_interval_ms: int = 10,
         maxlen: int | None = None,
+        topic_maxlen: Mapping[str, int] | None = None,
     ) -> None:
         self.visibility_timeout_ms = visibility_timeout_ms
         self._maxlen = maxlen
+        self._caps = _topic_caps(maxlen, topic_maxlen)
+        # Events appended per topic since this instance last trimmed it: a large cap is
+        # enforced every tenth of it (the trim reads up to ``cap`` index entries).
+        self._since_trim: dict[str, int] = {}
         self._poll_s = poll_interval_ms / 1000
         self._path = path or ":memory:"
         if self._path != ":memory:":
@@ -190,18 +234,22 @@ class LocalEventLog(EventLog):
                         (topic, bytes(payload), now),
                     )
                     ids.append(str(cur.lastrowid))
-                if self._maxlen is not None:
-                    # Keep the newest maxlen events of the topic (like Redis XADD MAXLEN).
+                cap = self.maxlen(topic)
+                since = self._since_trim.get(topic, 0) + len(payloads)
+                if cap is not None and since >= max(1, cap // 10):
+                    since = 0
+                    # Keep the newest ``cap`` events of the topic (like Redis XADD MAXLEN).
                     conn.execute(
                         "DELETE FROM events WHERE topic = ? AND seq < (SELECT seq FROM events"
                         " WHERE topic = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                        (topic, topic, self._maxlen - 1),
+                        (topic, topic, cap - 1),
                     )
                     conn.execute(
                         "DELETE FROM pending WHERE topic = ? AND seq < (SELECT min(seq)"
                         " FROM events WHERE topic = ?)",
                         (topic, topic),
                     )
+                self._since_trim[topic] = since
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -294,6 +342,37 @@ class LocalEventLog(EventLog):
                 raise
             conn.execute("COMMIT")
 
+    def read_after(
+        self, topic: str, after: str | None, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        _check_name("topic", topic)
+        if count <= 0:
+            raise InvalidArgumentError(f"count must be > 0, got {count}")
+        try:
+            last = int(after) if after else 0
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{after!r} is not an id of this event log") from exc
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            with self._lock:
+                conn = self._db()
+                if last:
+                    # Ids are never reused within a file (AUTOINCREMENT); an offset past the
+                    # highest id ever given means the log was recreated: read it from the start.
+                    row = conn.execute(
+                        "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+                    ).fetchone()
+                    if row is None or row[0] < last:
+                        last = 0
+                rows: list[tuple[int, bytes, int]] = conn.execute(
+                    "SELECT seq, payload, timestamp_ms FROM events"
+                    " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (topic, last, count),
+                ).fetchall()
+            if rows or time.monotonic() >= deadline:
+                return [Event(topic, str(seq), bytes(p), ts) for seq, p, ts in rows]
+            time.sleep(min(self._poll_s, max(0.0, deadline - time.monotonic())))
+
     def pending_count(self, topic: str, group: str) -> int:
         """Events delivered to ``group`` and not acked yet."""
         with self._lock:
@@ -327,11 +406,13 @@ class RedisEventLog(EventLog):
         prefix: str = "carrara:events",
         visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS,
         maxlen: int | None = None,
+        topic_maxlen: Mapping[str, int] | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self.visibility_timeout_ms = visibility_timeout_ms
         self._maxlen = maxlen
+        self._caps = _topic_caps(maxlen, topic_maxlen)
         self._groups: set[tuple[str, str]] = set()
 
     def _key(self, topic: str) -> str:
@@ -347,14 +428,12 @@ class RedisEventLog(EventLog):
         key = self._key(topic)
         if not payloads:
             return []
+        cap = self.maxlen(topic)
         pipe = self._client.pipeline(transaction=False)
         for payload in payloads:
-            pipe.xadd(
-                key,
-                {_PAYLOAD_FIELD: bytes(payload)},
-                maxlen=self._maxlen,
-                approximate=True,
-            )
+            # XADD ... MAXLEN ~ cap: Redis trims whole stream nodes, so the stream keeps
+            # ``cap`` events and at most one node (100 entries by default) more.
+            pipe.xadd(key, {_PAYLOAD_FIELD: bytes(payload)}, maxlen=cap, approximate=True)
         try:
             ids = pipe.execute()
         except redis.exceptions.ConnectionError as exc:
@@ -430,6 +509,29 @@ class RedisEventLog(EventLog):
         except redis.exceptions.ConnectionError as exc:
             raise UnavailableError(f"event log Redis is unreachable: {exc}") from exc
 
+    def read_after(
+        self, topic: str, after: str | None, *, count: int = 100, block_ms: int = 0
+    ) -> list[Event]:
+        import redis
+
+        key = self._key(topic)
+        if count <= 0:
+            raise InvalidArgumentError(f"count must be > 0, got {count}")
+        try:
+            streams = self._client.xread(
+                {key: after or "0-0"}, count=count, block=block_ms if block_ms > 0 else None
+            )
+        except redis.exceptions.ResponseError as exc:
+            raise InvalidArgumentError(f"cannot read {topic!r} after {after!r}: {exc}") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise UnavailableError(f"event log Redis is unreachable: {exc}") from exc
+        out = []
+        for _, entries in streams or []:
+            for raw_id, fields in entries:
+                eid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                out.append(Event(topic, eid, bytes(fields[_PAYLOAD_FIELD]), int(eid.split("-")[0])))
+        return out
+
     def pending_count(self, topic: str, group: str) -> int:
         """Events delivered to ``group`` and not acked yet."""
         key = self._key(topic)
@@ -457,9 +559,12 @@ def open_event_log(url: str) -> EventLog:
     """Open an event log by URL.
 
     ``local:///path/events.db`` (durable SQLite), ``local://`` (in memory), or
-    ``redis://host:port/db?prefix=...``. Options for both: ``visibility_timeout_ms`` and
-    ``maxlen`` (keep about the newest N events per topic; exact locally, approximate on Redis;
-    trimmed events are gone even if a group has not acked them).
+    ``redis://host:port/db?prefix=...``. Options for both: ``visibility_timeout_ms``,
+    ``maxlen`` (keep about the newest N events of every topic without a cap of its own) and
+    ``maxlen.TOPIC`` (the cap of one topic; 0: none). Without them only ``predictions`` is
+    capped (:data:`DEFAULT_TOPIC_MAXLEN`). Caps are approximate: Redis trims whole stream
+    nodes, the local log trims every tenth of the cap; trimmed events are gone even if a
+    group has not acked them.
     """
     parts = urlsplit(url)
     options = parse_qs(parts.query)
@@ -468,9 +573,22 @@ def open_event_log(url: str) -> EventLog:
     maxlen = _int_option(options, "maxlen", None)
     if maxlen is not None and maxlen <= 0:
         raise ConfigError(f"event log option maxlen must be > 0, got {maxlen}")
+    topic_maxlen: dict[str, int] = {}
+    for name in [k for k in options if k.startswith("maxlen.")]:
+        cap = _int_option(options, name, None)
+        assert cap is not None
+        topic = name.removeprefix("maxlen.")
+        if not _NAME.match(topic) or cap < 0:
+            raise ConfigError(
+                f"event log option {name} must name a topic and be >= 0 (0: no cap), got {cap}"
+            )
+        topic_maxlen[topic] = cap
+        del options[name]
     if parts.scheme == "local":
         path = (parts.netloc + parts.path) or None
-        return LocalEventLog(path, visibility_timeout_ms=visibility, maxlen=maxlen)
+        return LocalEventLog(
+            path, visibility_timeout_ms=visibility, maxlen=maxlen, topic_maxlen=topic_maxlen
+        )
     if parts.scheme in ("redis", "rediss", "unix"):
         import redis
 
@@ -479,7 +597,13 @@ def open_event_log(url: str) -> EventLog:
         options.pop("visibility_timeout_ms", None)
         client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
         client = redis.Redis.from_url(client_url)
-        return RedisEventLog(client, prefix=prefix, visibility_timeout_ms=visibility, maxlen=maxlen)
+        return RedisEventLog(
+            client,
+            prefix=prefix,
+            visibility_timeout_ms=visibility,
+            maxlen=maxlen,
+            topic_maxlen=topic_maxlen,
+        )
     raise ConfigError(
         f"unsupported event log URL {url!r}; use local:///path/events.db, local:// or "
         "redis://host:port/db?prefix=..."

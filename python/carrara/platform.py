@@ -263,8 +263,25 @@ class Platform:
     def deploy(self, model: str, version: int, split: TrafficSplit | None = None) -> Deployment:
         """Make ``split`` (default: all traffic to ``version``) the model's active deployment
         in the registry; the embedded gateway loads it at once."""
-        deployment = self.registry.deploy(model, version, split, actor=self.actor)
-        self._load(model)
+        from carrara.gateway.registry_source import build_deployment, registry_loader
+
+        built: list[Any] = []
+
+        def prepare(d: Deployment) -> None:
+            # Load before the commit: a deployment the gateway cannot serve is never recorded.
+            built.append(build_deployment(registry_loader(self.registry), d))
+
+        try:
+            deployment = self.registry.deploy(
+                model, version, split, actor=self.actor, prepare=prepare
+            )
+        except BaseException:
+            for _, backends in built:
+                for b in backends.values():
+                    b.close()
+            raise
+        self._embedded().engine.deploy(*built[0])
+        self._served.add(model)
         return deployment
 
     def predict(

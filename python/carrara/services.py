@@ -20,11 +20,13 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from carrara.errors import CarraraError, ConfigError, UnauthenticatedError, UnavailableError
+from carrara.http import InputGuard
 
 if TYPE_CHECKING:
     from carrara.config import Settings
@@ -126,7 +128,10 @@ class ControlPlane:
             self._closers.append(self.registry.close)
             self.features = FeatureService.from_settings(settings)
             self._closers.append(self.features.close)
-            self.queue = JobQueue.open(url, events=self.events)
+            # Label sources of submitted jobs must lie under the settings' data roots.
+            self.queue = JobQueue.open(
+                url, events=self.events, data_roots=settings.resolved_data_roots
+            )
             self._closers.append(self.queue.close)
             self.db = connect(url)
             self._closers.append(self.db.close)
@@ -172,7 +177,13 @@ class ControlPlane:
             Route("/openapi.json", self._openapi_json, methods=["GET"]),
             *check_routes(parts),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+        # InputGuard: 400 for control characters in paths and queries, JSON 500s that keep the
+        # connection; every part's body reader is the kernel's bounded one (413).
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: _http_error},
+            middleware=[Middleware(InputGuard)],
+        )
         # The registry's routes read their body limit from the app they run in.
         self.app.state.max_body_bytes = registry_app.state.max_body_bytes
 

@@ -106,8 +106,18 @@ class Database:
                 raise ConfigError(
                     "PostgreSQL needs psycopg[pool]: pip install carrara[platform]"
                 ) from exc
+            # Each checkout is checked (a session killed by pg_terminate_backend or a server
+            # restart is replaced, not handed out), and waiting for one is bounded.
+            check = getattr(ConnectionPool, "check_connection", None)
+            extra: dict[str, Any] = {"check": check} if check is not None else {}
             self._pool = ConnectionPool(
-                url, min_size=1, max_size=pool_size, open=False, kwargs={"autocommit": False}
+                url,
+                min_size=1,
+                max_size=pool_size,
+                open=False,
+                timeout=5.0,
+                kwargs={"autocommit": False},
+                **extra,
             )
             try:
                 self._pool.open(wait=True, timeout=10)
@@ -161,8 +171,16 @@ class Database:
                 if lock is not None:
                     lock.release()
         else:
-            with self._pool.connection() as conn, conn.transaction():
-                yield Transaction(conn, "postgresql")
+            import psycopg
+            from psycopg_pool import PoolTimeout
+
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    yield Transaction(conn, "postgresql")
+            except (PoolTimeout, psycopg.OperationalError) as exc:
+                # A dropped session or a server restart: retryable (503), and the pool replaces
+                # the connection on its next checkout.
+                raise UnavailableError(f"the database is unreachable: {exc}") from exc
 
     def close(self) -> None:
         if self.dialect == "postgresql":

@@ -12,9 +12,22 @@ Children (each with its own log file under ``{run_dir}/logs``):
 - ``triggers`` — ``carrara train triggers`` when that command exists.
 
 Every child gets the settings as ``CARRARA_*`` environment variables (so all of them see the
-same stores). Nothing is restarted silently: when a child exits, ``carrara up`` says which,
-shows the end of its log, stops the others and exits non-zero. Ctrl-C or SIGTERM stops every
-child gracefully (SIGTERM, ``stop_timeout_s``, then SIGKILL).
+same stores). Ctrl-C or SIGTERM stops every child gracefully (SIGTERM, ``stop_timeout_s``,
+then SIGKILL).
+
+Supervision: once everything is up, a child that exits (a crash, a SIGKILL, the OOM killer)
+is restarted on its own while the others keep running, with the same command line (so the
+same ports: ports given as 0 are chosen once, before the first start). Restarts back off
+exponentially per child: ``restart_backoff_s`` (0.5 s) doubling up to ``restart_backoff_max_s``
+(30 s); a child that then runs ``restart_reset_s`` (60 s) is healthy again and its next crash
+waits ``restart_backoff_s`` again. Each restart is logged, never silent: which child, its
+exit code, the attempt, the delay and the end of its log, on ``up``'s standard error and in
+``{run_dir}/logs/up.log`` (``Services.restarts`` counts them per child, ``Services.events``
+lists them). ``max_restarts`` > 0 gives up on a child after that many restarts in a row
+without a healthy run: ``up`` then stops everything and exits non-zero (0, the default:
+never give up); ``restart = false`` restores the old policy (any exit stops everything).
+A child that exits while ``up`` is still starting (before the API and the gateway answer) is
+reported and everything stops: that is a configuration problem more often than a crash.
 
 In Python (the end-to-end tests)::
 
@@ -39,14 +52,22 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import msgspec
 
 from carrara.config import ENV_PREFIX, Settings, load_settings
 from carrara.errors import ConfigError, FailedPreconditionError, UnavailableError
 
-__all__ = ["ChildExitedError", "Services", "UpConfig", "load_up_config", "main", "register"]
+__all__ = [
+    "ChildExitedError",
+    "Restart",
+    "Services",
+    "UpConfig",
+    "load_up_config",
+    "main",
+    "register",
+]
 
 
 class UpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,10 +85,22 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     worker_poll_s: float = 0.5
     health_timeout_s: float = 90.0
     stop_timeout_s: float = 10.0
+    restart: bool = True  # restart a child that exits once up is running (else: stop all)
+    restart_backoff_s: float = 0.5  # the first delay; doubles per restart in a row
+    restart_backoff_max_s: float = 30.0
+    restart_reset_s: float = 60.0  # a child running this long is healthy: backoff resets
+    max_restarts: int = 0  # restarts in a row before giving up on a child (0: never)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"[up] workers must be >= 0, got {self.workers}")
+        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
+            raise ConfigError(
+                "[up] restart_backoff_s must be > 0 and <= restart_backoff_max_s, got "
+                f"{self.restart_backoff_s} and {self.restart_backoff_max_s}"
+            )
+        if self.restart_reset_s < 0 or self.max_restarts < 0:
+            raise ConfigError("[up] restart_reset_s and max_restarts must be >= 0")
         for name in ("api_port", "gateway_http_port", "gateway_grpc_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
@@ -75,7 +108,21 @@ class UpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class ChildExitedError(FailedPreconditionError):
-    """A child process of ``carrara up`` exited; the message names it and shows its log."""
+    """A child process of ``carrara up`` exited for good (while starting, with restarts off,
+    or past ``max_restarts``); the message names it and shows its log."""
+
+    child: str = ""
+
+
+class Restart(msgspec.Struct, frozen=True, kw_only=True):
+    """One restart of a child, as ``carrara up`` logged it."""
+
+    child: str
+    exit_code: int
+    attempt: int  # restarts in a row (1 after a healthy run)
+    delay_s: float
+    uptime_s: float  # how long the exited process had run
+    at: float  # time.time() when the exit was seen
 
 
 def _toml_value(value: Any) -> str:
@@ -166,13 +213,23 @@ class _Child(msgspec.Struct):
     log_path: Path
     process: Any = None  # subprocess.Popen[bytes]
     log: Any = None  # the open log file
+    started_at: float = 0.0  # time.monotonic() of the latest start
+    restarts: int = 0  # in all
+    streak: int = 0  # restarts in a row, without a healthy run between them
+    restart_at: float | None = None  # when the scheduled restart is due (monotonic)
 
 
 class Services:
     """Start every service as a child process; a context manager that stops them all.
 
+    After ``start()`` a supervisor thread restarts children that exit (module docstring);
+    ``restarts`` counts them per child, ``events`` lists them, and ``out`` (default: standard
+    error) and ``{run_dir}/logs/up.log`` get a line for each.
+
     Attributes once started: ``api_url`` (``http://host:port``), ``gateway_url`` (the
-    gateway's HTTP front), ``grpc_target`` (``host:port`` of its gRPC front), ``run_dir``.
+    gateway's HTTP front), ``grpc_target`` (``host:port`` of its gRPC front), ``grpc_url``
+    (``grpc://`` + that), ``run_dir``. With ``Settings.gateway_tls_cert`` the gateway speaks
+    TLS: ``gateway_url`` is ``https://...`` and ``grpc_url`` ``grpcs://...``.
     """
 
     def __init__(
@@ -182,6 +239,7 @@ class Services:
         *,
         python: str = sys.executable,
         extra_env: Mapping[str, str] | None = None,
+        out: TextIO | None = None,
     ) -> None:
         config = config or UpConfig()
         if settings.online_store_url.startswith("memory:"):
@@ -203,8 +261,10 @@ class Services:
         self.http_port = config.gateway_http_port or _free_port(host)
         self.grpc_port = config.gateway_grpc_port or _free_port(host)
         self.api_url = f"http://{host}:{self.api_port}"
-        self.gateway_url = f"http://{host}:{self.http_port}"
+        tls = bool(settings.gateway_tls_cert)
+        self.gateway_url = f"{'https' if tls else 'http'}://{host}:{self.http_port}"
         self.grpc_target = f"{host}:{self.grpc_port}"
+        self.grpc_url = f"{'grpcs' if tls else 'grpc'}://{self.grpc_target}"
         # The settings travel as CARRARA_* variables; any other CARRARA_* of this process
         # (a config path, test variables) would be an unknown setting to the children.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -215,6 +275,12 @@ class Services:
         #: Set (e.g. by a signal handler) to stop waiting for health during ``start()``.
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
+        self._out = out
+        #: Every restart so far, oldest first.
+        self.events: list[Restart] = []
+        self._failure: ChildExitedError | None = None  # a child given up on
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -238,6 +304,8 @@ class Services:
                     str(self.http_port),
                     "--grpc-port",
                     str(self.grpc_port),
+                    "--state-dir",
+                    str(self.run_dir / "gateway-state"),
                 ],
             ),
         ]
@@ -271,24 +339,125 @@ class Services:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         upgrade_schemas(self.settings.resolved_registry_url)
+        self._stopping.clear()
+        self._failure = None
         try:
             for name, argv in self._plan():
                 child = _Child(name, argv, logs / f"{name}.log")
                 child.log = open(child.log_path, "ab")  # noqa: SIM115 - closed in stop()
-                child.process = subprocess.Popen(
-                    argv,
-                    stdout=child.log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=self._env,
-                    start_new_session=True,  # Ctrl-C reaches `up`, which stops children in order
-                )
+                self._spawn(child)
                 self.children.append(child)
             self.wait_healthy()
         except BaseException:
             self.stop()
             raise
+        if self.config.restart and not self.cancelled.is_set():
+            self._supervisor = threading.Thread(
+                target=self._supervise_loop, name="carrara-up-supervisor", daemon=True
+            )
+            self._supervisor.start()
         return self
+
+    def _spawn(self, child: _Child) -> None:
+        env = self._env
+        if child.name == "gateway":
+            # The gateway serves from deployment events and the artifact store: it gets no
+            # registry database URL (credentials included).
+            env = {k: v for k, v in env.items() if k != ENV_PREFIX + "REGISTRY_URL"}
+        child.process = subprocess.Popen(
+            child.argv,
+            stdout=child.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches `up`, which stops children in order
+        )
+        child.started_at = time.monotonic()
+
+    # -- supervision ----------------------------------------------------------------------
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far per child (every child listed, 0 when never restarted)."""
+        return {c.name: c.restarts for c in self.children}
+
+    def _say(self, message: str) -> None:
+        """A line of ``up`` itself: to ``out`` (standard error) and ``logs/up.log``."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.run_dir / "logs" / "up.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} {message}\n")
+        except OSError:
+            pass  # the console line below still tells
+        out = self._out if self._out is not None else sys.stderr
+        print(f"carrara up: {message}", file=out, flush=True)
+
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(0.1):
+            try:
+                self.supervise()
+            except Exception as exc:  # keep supervising; say what went wrong
+                self._say(f"supervisor error: {type(exc).__name__}: {exc}")
+
+    def supervise(self) -> None:
+        """One supervision pass (the supervisor thread runs it every 0.1 s): schedule the
+        restart of each child that exited, start those whose delay has passed, reset the
+        backoff of children that ran ``restart_reset_s``, give up past ``max_restarts``."""
+        c = self.config
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        child.restart_at = None
+                        note = f"--- carrara up: restart {child.restarts} of {child.name} ---\n"
+                        child.log.write(note.encode())
+                        child.log.flush()
+                        self._spawn(child)
+                    continue
+                code = child.process.poll()
+                uptime = now - child.started_at
+                if code is None:
+                    if child.streak and uptime >= c.restart_reset_s:
+                        child.streak = 0  # healthy again
+                    continue
+                if self._failure is not None and self._failure.child == child.name:
+                    continue
+                if uptime >= c.restart_reset_s:
+                    child.streak = 0
+                tail = self.log_tail(child.name)
+                if not c.restart or (c.max_restarts and child.streak >= c.max_restarts):
+                    after = f" after {child.streak} restarts in a row" if c.restart else ""
+                    failure = ChildExitedError(
+                        f"{child.name} exited with code {code}{after}; last lines of "
+                        f"{child.log_path}:\n{tail}"
+                    )
+                    failure.child = child.name
+                    if self._failure is None:
+                        self._failure = failure
+                        self._say(f"giving up: {failure}")
+                    continue
+                child.streak += 1
+                child.restarts += 1
+                delay = min(c.restart_backoff_max_s, c.restart_backoff_s * 2 ** (child.streak - 1))
+                child.restart_at = now + delay
+                self.events.append(
+                    Restart(
+                        child=child.name,
+                        exit_code=code,
+                        attempt=child.streak,
+                        delay_s=delay,
+                        uptime_s=round(uptime, 3),
+                        at=time.time(),
+                    )
+                )
+                self._say(
+                    f"{child.name} (pid {child.process.pid}) exited with code {code} after "
+                    f"{uptime:.1f} s; restarting it in {delay:.1f} s (attempt {child.streak}, "
+                    f"{child.restarts} in all); last lines of {child.log_path}:\n{tail}"
+                )
 
     def wait_healthy(self) -> None:
         """Block until the API and the gateway answer (ChildExitedError if a child exits,
@@ -297,7 +466,9 @@ class Services:
 
         deadline = time.monotonic() + self.config.health_timeout_s
         pending = {"api": f"{self.api_url}/healthz", "gateway": f"{self.gateway_url}/healthz"}
-        with httpx.Client(timeout=2.0) as http:
+        # verify=False: with gateway TLS, this probes our own child's /healthz on the port we
+        # gave it and sends nothing secret; its certificate may not name this host.
+        with httpx.Client(timeout=2.0, verify=False) as http:
             while pending and not self.cancelled.is_set():
                 self.check()
                 for name, url in list(pending.items()):
@@ -316,7 +487,13 @@ class Services:
                 time.sleep(0.2)
 
     def check(self) -> None:
-        """ChildExitedError naming the first child that exited, with its exit code and log."""
+        """ChildExitedError naming a child that exited for good, with its exit code and log:
+        any exit while starting (or with ``restart`` off); once supervised, only a child
+        given up on (``max_restarts``). A child waiting for its restart is no error."""
+        if self._failure is not None:
+            raise self._failure
+        if self._supervisor is not None:
+            return
         for child in self.children:
             code = child.process.poll()
             if code is not None:
@@ -337,6 +514,10 @@ class Services:
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every child, wait ``stop_timeout_s``, SIGKILL the rest; returns exit codes."""
+        self._stopping.set()  # no restart from here on
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join()
         with self._lock:
             children, self.children = self.children, []
         for child in reversed(children):  # workers and monitor first, the API last
@@ -405,26 +586,27 @@ def _run_api(args: argparse.Namespace) -> int:
 
 def _run_gateway(args: argparse.Namespace) -> int:
     """The gateway over every model the registry deploys (``carrara serve`` with a registry
-    source that is not limited to named models)."""
+    source that is not limited to named models). It reads deployments from the event log and
+    artifacts from the artifact store; it never opens the registry database."""
     import asyncio
 
     from carrara.core import FeatureCache
     from carrara.eventlog import open_event_log
     from carrara.feature_cache.online_store import open_online_store
+    from carrara.gateway.auth import FrontAuth
     from carrara.gateway.embedded import serving_store
     from carrara.gateway.engine import ServingEngine
     from carrara.gateway.prediction_log import PredictionLogger
-    from carrara.gateway.registry_source import DeploymentWatcher, load_active
+    from carrara.gateway.registry_source import DeploymentFollower
     from carrara.gateway.server import GatewayServer
     from carrara.gateway.service import Gateway
-    from carrara.registry.registry import ModelRegistry
+    from carrara.registry.artifacts import ArtifactStore
 
     settings = load_settings(None)
     store = open_online_store(settings.online_store_url)
     predictions = open_event_log(settings.resolved_event_log_url)
     deployments = open_event_log(settings.resolved_event_log_url)
     logger = PredictionLogger(predictions)
-    registry = ModelRegistry.open(settings.resolved_registry_url, settings.resolved_artifact_path)
     engine = ServingEngine(
         serving_store(store),
         cache=FeatureCache(
@@ -432,22 +614,31 @@ def _run_gateway(args: argparse.Namespace) -> int:
         ),
         sink=logger,
     )
-    watcher: DeploymentWatcher | None = None
-    gateway = Gateway(engine)
+    follower = DeploymentFollower(
+        engine,
+        deployments,
+        ArtifactStore(settings.resolved_artifact_path),
+        state_dir=args.state_dir,
+    )
+    gateway = Gateway(engine, follower=follower)
     try:
-        # Follow events first, then load what is active: a deploy between the two is seen
-        # twice (harmless), never missed.
-        watcher = DeploymentWatcher(registry, engine, deployments, models=None).start()
-        load_active(registry, engine, [m.name for m in registry.list_models()])
+        follower.restore()  # the last good state, before (and without) any event
+        follower.start()
+        auth = FrontAuth.build(
+            tokens=[settings.gateway_token] if settings.gateway_token else [],
+            tls_cert=settings.gateway_tls_cert,
+            tls_key=settings.gateway_tls_key,
+        )
         server = GatewayServer(
-            gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port
+            gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, auth=auth
         )
 
         async def serve() -> None:
             await server.start()
             print(
                 f"carrara gateway: gRPC {args.host}:{server.grpc_port}, HTTP "
-                f"{args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}",
+                f"{args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}, "
+                f"auth: {server.auth.describe()}",
                 flush=True,
             )
             stop = asyncio.Event()
@@ -459,11 +650,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
         asyncio.run(serve())
     finally:
-        if watcher is not None:
-            watcher.stop()
+        follower.stop()
         gateway.close()
         logger.close()  # flushes the prediction log
-        registry.close()
         deployments.close()
         predictions.close()
         store.close()
@@ -503,7 +692,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         for what in services.skipped:
             print(f"skipped          {what}", file=out)
         if not stop.is_set():
-            print("carrara up: running; Ctrl-C stops every service", file=out, flush=True)
+            supervised = "; a child that exits is restarted" if up.restart else ""
+            print(
+                f"carrara up: running{supervised}; Ctrl-C stops every service",
+                file=out,
+                flush=True,
+            )
         while not stop.wait(0.5):
             services.check()
     except ChildExitedError as exc:
@@ -513,11 +707,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    restarted = {n: r for n, r in services.restarts.items() if r}
     codes = services.stop()
     print(
         "carrara up: stopped " + ", ".join(f"{n} ({c})" for n, c in codes.items()),
         file=out,
     )
+    if restarted:
+        print(
+            "carrara up: restarts " + ", ".join(f"{n} {r}" for n, r in restarted.items()),
+            file=out,
+        )
     return 0
 
 
@@ -546,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--http-port", type=int, default=8000)
     gw.add_argument("--grpc-port", type=int, default=8001)
+    gw.add_argument("--state-dir", default="gateway-state", help="the gateway's last good state")
     gw.set_defaults(func=_run_gateway)
     args = parser.parse_args(argv)
     code: int = args.func(args)

@@ -13,6 +13,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <string_view>
 #include <utility>
 
 #include "carrara/server/status.hpp"
@@ -120,6 +121,9 @@ struct GrpcServer::Impl {
   ~Impl();
 
   bool draining() const noexcept { return draining_.load(std::memory_order_relaxed); }
+  // OK when the call carries `authorization: Bearer <t>` with t one of options.auth_tokens,
+  // else UNAUTHENTICATED. Only called when tokens are configured (see refused()).
+  grpc::Status check_token(const CallbackServerContext& context) const;
   void count_front_failure(const std::string& model, std::int64_t start_ns);
   bool model_ready(const std::string& name, const std::string& version) const;
 
@@ -144,12 +148,32 @@ std::uint64_t wall_ms() {
                                         .count());
 }
 
+// Finishes the call UNAUTHENTICATED (and returns true) when tokens are configured and it does
+// not carry one. Without tokens this is one branch: the default, unauthenticated front pays
+// nothing else. Every method calls it first, before the request is parsed.
+bool refused(const GrpcServer::Impl* impl, CallbackServerContext* context,
+             ServerUnaryReactor* reactor) {
+  if (impl->options.auth_tokens.empty()) return false;
+  grpc::Status status = impl->check_token(*context);
+  if (status.ok()) return false;
+  reactor->Finish(std::move(status));
+  return true;
+}
+
+// A stream refused before it started: finishes with `status` without reading anything.
+class RefusedStream final : public grpc::ServerBidiReactor<ByteBuffer, ByteBuffer> {
+ public:
+  explicit RefusedStream(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
 // Parses the request, runs `fn(request, response)` and finishes the call, all on the calling
 // gRPC thread: for the small synchronous KServe methods.
 template <class Request, class Response, class Fn>
-ServerUnaryReactor* answer(CallbackServerContext* context, const ByteBuffer* in, ByteBuffer* out,
-                           Fn&& fn) {
+ServerUnaryReactor* answer(const GrpcServer::Impl* impl, CallbackServerContext* context,
+                           const ByteBuffer* in, ByteBuffer* out, Fn&& fn) {
   ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (refused(impl, context, reactor)) return reactor;
   Request request;
   if (!detail::parse(*in, request)) {
     reactor->Finish(invalid_message(request));
@@ -169,8 +193,10 @@ ServerUnaryReactor* answer(CallbackServerContext* context, const ByteBuffer* in,
   return reactor;
 }
 
-ServerUnaryReactor* unsupported(CallbackServerContext* context, const char* method) {
+ServerUnaryReactor* unsupported(const GrpcServer::Impl* impl, CallbackServerContext* context,
+                                const char* method) {
   ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (refused(impl, context, reactor)) return reactor;
   reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
                                std::string(method) + " is not supported by carrara"));
   return reactor;
@@ -370,26 +396,27 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* ServerLive(CallbackServerContext* c, const ByteBuffer* in,
                                  ByteBuffer* out) override {
     return answer<kserve::ServerLiveRequest, kserve::ServerLiveResponse>(
-        c, in, out, [](const auto&, auto& r) { r.set_live(true); });
+        impl_, c, in, out, [](const auto&, auto& r) { r.set_live(true); });
   }
 
   ServerUnaryReactor* ServerReady(CallbackServerContext* c, const ByteBuffer* in,
                                   ByteBuffer* out) override {
     return answer<kserve::ServerReadyRequest, kserve::ServerReadyResponse>(
-        c, in, out,
+        impl_, c, in, out,
         [this](const auto&, auto& r) { r.set_ready(!impl_->draining() && impl_->engine->ready()); });
   }
 
   ServerUnaryReactor* ModelReady(CallbackServerContext* c, const ByteBuffer* in,
                                  ByteBuffer* out) override {
     return answer<kserve::ModelReadyRequest, kserve::ModelReadyResponse>(
-        c, in, out, [this](const auto& q, auto& r) { r.set_ready(impl_->model_ready(q.name(), q.version())); });
+        impl_, c, in, out,
+        [this](const auto& q, auto& r) { r.set_ready(impl_->model_ready(q.name(), q.version())); });
   }
 
   ServerUnaryReactor* ServerMetadata(CallbackServerContext* c, const ByteBuffer* in,
                                      ByteBuffer* out) override {
     return answer<kserve::ServerMetadataRequest, kserve::ServerMetadataResponse>(
-        c, in, out, [this](const auto&, auto& r) {
+        impl_, c, in, out, [this](const auto&, auto& r) {
           r.set_name(impl_->options.server_name);
           r.set_version(impl_->options.server_version);
         });
@@ -398,7 +425,7 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* ModelMetadata(CallbackServerContext* c, const ByteBuffer* in,
                                     ByteBuffer* out) override {
     return answer<kserve::ModelMetadataRequest, kserve::ModelMetadataResponse>(
-        c, in, out, [this](const auto& q, auto& r) {
+        impl_, c, in, out, [this](const auto& q, auto& r) {
           const core::ModelView view = find(q.name());
           r.set_name(q.name());
           for (const std::string& v : view.versions) r.add_versions(v);
@@ -418,7 +445,7 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* ModelConfig(CallbackServerContext* c, const ByteBuffer* in,
                                   ByteBuffer* out) override {
     return answer<kserve::ModelConfigRequest, kserve::ModelConfigResponse>(
-        c, in, out, [this](const auto& q, auto& r) {
+        impl_, c, in, out, [this](const auto& q, auto& r) {
           const core::ModelView view = find(q.name());
           auto* config = r.mutable_config();
           config->set_name(q.name());
@@ -440,7 +467,7 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* ModelStatistics(CallbackServerContext* c, const ByteBuffer* in,
                                       ByteBuffer* out) override {
     return answer<kserve::ModelStatisticsRequest, kserve::ModelStatisticsResponse>(
-        c, in, out, [this](const auto& q, auto& r) {
+        impl_, c, in, out, [this](const auto& q, auto& r) {
           if (!q.name().empty()) find(q.name());  // NOT_FOUND when unknown
           const std::vector<core::ModelStatsSnapshot> stats = impl_->engine->statistics(q.name());
           std::lock_guard<std::mutex> lock(impl_->fail_mu);
@@ -467,7 +494,7 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* RepositoryIndex(CallbackServerContext* c, const ByteBuffer* in,
                                       ByteBuffer* out) override {
     return answer<kserve::RepositoryIndexRequest, kserve::RepositoryIndexResponse>(
-        c, in, out, [this](const auto&, auto& r) {
+        impl_, c, in, out, [this](const auto&, auto& r) {
           for (const std::string& name : impl_->engine->models()) {
             const std::optional<core::ModelView> view = impl_->engine->model(name);
             if (!view) continue;  // undeployed meanwhile
@@ -486,6 +513,7 @@ class KServeService final : public KServeRawBase {
   ServerUnaryReactor* ModelInfer(CallbackServerContext* context, const ByteBuffer* in,
                                  ByteBuffer* out) override {
     ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (refused(impl_, context, reactor)) return reactor;
     const std::int64_t start = core::steady_now_ns();
     kserve::ModelInferRequest request;
     if (!detail::parse(*in, request)) {
@@ -530,49 +558,53 @@ class KServeService final : public KServeRawBase {
   }
 
   grpc::ServerBidiReactor<ByteBuffer, ByteBuffer>* ModelStreamInfer(
-      CallbackServerContext*) override {
+      CallbackServerContext* context) override {
+    if (!impl_->options.auth_tokens.empty()) {
+      grpc::Status status = impl_->check_token(*context);
+      if (!status.ok()) return new RefusedStream(std::move(status));
+    }
     return new StreamReactor(impl_);
   }
 
   ServerUnaryReactor* RepositoryModelLoad(CallbackServerContext* c, const ByteBuffer*,
                                           ByteBuffer*) override {
-    return unsupported(c, "RepositoryModelLoad");
+    return unsupported(impl_, c, "RepositoryModelLoad");
   }
   ServerUnaryReactor* RepositoryModelUnload(CallbackServerContext* c, const ByteBuffer*,
                                             ByteBuffer*) override {
-    return unsupported(c, "RepositoryModelUnload");
+    return unsupported(impl_, c, "RepositoryModelUnload");
   }
   ServerUnaryReactor* SystemSharedMemoryStatus(CallbackServerContext* c, const ByteBuffer*,
                                                ByteBuffer*) override {
-    return unsupported(c, "SystemSharedMemoryStatus");
+    return unsupported(impl_, c, "SystemSharedMemoryStatus");
   }
   ServerUnaryReactor* SystemSharedMemoryRegister(CallbackServerContext* c, const ByteBuffer*,
                                                  ByteBuffer*) override {
-    return unsupported(c, "SystemSharedMemoryRegister");
+    return unsupported(impl_, c, "SystemSharedMemoryRegister");
   }
   ServerUnaryReactor* SystemSharedMemoryUnregister(CallbackServerContext* c, const ByteBuffer*,
                                                    ByteBuffer*) override {
-    return unsupported(c, "SystemSharedMemoryUnregister");
+    return unsupported(impl_, c, "SystemSharedMemoryUnregister");
   }
   ServerUnaryReactor* CudaSharedMemoryStatus(CallbackServerContext* c, const ByteBuffer*,
                                              ByteBuffer*) override {
-    return unsupported(c, "CudaSharedMemoryStatus");
+    return unsupported(impl_, c, "CudaSharedMemoryStatus");
   }
   ServerUnaryReactor* CudaSharedMemoryRegister(CallbackServerContext* c, const ByteBuffer*,
                                                ByteBuffer*) override {
-    return unsupported(c, "CudaSharedMemoryRegister");
+    return unsupported(impl_, c, "CudaSharedMemoryRegister");
   }
   ServerUnaryReactor* CudaSharedMemoryUnregister(CallbackServerContext* c, const ByteBuffer*,
                                                  ByteBuffer*) override {
-    return unsupported(c, "CudaSharedMemoryUnregister");
+    return unsupported(impl_, c, "CudaSharedMemoryUnregister");
   }
   ServerUnaryReactor* TraceSetting(CallbackServerContext* c, const ByteBuffer*,
                                    ByteBuffer*) override {
-    return unsupported(c, "TraceSetting");
+    return unsupported(impl_, c, "TraceSetting");
   }
   ServerUnaryReactor* LogSettings(CallbackServerContext* c, const ByteBuffer*,
                                   ByteBuffer*) override {
-    return unsupported(c, "LogSettings");
+    return unsupported(impl_, c, "LogSettings");
   }
 
  private:
@@ -592,6 +624,7 @@ class PredictService final : public PredictRawBase {
   ServerUnaryReactor* Predict(CallbackServerContext* context, const ByteBuffer* in,
                               ByteBuffer* out) override {
     ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (refused(impl_, context, reactor)) return reactor;
     // On the heap: the entity ids are echoed in the answer.
     auto request = std::make_unique<carrara::v1::PredictRequest>();
     if (!detail::parse(*in, *request)) {
@@ -628,6 +661,48 @@ class PredictService final : public PredictRawBase {
   GrpcServer::Impl* impl_;
 };
 
+// Equal contents, in time that depends only on the lengths: every byte of `expected` is
+// looked at whatever `presented` holds, so timing tells nothing about how much matched.
+bool constant_time_equal(std::string_view presented, std::string_view expected) noexcept {
+  unsigned char diff = presented.size() == expected.size() ? 0 : 1;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const unsigned char p = i < presented.size() ? static_cast<unsigned char>(presented[i]) : 0;
+    diff |= static_cast<unsigned char>(p ^ static_cast<unsigned char>(expected[i]));
+  }
+  return diff == 0;
+}
+
+bool ascii_iequal(std::string_view a, std::string_view b) noexcept {
+  if (a.size() != b.size()) return false;
+  const auto lower = [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; };
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (lower(a[i]) != lower(b[i])) return false;
+  }
+  return true;
+}
+
+std::shared_ptr<grpc::ServerCredentials> server_credentials(const ServerOptions& o) {
+  const bool cert = !o.tls_cert_chain.empty();
+  const bool key = !o.tls_private_key.empty();
+  if (cert != key) {
+    throw core::Error(core::ErrorCode::kInvalidArgument,
+                      "TLS needs both a certificate chain and a private key");
+  }
+  if (!cert) {
+    if (!o.tls_client_ca.empty()) {
+      throw core::Error(core::ErrorCode::kInvalidArgument,
+                        "tls_client_ca (client certificates) needs TLS: set a certificate and key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      o.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = o.tls_client_ca;
+  ssl.pem_key_cert_pairs.push_back({o.tls_private_key, o.tls_cert_chain});
+  return grpc::SslServerCredentials(ssl);
+}
+
 std::string listen_address(const std::string& host, int port) {
   const bool ipv6 = host.find(':') != std::string::npos && host.front() != '[';
   return (ipv6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
@@ -646,13 +721,20 @@ GrpcServer::Impl::Impl(std::shared_ptr<core::Engine> e, ServerOptions o)
   if (options.max_message_bytes == 0) {
     throw core::Error(core::ErrorCode::kInvalidArgument, "max_message_bytes must be > 0");
   }
+  for (const std::string& token : options.auth_tokens) {
+    if (token.empty()) {
+      throw core::Error(core::ErrorCode::kInvalidArgument, "an auth token is empty");
+    }
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = server_credentials(options);
+  const bool tls = !options.tls_cert_chain.empty();
   kserve = std::make_unique<KServeService>(this);
   predict = std::make_unique<PredictService>(this);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   const std::string address = listen_address(options.host, options.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, credentials, &port);
   // grpc sets SO_REUSEPORT by default: a second server on a taken port would "bind" and share
   // (or steal) its traffic instead of failing.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -664,7 +746,10 @@ GrpcServer::Impl::Impl(std::shared_ptr<core::Engine> e, ServerOptions o)
   server = builder.BuildAndStart();
   if (!server || port == 0) {
     server.reset();
-    throw core::Error(core::ErrorCode::kUnavailable, "cannot listen on " + address);
+    throw core::Error(core::ErrorCode::kUnavailable,
+                      "cannot listen on " + address +
+                          (tls ? " (with TLS: are the certificate and key valid PEM, and a pair?)"
+                               : ""));
   }
 }
 
@@ -679,6 +764,32 @@ void GrpcServer::Impl::count_front_failure(const std::string& model, std::int64_
   ++it->second.count;
   it->second.ns += ns;
   it->second.last_ms = wall_ms();
+}
+
+grpc::Status GrpcServer::Impl::check_token(const CallbackServerContext& context) const {
+  constexpr std::string_view kScheme = "bearer";
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "this gateway requires a bearer token: send the metadata "
+                        "'authorization: Bearer <token>'");
+  }
+  std::string_view value(it->second.data(), it->second.size());
+  if (value.size() <= kScheme.size() || !ascii_iequal(value.substr(0, kScheme.size()), kScheme) ||
+      (value[kScheme.size()] != ' ' && value[kScheme.size()] != '\t')) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "the authorization metadata must be 'Bearer <token>'");
+  }
+  value.remove_prefix(kScheme.size());
+  while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
+  // Every configured token is compared in full, whichever matches.
+  bool match = false;
+  for (const std::string& token : options.auth_tokens) match |= constant_time_equal(value, token);
+  if (!match) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token is not accepted");
+  }
+  return grpc::Status::OK;
 }
 
 bool GrpcServer::Impl::model_ready(const std::string& name, const std::string& version) const {

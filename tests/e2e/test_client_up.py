@@ -142,7 +142,10 @@ def test_client_drives_every_service_started_by_up(
     )
     now_us = time.time_ns() // 1000
     trips, pays, labels = _data(now_us)
-    label_path = tmp_path / "labels.parquet"  # the worker reads it: same machine
+    # The worker reads it: same machine, under the home (a default data root: label sources
+    # elsewhere are refused).
+    label_path = tmp_path / "home" / "labels.parquet"
+    label_path.parent.mkdir(parents=True, exist_ok=True)
     labels.to_parquet(label_path)
 
     with (
@@ -152,6 +155,10 @@ def test_client_drives_every_service_started_by_up(
     ):
         names = {c.name for c in svc.children}
         assert {"api", "gateway", "worker-1", "monitor", "materializer", "triggers"} <= names
+        # The gateway holds no registry database credentials (it serves from events).
+        gw = next(c for c in svc.children if c.name == "gateway")
+        environ = Path(f"/proc/{gw.process.pid}/environ").read_bytes().split(b"\0")
+        assert not [e for e in environ if e.startswith(b"CARRARA_REGISTRY_URL=")]
 
         # Writes need the token; reads do not.
         with Client(svc.api_url) as anonymous, pytest.raises(UnauthenticatedError):

@@ -147,3 +147,131 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     out = carrara("serve", "--config", str(tmp_path / "g.yaml"))
     assert out.returncode == 2
     assert "invalid gateway config" in out.stderr and "policy" in out.stderr
+
+
+def _start_serve(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    grpc_port, http_port = free_port(), free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "carrara",
+                "serve",
+                "--config",
+                str(config),
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return proc, http_port
+
+
+def _ready_body(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            r = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1)
+            if r.status_code == 200:
+                body: dict[str, object] = r.json()
+                return body
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "gateway did not become ready"
+        time.sleep(0.2)
+
+
+def test_serve_survives_a_bad_model_and_restarts_without_the_registry(tmp_path: Path) -> None:
+    """A model that does not load is unavailable while the others serve; a restart with the
+    registry's event log and artifact store gone serves the last good state."""
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
+    from carrara.eventlog import open_event_log
+    from carrara.gateway.registry_source import serving_spec
+    from carrara.registry.auth import Principal
+    from carrara.registry.registry import ModelRegistry
+
+    actor = Principal("ci", frozenset({"publisher", "deployer"}))
+    spec = AssemblerSpec(groups=(GroupSchema("u", 1, ("x",)),), features=(FeatureRef("u", "x"),))
+    events = open_event_log(f"local:///{tmp_path / 'events.db'}")
+    registry = ModelRegistry.open(
+        f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "artifacts", events=events
+    )
+    for name, weight in (("a", 2.0), ("b", 3.0)):
+        path = write_linear_model(tmp_path / f"{name}.onnx", [weight], 0.0)
+        v = registry.register(
+            name,
+            actor=actor,
+            serving_artifact=path.read_bytes(),
+            framework="onnx",
+            serving_spec=serving_spec(spec),
+        )
+        registry.deploy(name, v.version, actor=actor)
+    registry.close()
+    events.close()
+    bad = write_linear_model(tmp_path / "c.onnx", [1.0], 0.0)
+    config = {
+        "registry": {
+            "event_log_url": f"local:///{tmp_path / 'events.db'}",
+            "artifact_path": str(tmp_path / "artifacts"),
+            "state_dir": "state",
+        },
+        "models": [
+            {
+                "name": "c",
+                "policy": {"variants": [{"name": "v1", "weight_bp": 10_000}]},
+                "variants": [
+                    {
+                        "name": "v1",
+                        "version": 1,
+                        "artifact": "c.onnx",
+                        "sha256": "0" * 64,  # does not match: c cannot load
+                        "features": msgspec_builtins(spec),
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    assert bad.exists()
+    log = tmp_path / "serve.log"
+    for attempt in range(2):
+        proc, http_port = _start_serve(tmp_path / "gateway.yaml", log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                body = _ready_body(proc, http_port, log)
+                if sorted(body["models"]) == ["a", "b"]:  # type: ignore[call-overload]
+                    break
+                assert time.monotonic() < deadline, body
+                time.sleep(0.2)
+            assert list(body["unavailable"]) == ["c"]  # type: ignore[call-overload]
+            for name, weight in (("a", 2.0), ("b", 3.0)):
+                target = f"http://127.0.0.1:{http_port}"
+                out = carrara("predict", name, "e1", "--target", target, "--override", "x=1")
+                assert out.returncode == 0, out.stderr
+                assert json.loads(out.stdout)["predictions"][0]["values"] == [weight]
+            out = carrara("predict", "c", "e1", "--target", f"http://127.0.0.1:{http_port}")
+            assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        if attempt == 0:
+            # The registry goes away entirely: no event log, no artifact store.
+            (tmp_path / "events.db").unlink()
+            for f in (tmp_path / "artifacts").rglob("*"):
+                if f.is_file():
+                    f.chmod(0o644)
+                    f.write_bytes(b"tampered")
+    assert "model c is unavailable" in log.read_text()
+
+
+def msgspec_builtins(value: object) -> object:
+    import msgspec
+
+    return msgspec.to_builtins(value)

@@ -285,8 +285,10 @@ def test_gateway_configs_load(configmap: str, tmp_path: Path) -> None:
     config = load_gateway_config(path)
     assert config.registry is not None and config.registry.models == ("rider_churn",)
     toml = tomllib.loads(_config_data("carrara-config")["carrara.toml"])["carrara"]
-    # The gateway reads what the other processes write: same stores, same event log.
-    assert config.registry.url == toml["registry_url"]
+    # The gateway reads what the other processes write: same stores, same event log; it
+    # holds no registry database credentials.
+    assert config.registry.url is None
+    assert "postgresql" not in _config_data(configmap)["gateway.yaml"]
     assert config.registry.artifact_path == toml["artifact_path"]
     assert config.online_store_url == toml["online_store_url"]
     assert config.event_log_url == config.registry.event_log_url == toml["event_log_url"]
@@ -367,7 +369,12 @@ def test_kubectl_kustomize_renders(entry: str) -> None:
         )
         c = _pod_spec(gw)["containers"][0]
         assert "/etc/carrara-triton/gateway.yaml" in c["args"]
-        assert {v["name"] for v in _pod_spec(gw)["volumes"]} == {"config", "data", "triton-config"}
+        assert {v["name"] for v in _pod_spec(gw)["volumes"]} == {
+            "config",
+            "data",
+            "state",
+            "triton-config",
+        }
 
 
 def test_distributed_pytorch_example_trains_in_sync(tmp_path: Path) -> None:

@@ -180,3 +180,58 @@ def test_maxlen_keeps_the_newest_events(log_url: str) -> None:
         assert [e.payload for e in el.read("predictions", "g", "c")] == [b"other topic"]
     with pytest.raises(ConfigError, match="maxlen must be > 0"):
         open_event_log("local://?maxlen=0")
+
+
+def test_the_prediction_log_is_bounded_and_deployments_and_alerts_are_not(log_url: str) -> None:
+    with open_event_log(log_url) as el:  # the default: only predictions are capped
+        assert el.maxlen("predictions") == 1_000_000
+        assert el.maxlen("deployments") is None and el.maxlen("alerts") is None
+    with open_event_log(f"{log_url}&maxlen.predictions=300") as el:
+        for i in range(20):
+            el.append_many("predictions", [f"{i}-{j}".encode() for j in range(100)])
+            el.append_many("alerts", [f"{i}-{j}".encode() for j in range(100)])
+        kept = el.read("predictions", "g", "c", count=10_000)
+        # Redis trims whole stream nodes (100 entries by default): at most one node more.
+        assert 300 <= len(kept) <= 400, len(kept)
+        assert kept[-1].payload == b"19-99"
+        assert len(el.read("alerts", "g", "c", count=10_000)) == 2_000  # never trimmed
+    with open_event_log(f"{log_url}&maxlen.predictions=0&maxlen=50") as el:
+        assert el.maxlen("predictions") is None and el.maxlen("alerts") == 50
+    for bad in ("maxlen.predictions=-1", "maxlen.bad%20topic=5", "maxlen.predictions=x"):
+        with pytest.raises(ConfigError, match="maxlen"):
+            open_event_log(f"local://?{bad}")
+
+
+def test_read_after_follows_an_offset_without_a_group(shared_log_url: str) -> None:
+    with open_event_log(shared_log_url) as log, open_event_log(shared_log_url) as reader:
+        ids = log.append_many("deployments", [b"a", b"b", b"c"])
+        log.append("other", b"x")
+        first = reader.read_after("deployments", None, count=2)
+        assert [e.payload for e in first] == [b"a", b"b"]
+        rest = reader.read_after("deployments", first[-1].id)
+        assert [(e.id, e.payload) for e in rest] == [(ids[2], b"c")]
+        assert reader.read_after("deployments", ids[2]) == []
+        # A blocking read returns as soon as an event arrives.
+        threading.Timer(0.2, lambda: log.append("deployments", b"d")).start()
+        started = time.monotonic()
+        got = reader.read_after("deployments", ids[2], block_ms=5_000)
+        assert [e.payload for e in got] == [b"d"] and time.monotonic() - started < 4
+        # Reading by offset leaves no consumer group behind (groups read from the start).
+        assert [e.payload for e in reader.read("deployments", "fresh", "c1")] == [
+            b"a",
+            b"b",
+            b"c",
+            b"d",
+        ]
+        with pytest.raises(InvalidArgumentError):
+            reader.read_after("deployments", None, count=0)
+
+
+def test_read_after_on_a_recreated_local_log_starts_again(tmp_path: Path) -> None:
+    url = f"local:///{tmp_path / 'events.db'}"
+    with open_event_log(url) as log:
+        offset = log.append_many("deployments", [b"a", b"b", b"c"])[-1]
+    (tmp_path / "events.db").unlink()
+    with open_event_log(url) as log:
+        log.append("deployments", b"new")
+        assert [e.payload for e in log.read_after("deployments", offset)] == [b"new"]

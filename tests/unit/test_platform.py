@@ -207,3 +207,30 @@ def test_platform_open_closes_what_it_opened_on_a_bad_url(tmp_path: Path) -> Non
     settings = Settings(home=str(tmp_path), online_store_url="memcached://nowhere")
     with pytest.raises(ConfigError, match="unsupported online store URL"):
         carrara.Platform.open(settings)
+
+
+def test_platform_deploy_that_cannot_load_records_nothing(tmp_path: Path) -> None:
+    """A version whose artifact passes its sha256 but is no model: the embedded gateway cannot
+    load it, so the deploy raises and the registry keeps the deployment it had."""
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
+    from carrara.gateway.onnx_models import write_linear_model
+    from carrara.gateway.registry_source import serving_spec
+
+    spec = AssemblerSpec(groups=(GroupSchema("u", 1, ("x",)),), features=(FeatureRef("u", "x"),))
+    with carrara.Platform.local(tmp_path) as p:
+        good = write_linear_model(tmp_path / "good.onnx", [2.0])
+        for artifact in (good.read_bytes(), b"not an onnx model"):
+            p.registry.register(
+                "m",
+                actor=p.actor,
+                serving_artifact=artifact,
+                framework="onnx",
+                serving_spec=serving_spec(spec),
+            )
+        p.deploy("m", 1)
+        with pytest.raises(carrara.CarraraError):
+            p.deploy("m", 2)
+        active = p.registry.active_deployment("m")
+        assert active is not None and active.version == 1
+        assert len(p.registry.deployments("m")) == 1
+        assert p.predict("m", ["a"], {"x": 1.0}).outputs[0, 0] == 2.0

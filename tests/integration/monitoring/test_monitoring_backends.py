@@ -35,7 +35,11 @@ CONFIG = ModelMonitorConfig(window_ms=WINDOW_MS, allowed_lateness_ms=0)
 
 @pytest.fixture
 def pg(postgres_url: str) -> Iterator[Database]:
-    assert upgrade(postgres_url) == ["0001_monitoring", "0002_alert_clear_streak"]
+    assert upgrade(postgres_url) == [
+        "0001_monitoring",
+        "0002_alert_clear_streak",
+        "0003_alert_deliveries",
+    ]
     db = connect(postgres_url)
     yield db
     db.close()

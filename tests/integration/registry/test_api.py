@@ -73,6 +73,10 @@ def test_full_flow_over_http(env: Env) -> None:
             VariantSplit(name="b", version=2, weight_bp=500, canary=True),
         ]
     )
+    # A canary is live traffic: on a high-stakes model it needs the version approved.
+    with pytest.raises(errors.FailedPreconditionError, match="no approval"):
+        env.client("deployer").deploy("fraud", 2, split)
+    env.client("approver").approve("fraud", 2, comment="canary ok")
     env.client("deployer").deploy("fraud", 2, split)
     back = env.client("deployer").rollback("fraud")
     assert back.traffic_split == dep.traffic_split
@@ -88,7 +92,7 @@ def test_full_flow_over_http(env: Env) -> None:
     ]
     assert [v.version for v in reader.list_versions("fraud", status="STAGING")] == [2]
     actions = [a.action for a in reader.audit("fraud")]
-    assert actions.count("version.status") == 1 and "version.approve" in actions
+    assert actions.count("version.status") == 1 and actions.count("version.approve") == 2
     assert reader.audit("fraud")[0].actor == "user-admin"
 
 
@@ -296,3 +300,30 @@ def test_tampered_artifact_download_is_refused(env: Env) -> None:
     r = env.http.get("/models/fraud/versions/1/artifact")
     assert r.status_code == 409
     assert "fails its integrity check" in r.json()["message"]
+
+
+def test_control_characters_and_huge_path_params_are_400_on_every_route(env: Env) -> None:
+    # PostgreSQL refuses NUL in text: a NUL that reached a query used to answer 500 (and
+    # drop the connection); now no route gets that far.
+    _register(env)
+    before = snapshot(env.registry)
+    admin = {"authorization": f"Bearer {env.tokens['admin']}"}
+    checked = 0
+    for route in create_app(env.registry).routes:
+        path = getattr(route, "path", "")
+        if "{model_id}" not in path and "{group_version}" not in path:
+            continue
+        for bad in ("a%00b", "%00", "a%0Ab", "m" * 300):
+            url = (
+                path.replace("{model_id}", bad)
+                .replace("{group_version}", bad)
+                .replace("{version_id:int}", "1")
+            )
+            for method in sorted(set(route.methods or ()) - {"HEAD"}):  # type: ignore[attr-defined]
+                r = env.http.request(method, url, headers=admin, json={})
+                assert r.status_code == 400, (method, url, r.text)
+                assert r.json()["error"] == "INVALID_ARGUMENT"
+                checked += 1
+    assert checked >= 76  # 19 routes x 4 values
+    assert snapshot(env.registry) == before
+    assert env.http.get("/models/fraud").status_code == 200  # the connection still works

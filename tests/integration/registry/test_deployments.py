@@ -233,3 +233,76 @@ def test_event_log_outage_keeps_the_event_in_the_outbox(registry: ModelRegistry)
     assert registry.publish_pending() == 1
     assert [t for t, _ in log.sent] == [DEPLOYMENTS_TOPIC]
     assert registry.publish_pending() == 0
+
+
+def test_deploy_refuses_a_tampered_artifact_and_records_nothing(
+    published: ModelRegistry, events: EventLog
+) -> None:
+    reg = published
+    register(reg)
+    register(reg)
+    reg.deploy("fraud", 1, actor=DEPLOYER)
+    _read_all(events)
+    path = Path(reg.get_version("fraud", 2).artifact_path)
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes() + b"tampered")
+    before = snapshot(reg)
+    with pytest.raises(FailedPreconditionError, match="fails its integrity check"):
+        reg.deploy("fraud", 2, actor=DEPLOYER)
+    assert snapshot(reg) == before  # no active row, no history, no outbox event
+    active = reg.active_deployment("fraud")
+    assert active is not None and active.version == 1
+    assert _read_all(events) == []
+    # A missing artifact is refused the same way.
+    path.unlink()
+    with pytest.raises(NotFoundError, match="missing from the artifact store"):
+        reg.deploy("fraud", 2, actor=DEPLOYER)
+    assert snapshot(reg) == before
+
+
+def test_deploy_refused_by_prepare_records_nothing(registry: ModelRegistry) -> None:
+    register(registry)
+    before = snapshot(registry)
+    seen: list[Deployment] = []
+
+    def prepare(d: Deployment) -> None:
+        seen.append(d)
+        raise FailedPreconditionError("the embedded gateway cannot load it")
+
+    with pytest.raises(FailedPreconditionError, match="cannot load it"):
+        registry.deploy("fraud", 1, actor=DEPLOYER, prepare=prepare)
+    assert [d.version for d in seen] == [1]
+    assert snapshot(registry) == before
+    assert registry.active_deployment("fraud") is None
+
+
+def test_high_stakes_live_traffic_needs_an_approval(registry: ModelRegistry) -> None:
+    from .conftest import ADMIN, APPROVER
+
+    registry.create_model("fraud", actor=ADMIN, high_stakes=True)
+    for _ in range(3):
+        register(registry)
+    before = snapshot(registry)
+    # All traffic, a canary, or the fallback: each is live traffic to an unapproved version.
+    for split in (
+        None,
+        _canary(1, 2),
+        TrafficSplit(
+            variants=[VariantSplit(name="a", version=1, weight_bp=10_000)],
+            fallback=VersionRef(name="b", version=2),
+        ),
+    ):
+        with pytest.raises(FailedPreconditionError, match=r"high-stakes.*no approval"):
+            registry.deploy("fraud", 1, split, actor=DEPLOYER)
+    assert snapshot(registry) == before
+    # A shadow answers nobody: allowed once the routed version is approved.
+    registry.approve("fraud", 1, actor=APPROVER)
+    shadowed = TrafficSplit(
+        variants=[VariantSplit(name="a", version=1, weight_bp=10_000)],
+        shadows=[VersionRef(name="s", version=3)],
+    )
+    assert registry.deploy("fraud", 1, shadowed, actor=DEPLOYER).version == 1
+    with pytest.raises(FailedPreconditionError, match=r"version\(s\) \[2\] have no approval"):
+        registry.deploy("fraud", 1, _canary(1, 2), actor=DEPLOYER)
+    registry.approve("fraud", 2, actor=APPROVER)
+    assert registry.deploy("fraud", 2, _canary(1, 2), actor=DEPLOYER).version == 2

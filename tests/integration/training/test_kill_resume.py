@@ -77,6 +77,7 @@ def _worker_env(tmp_path: Path, url: str) -> dict[str, str]:
         "CARRARA_OFFLINE_STORE_PATH": str(tmp_path / "offline"),
         "CARRARA_ARTIFACT_PATH": str(tmp_path / "artifacts"),
         "CARRARA_EVENT_LOG_URL": f"local:///{tmp_path / 'events.db'}",
+        "CARRARA_DATA_ROOTS": str(tmp_path),  # the labels are written there
     }
 
 

@@ -31,6 +31,7 @@ def test_train_cli(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CARRARA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CARRARA_DATA_ROOTS", str(tmp_path))  # the worker reads labels.csv there
     monkeypatch.delenv("CARRARA_CONFIG", raising=False)
     monkeypatch.delenv("CARRARA_REGISTRY_URL", raising=False)
     monkeypatch.delenv("CARRARA_EVENT_LOG_URL", raising=False)

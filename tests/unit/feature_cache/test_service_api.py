@@ -151,7 +151,7 @@ def test_http_errors(client: Client, path: str, body: Any, status: int, message:
     else:
         r = client.post(f"/features/groups/{path}/get-online", json=body)
     assert r.status_code == status
-    assert message in r.json()["error"]["message"]
+    assert message in r.json()["message"]
 
 
 def test_http_refuses_huge_bodies(client: Client) -> None:

@@ -245,6 +245,10 @@ def test_bad_requests(engine: ServingEngine, models: tuple[Path, Path]) -> None:
         engine.predict("ranker", [])
     with pytest.raises(InvalidArgumentError, match="over the limit of 1000"):
         engine.predict("ranker", ["u"] * 1_001)
+    # A huge id would spend the store deadline other requests share.
+    with pytest.raises(InvalidArgumentError, match="2000 bytes is over the limit of 1024"):
+        engine.predict("ranker", ["u1", "x" * 2_000])
+    assert engine.predict("ranker", ["y" * 1_024]).outputs.shape[0] == 1
     with pytest.raises(InvalidArgumentError, match="unknown feature 'zz'"):
         engine.predict("ranker", ["u1"], overrides={"zz": 1.0})
     with pytest.raises(InvalidArgumentError, match="2 values; expected 1 or"):

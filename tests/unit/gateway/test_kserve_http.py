@@ -370,7 +370,7 @@ def test_bad_requests_answer_4xx(http: httpx.Client) -> None:
     assert_error(
         http.post(url, json=infer_body([ids_json(["u1"], [10**30])])),
         400,
-        "has shape [1000000000000000000000000000000] but 1 elements",
+        "out of range (more than 64 bits)",  # every API's JSON decoder refuses it
     )
     assert_error(
         http.post(url, json=infer_body([ids_json(["u1"], [1] * 17)])), 400, "over 16 dimensions"

@@ -54,6 +54,7 @@ def env(tmp_path: Path) -> Iterator[tuple[TestClient, JobQueue]]:
         tokens = {
             "pub-token": Principal("ana", frozenset({"publisher"})),
             "read-token": Principal("bob", frozenset({"reader"})),
+            "admin-token": Principal("root", frozenset({"admin"})),
         }
         app = Starlette(routes=create_app(queue, features, tokens=tokens))
         with TestClient(app) as client:
@@ -83,9 +84,9 @@ def test_submit_get_list_logs_cancel(env: tuple[TestClient, JobQueue]) -> None:
     jid = job["job_id"]
     assert client.get(f"/training-jobs/{jid}").json()["job_id"] == jid
     other = client.post(
-        "/training-jobs", json={"spec": SPEC, "submitted_by": "ci"}, headers=PUB
+        "/training-jobs", json={"spec": SPEC, "submitted_by": "ana"}, headers=PUB
     ).json()
-    assert other["submitted_by"] == "ci"
+    assert other["submitted_by"] == "ana"  # naming yourself is fine
     listed = client.get("/training-jobs", params={"limit": 1}).json()["jobs"]
     assert [j["job_id"] for j in listed] == [other["job_id"]]
     assert len(client.get("/training-jobs", params={"state": "QUEUED"}).json()["jobs"]) == 2
@@ -201,3 +202,53 @@ def test_open_when_no_tokens(tmp_path: Path) -> None:
         with TestClient(app) as client:
             r = client.post("/training-jobs", json={"spec": SPEC, "submitted_by": "me"})
             assert r.status_code == 201 and r.json()["submitted_by"] == "me"
+
+
+def test_the_token_decides_who_submitted_a_job(env: tuple[TestClient, JobQueue]) -> None:
+    client, queue = env
+    r = client.post("/training-jobs", json={"spec": SPEC, "submitted_by": "ceo"}, headers=PUB)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == "PERMISSION_DENIED" and "'ana'" in r.json()["message"]
+    assert queue.list() == []  # nothing queued under a borrowed name
+    admin = {"Authorization": "Bearer admin-token"}
+    r = client.post("/training-jobs", json={"spec": SPEC, "submitted_by": "ceo"}, headers=admin)
+    assert r.status_code == 201 and r.json()["submitted_by"] == "ceo"  # on someone's behalf
+    r = client.post("/training-jobs", json={"spec": SPEC}, headers=admin)
+    assert r.json()["submitted_by"] == "root"
+
+
+def test_label_sources_must_lie_under_the_data_roots(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "escape").symlink_to("/etc")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    with JobQueue.open(url, data_roots=[str(data)]) as queue:
+        tokens = {"pub-token": Principal("ana", frozenset({"publisher"}))}
+        app = Starlette(routes=create_app(queue, None, tokens=tokens))
+        with TestClient(app) as client:
+
+            def submit(source: str) -> Any:
+                spec = with_(SPEC, dataset__label_source=source)
+                return client.post("/training-jobs", json={"spec": spec}, headers=PUB)
+
+            for source in (
+                "/etc/passwd",
+                f"{data}/../../../etc/passwd",  # ".." resolved first
+                f"{data}/escape/passwd",  # a symlink out of the root
+                "file:///etc/passwd",
+            ):
+                r = submit(source)
+                assert r.status_code == 403, (source, r.text)
+                assert r.json()["error"] == "PERMISSION_DENIED"
+                assert "outside the folders training jobs may read" in r.json()["message"]
+            for source, why in (
+                ("s3://bucket/labels.parquet", "scheme is not supported"),
+                ("http://evil.example/x.csv", "scheme is not supported"),
+                ("labels.parquet", "must be an absolute path"),
+            ):
+                r = submit(source)
+                assert r.status_code == 400, (source, r.text)
+                assert r.json()["error"] == "INVALID_ARGUMENT" and why in r.json()["message"]
+            assert queue.list() == []
+            assert submit(str(data / "labels.parquet")).status_code == 201
+            assert submit(f"file://{data}/sub/../labels.parquet").status_code == 201

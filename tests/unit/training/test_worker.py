@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from carrara.errors import InvalidArgumentError
+from carrara.errors import InvalidArgumentError, PermissionDeniedError
 from carrara.training import worker as worker_module
 from carrara.training.queue import Job, JobQueue
 from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
@@ -122,3 +122,24 @@ def test_worker_that_lost_its_lease_stops_without_touching_the_new_run(
         assert done is not None and done.state == "RUNNING" and done.worker == "w2"
         assert other.complete(taken[0]).state == "SUCCEEDED"
         assert job.job_id == taken[0].job_id
+
+
+def test_the_worker_reads_labels_only_under_its_data_roots(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame(
+        {"id": ["a"], "event_timestamp": pd.to_datetime(["2026-01-01"], utc=True), "y": [1]}
+    ).to_parquet(data / "l.parquet")
+    assert load_labels(make_spec(str(data / "l.parquet")), data_roots=[str(data)]).shape[0] == 1
+    (data / "link.parquet").symlink_to(tmp_path / "outside.parquet")
+    for source in ("/etc/passwd", str(data / "link.parquet"), f"{data}/../outside.parquet"):
+        with pytest.raises(PermissionDeniedError, match="outside the folders"):
+            load_labels(make_spec(source), data_roots=[str(data)])
+    # A job queued without the check (an older server, a direct database write) still fails
+    # in the worker, before anything is read.
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as q:
+        job = q.submit(make_spec("/etc/passwd"))
+        w = Worker(q, features=None, registry=None, data_roots=[str(data)])  # type: ignore[arg-type]
+        done = w.run_once()
+        assert done is not None and done.job_id == job.job_id and done.state == "FAILED"
+        assert done.error.startswith("PermissionDeniedError: label_source '/etc/passwd'")

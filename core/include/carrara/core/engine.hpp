@@ -32,6 +32,7 @@ namespace carrara::core {
 struct EngineOptions {
   std::size_t max_in_flight = 256;        // requests admitted at once, all models together
   std::size_t max_batch = 1'000;          // entities per request
+  std::size_t max_entity_id_bytes = 1'024;  // longer ids are refused (INVALID_ARGUMENT)
   std::int64_t store_deadline_ns = 50'000'000;   // online-store read budget per request
   std::int64_t negative_ttl_ns = 5'000'000'000;  // how long "no row" is remembered
   std::size_t log_max_bytes = 64u << 20;  // prediction-log queue bound; past it records drop

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "carrara/core/engine.hpp"
 
@@ -22,12 +23,25 @@ struct ServerOptions {
   std::size_t max_message_bytes = 16u << 20;  // receive and send limit per message
   std::string server_name = "carrara";       // ServerMetadata.name
   std::string server_version;                // ServerMetadata.version
+
+  // Off by default (the embedded / loopback case): no check, no TLS.
+  //
+  // Bearer tokens. When any is set, every call except grpc.health.v1 must carry the metadata
+  // `authorization: Bearer <one of these>`, or is answered UNAUTHENTICATED before its request
+  // is parsed. Compared in constant time; never logged or echoed.
+  std::vector<std::string> auth_tokens;
+  // TLS: the server's certificate chain and private key, PEM contents (not paths). Both or
+  // neither; with them the port speaks TLS only.
+  std::string tls_cert_chain;
+  std::string tls_private_key;
+  // PEM CA bundle (needs TLS): when set, clients must present a certificate it signed (mTLS).
+  std::string tls_client_ca;
 };
 
 class GrpcServer {
  public:
-  // Starts serving. Throws core::Error(kUnavailable) when the address cannot be bound and
-  // core::Error(kInvalidArgument) on bad options.
+  // Starts serving. Throws core::Error(kUnavailable) when the address cannot be bound (or the
+  // TLS key and certificate are unusable) and core::Error(kInvalidArgument) on bad options.
   GrpcServer(std::shared_ptr<core::Engine> engine, ServerOptions options);
   ~GrpcServer();  // shutdown(0) if still running
   GrpcServer(const GrpcServer&) = delete;
