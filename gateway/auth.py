@@ -10,7 +10,8 @@ for ``carrara serve``; ``CARRARA_GATEWAY_TOKEN`` / ``CARRARA_GATEWAY_TLS_CERT`` 
   before the request is parsed; ``grpc.health.v1.Health`` stays open (probes).
 - HTTP: every route needs the header ``Authorization: Bearer <token>`` except the operational
   ones in ``OPEN_PATHS`` (``/healthz``, ``/readyz``, ``/metrics``: probes and scrapes); a
-  refusal is 401 with the usual ``{"error": {"code": "UNAUTHENTICATED", "message"}}``.
+  refusal is 401 with the usual ``{"error": "UNAUTHENTICATED", "message"}`` (Triton's
+  ``{"error": "message"}`` under ``/v2``).
 - TLS: the same certificate and key on both ports (TLS only, no plaintext beside it); with a
   client CA, clients must also present a certificate it signed (mutual TLS).
 
@@ -144,8 +145,11 @@ class FrontAuth:
 _encoder = msgspec.json.Encoder()
 
 
-def _refusal(message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = _encoder.encode({"error": {"code": "UNAUTHENTICATED", "message": message}})
+def _refusal(path: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The 401 in the shape of the route family: Triton's under ``/v2``, Carrara's elsewhere."""
+    kserve = path == "/v2" or path.startswith("/v2/")
+    error = {"error": message} if kserve else {"error": "UNAUTHENTICATED", "message": message}
+    body = _encoder.encode(error)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -189,6 +193,6 @@ class BearerAuthMiddleware:
         if why is None:
             await self.app(scope, receive, send)
             return
-        response_headers, body = _refusal(why)
+        response_headers, body = _refusal(scope["path"], why)
         await send({"type": "http.response.start", "status": 401, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})

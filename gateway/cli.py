@@ -212,8 +212,7 @@ def _predict(args: argparse.Namespace) -> int:
         )
         body = response.json()
         if response.status_code != 200:
-            error = body.get("error", {})
-            print(f"carrara: error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+            print(f"carrara: error: {body.get('error')}: {body.get('message')}", file=sys.stderr)
             return 1
     print(json.dumps(body, indent=2))
     return 0

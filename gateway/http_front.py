@@ -1,10 +1,10 @@
 """HTTP front: ``POST /predict/{model}``, ``/healthz``, ``/readyz``, ``/metrics``.
 
 Bodies are msgspec structs (JSON); errors answer with the status of their ``CarraraError`` class
-and ``{"error": {"code", "message"}}`` (the KServe routes under ``/v2`` answer Triton's
-``{"error": "message"}``). Input is bounded as in every Carrara API (``carrara.http``): a body
-over :data:`MAX_BODY_BYTES` is refused with 413 while it is read, chunked or not; malformed or
-too deeply nested JSON and control characters in the path are 400.
+and ``{"error": CODE, "message"}`` like every Carrara API (the KServe routes under ``/v2``
+answer Triton's ``{"error": "message"}``). Input is bounded as in every Carrara API
+(``carrara.http``): a body over :data:`MAX_BODY_BYTES` is refused with 413 while it is read,
+chunked or not; malformed or too deeply nested JSON and control characters in the path are 400.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from carrara.errors import CarraraError
 from carrara.gateway.auth import BearerAuthMiddleware
 from carrara.gateway.kserve_http import kserve_error, kserve_routes
 from carrara.gateway.service import Gateway
-from carrara.http import InputGuard, check_path_params, decode_json, read_body
+from carrara.http import InputGuard, check_path_params, decode_json, error_response, read_body
 
 __all__ = ["HttpPrediction", "HttpPredictRequest", "HttpPredictResponse", "create_app"]
 
@@ -56,10 +56,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def _error(exc: CarraraError) -> Response:
-    body = {"error": {"code": exc.grpc_code, "message": str(exc)}}
-    return Response(
-        _encoder.encode(body), status_code=exc.http_status, media_type="application/json"
-    )
+    return error_response(exc)  # the shape every Carrara API answers with
 
 
 def _render(path: str, exc: CarraraError) -> Response:

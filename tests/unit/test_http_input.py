@@ -158,13 +158,10 @@ def _app(name: str, plane: ControlPlane, gateway: Starlette) -> Any:
 
 def _assert_error(r: httpx.Response, path: str, code: str, fragment: str) -> None:
     """The error in the shape of the API that answered: Triton's ``{"error": message}`` under
-    ``/v2``, the gateway's ``{"error": {code, message}}`` on ``/predict``, else the kernel's
-    ``{"error": code, "message"}``."""
+    ``/v2``, else Carrara's ``{"error": code, "message"}`` (every other API)."""
     body = r.json()
     if path.startswith("/v2/"):
         assert isinstance(body["error"], str) and fragment in body["error"], body
-    elif path.startswith("/predict/"):
-        assert body["error"]["code"] == code and fragment in body["error"]["message"], body
     else:
         assert set(body) == {"error", "message"}, body
         assert body["error"] == code and fragment in body["message"], body

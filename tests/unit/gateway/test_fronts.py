@@ -169,9 +169,9 @@ def test_http_front(server: GatewayServer) -> None:
         assert http.get("/healthz").json() == {"status": "ok"}
         assert http.get("/readyz").json()["models"] == ["scorer"]
         r = http.post("/predict/nope", json={"entity_ids": ["u5"]})
-        assert r.status_code == 404 and "not deployed" in r.json()["error"]["message"]
+        assert r.status_code == 404 and "not deployed" in r.json()["message"]
         r = http.post("/predict/scorer", json={"entity_ids": "u5"})
-        assert r.status_code == 400 and "invalid predict request" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "invalid predict request" in r.json()["message"]
         r = http.post("/predict/scorer", content=b"{not json")
         assert r.status_code == 400
         r = http.post("/predict/scorer", json={"entity_ids": ["u1"], "overrides": {"zz": 1}})
