@@ -33,6 +33,7 @@ from carrara.client import (
 from carrara.config import Settings
 from carrara.errors import (
     ConfigError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -448,3 +449,53 @@ def test_a_child_that_exits_is_reported_by_name_and_the_rest_are_stopped(tmp_pat
     assert {"gateway", "worker-1", "worker-2", "monitor", "materializer"} <= set(codes)
     assert all(code == -signal.SIGTERM for name, code in codes.items() if name != "api")
     assert (tmp_path / "home" / "run" / "logs" / "api.log").read_text().startswith("api cannot")
+
+
+def test_deploy_waits_for_the_exact_versions_over_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over HTTP as over gRPC, ``Client.deploy`` returns only once the gateway's KServe model
+    metadata lists exactly the deployment's versions (not as soon as the model is listed)."""
+    from carrara.registry.types import DeployedVariant, Deployment, TrafficSplit, VariantSplit
+
+    polls = {"n": 0}
+
+    async def metadata(request: Request) -> Response:
+        polls["n"] += 1
+        if request.path_params["model"] != "m":
+            return JSONResponse({"error": "unknown model"}, 404)
+        versions = ["1"] if polls["n"] < 4 else ["1", "2"]  # the old deployment first
+        return JSONResponse({"name": "m", "versions": versions, "platform": "carrara"})
+
+    gateway = Starlette(routes=[Route("/v2/models/{model}", metadata, methods=["GET"])])
+
+    def variant(name: str, version: int, weight: int) -> DeployedVariant:
+        return DeployedVariant(
+            name=name,
+            version=version,
+            role="routed",
+            weight_bp=weight,
+            canary=False,
+            artifact_path="a",
+            artifact_sha256="0" * 64,
+            serving_spec={},
+        )
+
+    deployment = Deployment(
+        deployment_id=2,
+        model="m",
+        version=2,
+        traffic_split=TrafficSplit(variants=[VariantSplit(name="v2", version=2, weight_bp=10_000)]),
+        variants=[variant("v1", 1, 5_000), variant("v2", 2, 5_000)],
+        serving_endpoint="",
+        created_by="me",
+        created_at="now",
+        is_active=True,
+    )
+    with _serve(gateway) as gw, Client("http://127.0.0.1:9", TOKEN, gateway=gw) as client:
+        monkeypatch.setattr(client.registry, "deploy", lambda *a, **k: deployment)
+        assert client.deploy("m", 2, wait_s=10) is deployment
+        assert polls["n"] == 4  # it waited through three polls of the old versions
+        # A model the gateway never lists: a clear deadline error, not an early return.
+        other = msgspec.structs.replace(deployment, model="other")
+        monkeypatch.setattr(client.registry, "deploy", lambda *a, **k: other)
+        with pytest.raises(DeadlineExceededError, match=r"does not serve other versions \[1, 2\]"):
+            client.deploy("other", 2, wait_s=0.5)
