@@ -117,5 +117,10 @@ BENCH_JSON ?= bench/results/native_front.json
 bench-check:
 	$(PYTHON) -m bench.check_ratios $(BENCH_JSON)
 
+# A self-contained wheel in dist/ (the native libraries vendored by auditwheel).
+.PHONY: wheel
+wheel: install
+	bash scripts/build-wheel.sh
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build dist $(VENV)

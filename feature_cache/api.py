@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from carrara.errors import CarraraError
 from carrara.feature_cache.online_store import EmbeddedOnlineStore
-from carrara.feature_cache.service import FeatureService
+from carrara.feature_cache.service import FeatureService, float32_rows
 from carrara.http import ErrorBody, InputGuard, check_path_params, decode_json, read_body
 from carrara.http import error_response as _error
 
@@ -185,7 +185,8 @@ def create_app(service: FeatureService) -> Starlette:
                 )
         except CarraraError as exc:
             return _error(exc)
-        rows = np.where(result.missing, np.nan, result.values).tolist()  # NaN encodes as null
+        # Shortest floats that round-trip float32 (14.2, not 14.199999809265137); None -> null.
+        rows = float32_rows(result.values, result.missing)
         names = result.features
         out = []
         for i, (eid, found) in enumerate(

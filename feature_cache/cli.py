@@ -62,11 +62,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             )
             return 0
         for res in service.materialize(args.group, full=args.full, progress=not args.quiet):
-            console.print(
-                f"{res.group} v{res.version}: {res.entities} entities, {res.written} written"
-                f" in {res.seconds:.2f}s",
-                highlight=False,
-            )
+            console.print(f"{res.summary()} in {res.seconds:.2f}s", highlight=False)
     return 0
 
 

@@ -35,6 +35,28 @@ class MaterializeResult(msgspec.Struct, frozen=True):
     written: int  # online values written (others were already as recent, or expired)
     watermark_us: int
     seconds: float
+    expired: int = 0  # entities whose latest row is already past the group's TTL (not written)
+    ttl_days: float = 0.0  # the group's TTL (0: never expires)
+    newest_event_us: int | None = None  # the newest event time among the rows looked at
+
+    def summary(self) -> str:
+        """One line for people: counts, and why nothing was written when that is the case."""
+        line = f"{self.group} v{self.version}: {self.entities} entities, {self.written} written"
+        if self.expired:
+            line += f", {self.expired} expired"
+        if self.entities and self.written == 0 and self.expired == self.entities:
+            import datetime as dt
+
+            newest = ""
+            if self.newest_event_us is not None:
+                t = dt.datetime.fromtimestamp(self.newest_event_us / 1e6, tz=dt.UTC)
+                newest = f" (newest event at {t.isoformat(timespec='seconds')})"
+            line += (
+                f": every row is older than the group's TTL of {self.ttl_days:g}"
+                f" day{'' if self.ttl_days == 1 else 's'}{newest};"
+                " reads will find nothing. Ingest recent rows, or raise ttl_days (0: never expire)"
+            )
+        return line
 
 
 def table_to_vectors(
@@ -102,7 +124,9 @@ def materialize_batch(
     try:
         files = offline.files(group.name, group.version)
         if not files:
-            return MaterializeResult(group.name, group.version, 0, 0, watermark, 0.0)
+            return MaterializeResult(
+                group.name, group.version, 0, 0, watermark, 0.0, ttl_days=group.definition.ttl_days
+            )
         src = offline.source(con, group, "__src", files)
         new_watermark = con.sql(f"SELECT max(epoch_us(created_timestamp)) FROM {src}").fetchall()
         high = int(new_watermark[0][0] or watermark)
@@ -122,6 +146,14 @@ def materialize_batch(
         con.close()
     written = 0
     ttl = group.definition.ttl_us
+    expired = 0
+    newest: int | None = None
+    if latest.num_rows:
+        event_us = _micros(latest.column("event_timestamp"))
+        newest = int(event_us.max())
+        if ttl:
+            # The online store's rule (OnlineStore.write_vectors): expired at event time + TTL.
+            expired = int(((event_us + ttl) // 1000 <= online.now_ms()).sum())
     if progress:
         from rich.progress import Progress
 
@@ -135,5 +167,13 @@ def materialize_batch(
             written += online.write_vectors(vectors, ttl)
     catalog.set_watermark(group.name, group.version, high, written)
     return MaterializeResult(
-        group.name, group.version, latest.num_rows, written, high, time.perf_counter() - started
+        group.name,
+        group.version,
+        latest.num_rows,
+        written,
+        high,
+        time.perf_counter() - started,
+        expired=expired,
+        ttl_days=group.definition.ttl_days,
+        newest_event_us=newest,
     )

@@ -171,9 +171,16 @@ class OfflineStore:
 
         table = to_arrow(data)
         what = f"rows for feature group {group.name!r}"
+        key = group.entity.key
+        if "entity_id" not in table.column_names and key in table.column_names:
+            # The entity's join key is accepted as the id column (like ``ingest``).
+            table = table.rename_columns(
+                ["entity_id" if c == key else c for c in table.column_names]
+            )
         if "entity_id" not in table.column_names:
             raise InvalidArgumentError(
-                f"{what} have no 'entity_id' column; columns: {', '.join(table.column_names)}"
+                f"{what} have no {key!r} (join key) or 'entity_id' column; columns: "
+                + ", ".join(table.column_names)
             )
         missing = [f for f in group.definition.feature_names if f not in table.column_names]
         if missing:

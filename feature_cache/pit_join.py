@@ -57,7 +57,8 @@ class TrainingSet(msgspec.Struct, frozen=True):
 
 
 def parse_feature_refs(refs: Sequence[str]) -> dict[str, list[str]]:
-    """``["trips:fare_mean", "trips:*"]`` -> ``{"trips": ["fare_mean"] or ["*"]}``, in order."""
+    """``["trips:fare_mean", "trips:*"]`` -> ``{"trips": ["fare_mean", "*"]}``: per group, in
+    order, without repeats (``"*"`` stands for every feature; the caller expands it)."""
     out: dict[str, list[str]] = {}
     for ref in refs:
         group, sep, feature = ref.partition(":")
@@ -69,6 +70,40 @@ def parse_feature_refs(refs: Sequence[str]) -> dict[str, list[str]]:
         if feature not in names:
             names.append(feature)
     return out
+
+
+#: Integer label times are microseconds since the epoch; values outside [1e14, 1e17) (1973-03
+#: to 5138) are refused as almost surely another unit (the usual mistake: epoch seconds,
+#: which would read as minutes after 1970-01-01 and find no features at all).
+_MIN_INT_US = 10**14
+_MAX_INT_US = 10**17
+
+
+def _refuse_odd_integer_times(labels: pa.Table, name: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if name not in labels.column_names:
+        return  # timestamp_column explains
+    col = labels.column(name)
+    if not pa.types.is_integer(col.type) or col.length() == col.null_count:
+        return
+    bounds = pc.min_max(col).as_py()
+    low, high = int(bounds["min"]), int(bounds["max"])
+    if low >= _MIN_INT_US and high < _MAX_INT_US:
+        return
+    if high >= _MAX_INT_US:
+        odd, unit, word = high, "ns", "nanoseconds"
+    elif abs(low) < 10**11:
+        odd, unit, word = low, "s", "seconds"
+    else:
+        odd, unit, word = low, "ms", "milliseconds"
+    raise InvalidArgumentError(
+        f"entity dataframe column {name!r} holds integers ({low} .. {high}); integer times are "
+        f"read as microseconds since the epoch, and {odd} does not look like one (it looks like "
+        f"epoch {word}). Convert the column to datetimes first, e.g. "
+        f'labels["{name}"] = pd.to_datetime(labels["{name}"], unit="{unit}", utc=True)'
+    )
 
 
 #: 2**64: packs (event time, write time) into one HUGEINT that orders like the pair (a shift
@@ -107,6 +142,7 @@ def point_in_time_join(
     labels = to_arrow(entity_df)
     if not requests:
         raise InvalidArgumentError("no features requested")
+    _refuse_odd_integer_times(labels, timestamp_column_name)
     label_ts = timestamp_column(labels, timestamp_column_name, "the entity dataframe")
     reserved = [c for c in labels.column_names if c.startswith("__")]
     if reserved:

@@ -60,11 +60,10 @@ class OnlineFeatures(msgspec.Struct, frozen=True):
     found: Any  # np.ndarray bool [n]
 
     def to_dicts(self) -> list[dict[str, float | None]]:
-        rows = np.where(self.missing, np.nan, self.values).tolist()
-        return [
-            {f: (None if v != v else v) for f, v in zip(self.features, row, strict=True)}
-            for row in rows
-        ]
+        """One dict per entity; values as the shortest floats that round-trip float32
+        (``14.2``, not ``14.199999809265137``), ``None`` where missing."""
+        rows = float32_rows(self.values, self.missing)
+        return [dict(zip(self.features, row, strict=True)) for row in rows]
 
     def to_pandas(self) -> pd.DataFrame:
         import pandas as pd
@@ -72,6 +71,61 @@ class OnlineFeatures(msgspec.Struct, frozen=True):
         frame = pd.DataFrame(np.where(self.missing, np.nan, self.values), columns=self.features)
         frame.insert(0, "entity_id", self.entity_ids)
         return frame
+
+
+def float32_rows(values: Any, missing: Any) -> list[list[float | None]]:
+    """``values`` (float32 [n, d]) as Python floats, each the shortest decimal that reads back
+    as the same float32 (what ``str(np.float32(x))`` shows: ``14.2``, not
+    ``14.199999809265137``), and ``None`` where ``missing`` (or NaN)."""
+    v32 = np.asarray(values, dtype=np.float32)
+    x = v32.astype(np.float64)
+    out = x.copy()
+    absx = np.abs(x)
+    todo = np.isfinite(x) & (absx != 0.0)
+    if todo.any():
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            exp = np.floor(np.log10(np.where(todo, absx, 1.0))).astype(np.int64)
+        # Decimal rounding in float64 is exact enough for moderate exponents (powers of ten
+        # up to 1e22 are exact); others (rare) take the per-value path below.
+        vector = todo & (np.abs(exp) <= 12)
+        done = ~vector
+        for digits in range(1, 10):
+            k = digits - 1 - exp
+            scale = 10.0 ** np.abs(k).astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                r = np.where(k >= 0, np.rint(x * scale) / scale, np.rint(x / scale) * scale)
+                ok = ~done & (r.astype(np.float32) == v32)
+            out[ok] = r[ok]
+            done |= ok
+            if done.all():
+                break
+        rest = np.flatnonzero(todo & ~(vector & done))
+        if rest.size:
+            flat, src = out.reshape(-1), v32.reshape(-1)
+            for i in rest.tolist():
+                flat[i] = float(str(src[i]))  # numpy prints the shortest round-trip form
+    out = np.where(np.asarray(missing, dtype=np.bool_) | np.isnan(out), np.nan, out)
+    rows: list[list[float]] = out.tolist()
+    return [[None if f != f else f for f in row] for row in rows]
+
+
+def entity_id_strings(entity_ids: Sequence[Any]) -> list[str]:
+    """Entity ids are strings (as stored); integers are accepted and turned into their
+    decimal text (``7`` -> ``"7"``), as ``ingest`` does with an integer join key column."""
+    ids = list(entity_ids)
+    if all(type(e) is str for e in ids):
+        return ids
+    out = []
+    for e in ids:
+        if isinstance(e, str):
+            out.append(e)
+        elif isinstance(e, int | np.integer) and not isinstance(e, bool | np.bool_):
+            out.append(str(int(e)))
+        else:
+            raise InvalidArgumentError(
+                f"entity ids must be strings (or integers); got {type(e).__name__} {e!r}"
+            )
+    return out
 
 
 class _Reader(msgspec.Struct, frozen=True):
@@ -245,11 +299,14 @@ class FeatureService:
         threads: int | None = None,
     ) -> TrainingSet:
         """Point-in-time-correct features for each label row; ``features`` are
-        ``"group:feature"`` (or ``"group:*"``). The snapshot reference is recorded."""
+        ``"group:feature"`` or ``"group:*"`` (every feature of the group); the two mix, and a
+        feature named twice is joined once, at its first place. The snapshot reference is
+        recorded."""
         requests = []
         for name, wanted in parse_feature_refs(features).items():
             g = self.group(name, (versions or {}).get(name))
-            names = g.definition.feature_names if wanted == ["*"] else tuple(wanted)
+            expanded = (g.definition.feature_names if w == "*" else (w,) for w in wanted)
+            names = tuple(dict.fromkeys(f for part in expanded for f in part))
             requests.append(FeatureRequest(g, names, g.entity.key))
         result = point_in_time_join(
             entity_df,
@@ -293,7 +350,7 @@ class FeatureService:
     def get_online(
         self,
         group: str,
-        entity_ids: Sequence[str],
+        entity_ids: Sequence[str | int],
         features: Sequence[str] | None = None,
         *,
         version: int | None = None,
@@ -304,6 +361,7 @@ class FeatureService:
         with ``found`` False, or raise ``NotFoundError`` with ``require_found``."""
         if isinstance(entity_ids, str):
             raise InvalidArgumentError("entity_ids must be a list of ids, not one string")
+        entity_ids = entity_id_strings(entity_ids)
         n = len(entity_ids)
         if n > self.max_online_batch:
             raise BatchTooLargeError(
@@ -312,10 +370,7 @@ class FeatureService:
             )
         reader = self._reader(group, features, version)
         prefix = reader.prefix
-        try:
-            keys = [prefix + e for e in entity_ids]
-        except TypeError as exc:
-            raise InvalidArgumentError(f"entity ids must be strings: {exc}") from exc
+        keys = [prefix + e for e in entity_ids]
         raw = self.online.get_many(keys)
         values, missing = reader.assembler.assemble([raw])
         if raw.count(None) == 0:  # the common case, without a Python-level loop

@@ -61,12 +61,20 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     subject: str  # the feature ("__prediction__" for the output) or the metric
     state: Literal["firing", "resolved"]
     severity: str = "critical"
-    value: float | None = None
+    statistic: str = ""  # what ``value`` and ``threshold`` measure ("PSI", "KS D", "auc", ...)
+    value: float | None = None  # at this transition
     threshold: float | None = None
+    samples: int | None = None  # rows the value was computed on
     message: str = ""
     started_ms: int  # when the condition began (same on its firing and resolved alerts)
     timestamp_ms: int  # when this transition happened
     window_start: int | None = None  # the drift window that caused it
+    # While the condition holds, each evaluation refreshes these on the stored firing alert
+    # (``active_alerts``); ``value``/``samples``/``message`` stay what fired it.
+    latest_value: float | None = None
+    latest_samples: int | None = None
+    latest_message: str = ""
+    latest_ms: int | None = None
 
 
 class Condition(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,8 +85,10 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True):
     kind: AlertKind
     subject: str
     active: bool
+    statistic: str = ""
     value: float | None = None
     threshold: float | None = None
+    samples: int | None = None
     message: str = ""
     window_start: int | None = None
     clear_after: int = 1  # consecutive clear evaluations before a firing alert resolves
@@ -118,11 +128,18 @@ def apply_conditions(
             )
             continue
         if c.active == was_active:
-            if c.active:  # still holding: no new alert
+            if c.active and row is not None:  # still holding: no new alert, fresh figures
+                held = msgspec.structs.replace(
+                    _alert_decoder.decode(bytes(row[1])),
+                    latest_value=c.value,
+                    latest_samples=c.samples,
+                    latest_message=c.message,
+                    latest_ms=now,
+                )
                 tx.execute(
-                    "UPDATE monitoring_alerts SET clear_streak = 0, updated_ms = ?"
+                    "UPDATE monitoring_alerts SET clear_streak = 0, updated_ms = ?, alert = ?"
                     " WHERE alert_key = ?",
-                    (now, c.key),
+                    (now, _msgpack.encode(held), c.key),
                 )
             continue
         started = now
@@ -135,8 +152,10 @@ def apply_conditions(
             kind=c.kind,
             subject=c.subject,
             state="firing" if c.active else "resolved",
+            statistic=c.statistic,
             value=c.value,
             threshold=c.threshold,
+            samples=c.samples,
             message=c.message,
             started_ms=started,
             timestamp_ms=now,

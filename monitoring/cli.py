@@ -67,7 +67,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("interrupted")
         alerts = list(total.alerts)
         if args.flush:
-            alerts += consumer.judge(flush=True)
+            alerts += consumer.judge(flush=True, result=total)
         print(
             f"predictions: {total.predictions_new} new, {total.duplicates} duplicate;"
             f" labels: {total.labels_new} new; windows judged: {total.windows_judged};"

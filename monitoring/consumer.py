@@ -419,7 +419,9 @@ class MonitoringConsumer:
                     kind="performance",
                     subject=c.metric,
                     active=c.degraded,
+                    statistic=c.metric,
                     value=c.value,
+                    samples=perf.n,
                     threshold=(
                         None
                         if c.baseline is None or c.allowed is None
@@ -486,8 +488,11 @@ def _drift_conditions(
                 kind="drift",
                 subject=r.feature,
                 active=r.status == "alert",
-                value=r.psi,
-                threshold=cfg.drift.psi_alert,
+                # The statistic that fired it, beside its own threshold (PSI while none did).
+                statistic=r.alert_statistic or "PSI",
+                value=r.alert_value if r.alert_statistic else r.psi,
+                threshold=r.alert_threshold if r.alert_statistic else cfg.drift.psi_alert,
+                samples=r.n,
                 message=f"{model} v{version} {r.feature}: " + ("; ".join(r.reasons) or "stable"),
                 window_start=start,
                 clear_after=cfg.clear_after_windows,

@@ -165,6 +165,11 @@ class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
     js: float | None = None
     status: Status = "ok"
     reasons: list[str] = []
+    # The criterion that put the feature in ``alert`` (PSI first when several did), with its
+    # own threshold: ``"PSI"``, ``"KS D"``, ``"chi2 p"``, ``"JS"`` or ``"missing rate increase"``.
+    alert_statistic: str = ""
+    alert_value: float | None = None
+    alert_threshold: float | None = None
 
     @property
     def score(self) -> float:
@@ -193,8 +198,12 @@ def judge_feature(
     total = n + missing
     missing_rate = missing / total if total else 0.0
     reasons: list[str] = []
+    fired: list[tuple[str, float, float]] = []  # (statistic, value, threshold), in priority
+    last: tuple[str, float, float] | None = None  # the missing rate: only when nothing else
 
     def result(status: Status, **stats: float | None) -> FeatureDrift:
+        lead = fired[0] if fired else last
+        by, value, threshold = lead if status == "alert" and lead else ("", None, None)
         return FeatureDrift(
             feature=profile.name,
             kind=profile.kind,
@@ -203,12 +212,17 @@ def judge_feature(
             reference_missing_rate=profile.missing_rate,
             status=status,
             reasons=reasons,
+            alert_statistic=by,
+            alert_value=value,
+            alert_threshold=threshold,
             **stats,
         )
 
     missing_up = missing_rate - profile.missing_rate
-    if total >= t.min_samples and missing_up >= t.max_missing_rate_increase:
+    missing_fired = total >= t.min_samples and missing_up >= t.max_missing_rate_increase
+    if missing_fired:
         reasons.append(f"missing rate up {missing_up:.2f}")
+        last = ("missing rate increase", missing_up, t.max_missing_rate_increase)
     if n < t.min_samples or profile.count == 0:
         return result("alert" if reasons else "insufficient")
     p = psi(coarse_counts(profile, ref), coarse_counts(profile, cur))
@@ -217,6 +231,7 @@ def judge_feature(
     if p >= t.psi_alert:
         alert = True
         reasons.append(f"PSI {p:.3f} >= {t.psi_alert}")
+        fired.append(("PSI", p, t.psi_alert))
     elif p >= t.psi_warn:
         warn = True
         reasons.append(f"PSI {p:.3f} >= {t.psi_warn}")
@@ -225,7 +240,11 @@ def judge_feature(
         if ks.pvalue < t.ks_alpha:
             if ks.statistic >= t.ks_min_statistic and n >= t.test_min_samples:
                 alert = True
-                reasons.append(f"KS D={ks.statistic:.3f}, p={ks.pvalue:.2g}")
+                reasons.append(
+                    f"KS D={ks.statistic:.3f} >= {t.ks_min_statistic}, p={ks.pvalue:.2g}"
+                    f" < {t.ks_alpha}"
+                )
+                fired.append(("KS D", ks.statistic, t.ks_min_statistic))
             else:
                 warn = True
                 reasons.append(f"KS D={ks.statistic:.3f}, p={ks.pvalue:.2g} (below the floor)")
@@ -242,13 +261,15 @@ def judge_feature(
         if chi.pvalue < t.chi2_alpha:
             if js >= t.js_warn and n >= t.test_min_samples:
                 alert = True
-                reasons.append(f"chi2 p={chi.pvalue:.2g}, JS={js:.3f}")
+                reasons.append(f"chi2 p={chi.pvalue:.2g} < {t.chi2_alpha}, JS={js:.3f}")
+                fired.append(("chi2 p", chi.pvalue, t.chi2_alpha))
             else:
                 warn = True
                 reasons.append(f"chi2 p={chi.pvalue:.2g}, JS={js:.3f} (below the floor)")
     elif js >= t.js_alert:
         alert = True
         reasons.append(f"JS {js:.3f} >= {t.js_alert}")
+        fired.append(("JS", js, t.js_alert))
     elif js >= t.js_warn:
         warn = True
         reasons.append(f"JS {js:.3f} >= {t.js_warn}")

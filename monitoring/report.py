@@ -47,6 +47,18 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _alert_figure(
+    statistic: str, value: float | None, threshold: float | None, samples: int | None
+) -> str:
+    """``"KS D 0.1500 (threshold 0.1) on 3,000 rows"``: a value with its own threshold."""
+    text = f"{statistic or 'value'} {_fmt(value, 4)}"
+    if threshold is not None:
+        text += f" (threshold {threshold:g})"
+    if samples is not None:
+        text += f" on {samples:,} rows"
+    return text
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -268,11 +280,21 @@ def render_report(db: Database, model: str, version: int | None = None) -> str:
         "<h2>Active alerts</h2>",
     ]
     if alerts:
-        parts.append("<table><tr><th>alert</th><th>since</th><th>message</th></tr>")
+        parts.append(
+            "<table><tr><th>alert</th><th>since</th><th>when it fired</th><th>now</th>"
+            "<th>message</th></tr>"
+        )
         for a in alerts:
+            now = (
+                _alert_figure(a.statistic, a.latest_value, a.threshold, a.latest_samples)
+                + f" ({_time(a.latest_ms)})"
+                if a.latest_ms is not None
+                else "unchanged since it fired"
+            )
             parts.append(
                 f'<tr class="alert"><td>{_e(a.key)}</td><td>{_e(_time(a.started_ms))}</td>'
-                f"<td>{_e(a.message)}</td></tr>"
+                f"<td>{_e(_alert_figure(a.statistic, a.value, a.threshold, a.samples))}</td>"
+                f"<td>{_e(now)}</td><td>{_e(a.latest_message or a.message)}</td></tr>"
             )
         parts.append("</table>")
     else:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from carrara.registry.auth import Principal
     from carrara.registry.client import RegistryAPI
     from carrara.registry.registry import ModelRegistry
 
@@ -78,8 +79,21 @@ def _client(args: argparse.Namespace, *, publish: bool = False) -> Iterator[Regi
 
     args.publish = publish
     with _open_registry(args) as reg:
-        principal = reg.tokens.authenticate(token) if token else None
-        yield LocalRegistryClient(reg, principal)
+        yield LocalRegistryClient(reg, _direct_principal(reg, token, settings.api_token))
+
+
+def _direct_principal(reg: ModelRegistry, token: str | None, bootstrap: str) -> Principal | None:
+    """Who a direct-database command acts as: like the API, the bootstrap token
+    (``Settings.api_token``) is an admin and any other token must be in the token table."""
+    import hmac
+
+    from carrara.registry.auth import Principal
+
+    if not token:
+        return None
+    if bootstrap and hmac.compare_digest(token.encode(), bootstrap.encode()):
+        return Principal("bootstrap", frozenset({"admin"}))
+    return reg.tokens.authenticate(token)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Automated promotion gates: a metric above a threshold and no worse than production.
+"""Automated promotion gates: a metric at or past a threshold and no worse than production.
 
 Pure functions over recorded evaluation metrics (``{dataset: {metric: value}}``), so the
 decision is testable on its own and the store only persists what they return.
@@ -49,7 +49,7 @@ def evaluate_gates(
     for g in gates:
         value = _lookup(candidate, g)
         sign = 1.0 if g.higher_is_better else -1.0
-        word = "above" if g.higher_is_better else "below"
+        word = "at least" if g.higher_is_better else "at most"
         if g.threshold is not None:
             if value is None:
                 results.append(_missing("threshold", g, None))

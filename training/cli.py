@@ -36,6 +36,9 @@ def _open_queue(args: argparse.Namespace) -> Iterator[JobQueue]:
             settings.resolved_registry_url,
             events=events,
             gpus_per_node=settings.training_gpus_per_node,
+            # As the control plane and the workers: submissions are checked against the data
+            # roots, and the label file's existence and columns, before anything is queued.
+            data_roots=settings.resolved_data_roots,
         ) as queue:
             yield queue
     finally:

@@ -320,8 +320,10 @@ class JobQueue:
 
     def validate(self, spec: JobSpec, *, features: FeatureService | None = None) -> None:
         """Everything :meth:`submit` checks, without queueing (InvalidArgumentError; with
-        ``data_roots``, PermissionDeniedError for a label source outside them)."""
-        from .spec import check_label_source, validate_spec
+        ``data_roots``, PermissionDeniedError for a label source outside them, and
+        InvalidArgumentError for a label file that is missing, unreadable or lacks the
+        spec's columns: only its schema/header is read)."""
+        from .spec import check_label_source, label_file_problems, validate_spec
 
         problem = inventory_problem(spec.resources.gpus, self.known_gpus_per_node())
         try:
@@ -333,7 +335,10 @@ class JobQueue:
         if problem is not None:
             raise InvalidArgumentError(f"invalid training job spec: {problem}")
         if self.data_roots is not None:
-            check_label_source(spec.dataset.label_source, self.data_roots)
+            path = check_label_source(spec.dataset.label_source, self.data_roots)
+            file_problems = label_file_problems(path, spec)
+            if file_problems:
+                raise InvalidArgumentError("invalid training job spec: " + "; ".join(file_problems))
 
     def submit(
         self,

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ESTIMATORS",
     "FRAMEWORKS",
+    "PARAMS",
     "CheckpointSpec",
     "DatasetSpec",
     "EarlyStoppingSpec",
@@ -47,7 +48,9 @@ __all__ = [
     "Resources",
     "SearchSpec",
     "check_label_source",
+    "label_file_problems",
     "load_spec",
+    "param_problems",
     "parse_spec",
     "validate_spec",
 ]
@@ -69,6 +72,149 @@ ESTIMATORS: dict[str, dict[str, Task | None]] = {
     "pytorch": {"mlp": None},
     "tensorflow": {"mlp": None},  # Keras on TensorFlow
 }
+
+#: The ``model.params`` (and ``search.space``) names each estimator accepts, by framework.
+#: sklearn: the estimator classes' ``get_params()`` (union of the classifier and regressor);
+#: xgboost: the trainer's booster params plus ``n_estimators``/``n_jobs``; pytorch:
+#: ``MLPParams``; tensorflow: the Keras trainer's defaults. Kept here for the same reason as
+#: ESTIMATORS; a test checks it against the trainers. The worker checks again (per task).
+PARAMS: dict[str, dict[str, frozenset[str]]] = {
+    "sklearn": {
+        "logistic_regression": frozenset(
+            [
+                "C",
+                "class_weight",
+                "dual",
+                "fit_intercept",
+                "intercept_scaling",
+                "l1_ratio",
+                "max_iter",
+                "n_jobs",
+                "penalty",
+                "random_state",
+                "solver",
+                "tol",
+                "verbose",
+                "warm_start",
+            ]
+        ),
+        "ridge": frozenset(
+            [
+                "alpha",
+                "copy_X",
+                "fit_intercept",
+                "max_iter",
+                "positive",
+                "random_state",
+                "solver",
+                "tol",
+            ]
+        ),
+        "gradient_boosting": frozenset(
+            [
+                "alpha",
+                "ccp_alpha",
+                "criterion",
+                "init",
+                "learning_rate",
+                "loss",
+                "max_depth",
+                "max_features",
+                "max_leaf_nodes",
+                "min_impurity_decrease",
+                "min_samples_leaf",
+                "min_samples_split",
+                "min_weight_fraction_leaf",
+                "n_estimators",
+                "n_iter_no_change",
+                "random_state",
+                "subsample",
+                "tol",
+                "validation_fraction",
+                "verbose",
+                "warm_start",
+            ]
+        ),
+        "random_forest": frozenset(
+            [
+                "bootstrap",
+                "ccp_alpha",
+                "class_weight",
+                "criterion",
+                "max_depth",
+                "max_features",
+                "max_leaf_nodes",
+                "max_samples",
+                "min_impurity_decrease",
+                "min_samples_leaf",
+                "min_samples_split",
+                "min_weight_fraction_leaf",
+                "monotonic_cst",
+                "n_estimators",
+                "n_jobs",
+                "oob_score",
+                "random_state",
+                "verbose",
+                "warm_start",
+            ]
+        ),
+    },
+    "xgboost": {
+        "gradient_boosting": frozenset(
+            [
+                "max_depth",
+                "max_leaves",
+                "max_bin",
+                "grow_policy",
+                "learning_rate",
+                "tree_method",
+                "gamma",
+                "min_child_weight",
+                "max_delta_step",
+                "subsample",
+                "sampling_method",
+                "colsample_bytree",
+                "colsample_bylevel",
+                "colsample_bynode",
+                "reg_alpha",
+                "reg_lambda",
+                "scale_pos_weight",
+                "base_score",
+                "num_parallel_tree",
+                "max_cat_to_onehot",
+                "n_estimators",
+                "n_jobs",
+            ]
+        )
+    },
+    "pytorch": {
+        "mlp": frozenset(
+            [
+                "epochs",
+                "batch_size",
+                "lr",
+                "hidden",
+                "weight_decay",
+                "optimizer",
+                "momentum",
+                "threads",
+                "standardize_target",
+            ]
+        )
+    },
+    "tensorflow": {"mlp": frozenset(("epochs", "batch_size", "lr", "hidden"))},
+}
+#: Params that must be whole numbers >= the bound (when set to a number; ``None`` passes,
+#: e.g. sklearn's unlimited ``max_depth``), and params that must be numbers > 0.
+_POSITIVE_INTS: dict[str, int] = {
+    "epochs": 1,
+    "n_estimators": 1,
+    "max_depth": 1,
+    "batch_size": 1,
+    "max_iter": 1,
+    "threads": 1,
+}
+_POSITIVE_FLOATS: tuple[str, ...] = ("lr", "learning_rate", "C")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
@@ -162,15 +308,19 @@ def parse_spec(data: bytes | str, *, format: Literal["yaml", "json"] = "yaml") -
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    """Read a spec file; ``.json`` is JSON, anything else YAML (relative ``label_source``
-    paths are resolved against the spec's folder)."""
+    """Read a spec file; ``.json`` is JSON, anything else YAML. A relative ``label_source``
+    path is made absolute against the spec file's folder (not the current one), so a spec
+    next to its labels submits from anywhere."""
     p = Path(path)
     if not p.is_file():
         raise InvalidArgumentError(f"training job spec {p} does not exist")
     spec = parse_spec(p.read_bytes(), format="json" if p.suffix == ".json" else "yaml")
-    src = Path(spec.dataset.label_source)
-    if not src.is_absolute():
-        dataset = msgspec.structs.replace(spec.dataset, label_source=str(p.parent / src))
+    source = spec.dataset.label_source
+    if source and not _SCHEME.match(source) and not os.path.isabs(source):
+        # Relative to the spec file, not the current folder, and absolute: what the
+        # data-roots check (and a worker in another folder) needs.
+        absolute = os.path.normpath(os.path.join(p.resolve().parent, source))
+        dataset = msgspec.structs.replace(spec.dataset, label_source=absolute)
         spec = msgspec.structs.replace(spec, dataset=dataset)
     return spec
 
@@ -246,6 +396,7 @@ def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> N
                 problems.append(
                     f"estimator {m.estimator!r} does {only}, but the task is {m.task!r}"
                 )
+            problems.extend(param_problems(spec))
     d = spec.dataset
     if not d.features:
         problems.append("dataset.features is empty; name at least one 'group:feature'")
@@ -284,6 +435,102 @@ def validate_spec(spec: JobSpec, *, features: FeatureService | None = None) -> N
                 )
     if problems:
         raise InvalidArgumentError("invalid training job spec: " + "; ".join(problems))
+
+
+def param_problems(spec: JobSpec) -> list[str]:
+    """Unknown ``model.params``/``search.space`` names for the spec's estimator (with a
+    "did you mean" when one is close) and out-of-range values of the common ones (epochs,
+    n_estimators, max_depth, batch_size > 0; learning rates > 0)."""
+    import difflib
+
+    m = spec.model
+    known = PARAMS.get(m.framework, {}).get(m.estimator)
+    if known is None:
+        return []
+    problems: list[str] = []
+    named = [("model.params", name) for name in m.params]
+    if spec.search is not None:
+        named += [("search.space", name) for name in spec.search.space]
+    for where, name in named:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(
+            f"{where}: unknown param {name!r} for {m.framework}/{m.estimator}; {hint}"
+            f"known: {', '.join(sorted(known))}"
+        )
+    values = [(f"model.params.{name}", name, v) for name, v in m.params.items()]
+    if spec.search is not None:
+        for name, r in spec.search.space.items():
+            where = f"search.space.{name}"
+            if r.type == "categorical":
+                values += [(f"{where} choice", name, c) for c in r.choices]
+            elif r.low is not None:
+                values.append((f"{where}.low", name, int(r.low) if r.type == "int" else r.low))
+    for where, name, value in values:
+        if value is None or name not in known:
+            continue
+        problem = _value_problem(name, value, m.framework)
+        if problem is not None:
+            problems.append(f"{where} must be {problem}, got {value!r}")
+    return problems
+
+
+def _value_problem(name: str, value: Any, framework: str) -> str | None:
+    """What ``value`` must be for param ``name`` when it is out of range, else None."""
+    low = _POSITIVE_INTS.get(name)
+    if name == "max_depth" and framework == "xgboost":
+        low = 0  # 0: no depth limit (lossguide)
+    if low is not None:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < low:
+            return f"a whole number >= {low}"
+    elif name in _POSITIVE_FLOATS:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 < value < float("inf"):
+            return "a number > 0"
+    return None
+
+
+def label_file_problems(path: Path, spec: JobSpec) -> list[str]:
+    """Whether the label file at ``path`` (a local, already allowed path) exists, is
+    readable, and has the spec's entity, timestamp and label columns. Reads only the
+    Parquet schema or the CSV header line, never the data."""
+    import csv
+
+    d = spec.dataset
+    if not path.is_file():
+        return [f"label_source {d.label_source!r}: no such file {str(path)!r}"]
+    if not os.access(path, os.R_OK):
+        return [f"label_source {d.label_source!r}: file {str(path)!r} is not readable"]
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                columns = next(csv.reader(f), [])
+        else:
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+            columns = list(pq.read_schema(path).names)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [f"label_source {d.label_source!r}: cannot read its columns: {exc}"]
+    except Exception as exc:  # pyarrow's ArrowInvalid: not a Parquet file
+        return [f"label_source {d.label_source!r} is not a readable Parquet file: {exc}"]
+    missing = [
+        f"{what} {name!r}"
+        for what, name in (
+            ("entity_column", d.entity_column),
+            ("timestamp_column", d.timestamp_column),
+            ("label_column", d.label_column),
+        )
+        if name not in columns
+    ]
+    if missing:
+        return [
+            f"label_source {d.label_source!r} lacks the column(s) {', '.join(missing)}; "
+            f"it has: {', '.join(map(str, columns))}"
+        ]
+    return []
 
 
 def resource_problems(

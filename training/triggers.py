@@ -4,7 +4,8 @@ A trigger is a name, a job spec template (submitted as is) and a kind:
 
 - ``manual``: fires when asked (``carrara train triggers run NAME``, ``POST
   /training-triggers/{name}/run``);
-- ``schedule``: a 5-field cron expression evaluated in UTC (:class:`CronSchedule`). The last
+- ``schedule``: a cron expression (:class:`CronSchedule`: 5 fields, @-aliases, ``L``/``W``/``#``,
+  ``CRON_TZ=Zone`` prefix for a time zone with DST handled; UTC by default). The last
   minute checked is persisted with each decision, so a due minute fires at most once, across
   restarts and concurrent runners; after downtime a missed tick fires once (ticks older than a
   day are not caught up);
@@ -42,7 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -84,102 +85,83 @@ CATCH_UP_MINUTES = 24 * 60
 
 # -- cron ------------------------------------------------------------------------------------
 
-_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day of month", 1, 31, {}),
-    (
-        "month",
-        1,
-        12,
-        {
-            m: i + 1
-            for i, m in enumerate(
-                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-            )
-        },
-    ),
-    (
-        "day of week",
-        0,
-        7,
-        {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])},
-    ),
-)
-
-
-def _field(text: str, name: str, low: int, high: int, names: dict[str, int]) -> frozenset[int]:
-    def value(v: str) -> int:
-        v = v.strip().lower()
-        if v in names:
-            return names[v]
-        if not v.isdigit():
-            raise InvalidArgumentError(f"cron {name} field: {v!r} is not a number")
-        n = int(v)
-        if not low <= n <= high:
-            raise InvalidArgumentError(f"cron {name} field: {n} is outside {low}-{high}")
-        return n
-
-    out: set[int] = set()
-    for part in text.split(","):
-        rng, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise InvalidArgumentError(f"cron {name} field: bad step {step_text!r}")
-            step = int(step_text)
-        if rng == "*":
-            start, stop = low, high
-        elif "-" in rng:
-            a, _, b = rng.partition("-")
-            start, stop = value(a), value(b)
-            if start > stop:
-                raise InvalidArgumentError(f"cron {name} field: range {rng!r} runs backwards")
-        else:
-            start = value(rng)
-            stop = high if step_text else start
-        out.update(range(start, stop + 1, step))
-    return frozenset(out)
+#: The usual @-aliases, as cron(8) documents them.
+_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
 
 
 class CronSchedule:
-    """A 5-field cron expression (minute hour day-of-month month day-of-week) in UTC, with
-    ``*``, lists, ranges, steps and month/day names; day-of-week 0 and 7 are Sunday. As in
-    cron, when both day fields are restricted a day matching either one is due."""
+    """A cron schedule: 5 fields (minute hour day-of-month month day-of-week) with lists,
+    ranges, steps, names, ``L`` / ``W`` / ``#``, the @-aliases, and an optional time zone as a
+    ``CRON_TZ=Europe/Berlin`` (or ``TZ=``) prefix; UTC otherwise. Evaluated by ``cronsim``
+    (Debian cron's rules: when both day fields are restricted a day matching either one is due;
+    across DST a tick in a skipped hour runs once at the jump, a repeated hour runs once)."""
 
     def __init__(self, expression: str) -> None:
-        parts = expression.split()
-        if len(parts) != 5:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from cronsim import CronSim, CronSimError
+
+        self.expression = expression
+        text = expression.strip()
+        zone = "UTC"
+        head, _, rest = text.partition(" ")
+        if head.upper().startswith(("CRON_TZ=", "TZ=")):
+            zone, text = head.split("=", 1)[1], rest.strip()
+        try:
+            self.tz = ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f"cron time zone {zone!r} is unknown; use an IANA name such as Europe/Berlin"
+            ) from exc
+        self.fields = _ALIASES.get(text.lower(), text)
+        if len(self.fields.split()) != 5:
             raise InvalidArgumentError(
                 f"cron expression {expression!r} needs 5 fields (minute hour day-of-month "
-                f"month day-of-week), e.g. '0 3 * * *'; got {len(parts)}"
+                f"month day-of-week) or an @-alias, e.g. '0 3 * * *' or '@daily'"
             )
-        self.expression = expression
-        sets = [_field(p, *spec) for p, spec in zip(parts, _FIELDS, strict=True)]
-        self.minutes, self.hours, self.days, self.months, dow = sets
-        self.weekdays = frozenset(d % 7 for d in dow)
-        self._dom_any = parts[2] == "*"
-        self._dow_any = parts[4] == "*"
+        self._sim = CronSim
+        try:
+            CronSim(self.fields, datetime(2000, 1, 1, tzinfo=self.tz))
+        except CronSimError as exc:
+            raise InvalidArgumentError(
+                f"cron expression {expression!r}: {exc} (minute 0-59, hour 0-23, day of month "
+                "1-31 or L, month 1-12 or jan-dec, day of week 0-7 or sun-sat)"
+            ) from exc
+
+    def latest(self, at_or_before: datetime) -> datetime:
+        """The latest tick at or before ``at_or_before`` (minute resolution), in UTC. A tick is
+        what forward iteration yields, so a wall-clock time repeated by a DST fall-back counts
+        once: a candidate of the reverse iteration that forward iteration skips is passed."""
+        end = at_or_before.astimezone(UTC).replace(second=0, microsecond=0)
+        start = (end + timedelta(minutes=1)).astimezone(self.tz)
+        for _ in range(4):
+            tick = next(self._sim(self.fields, start, reverse=True)).astimezone(UTC)
+            before = (tick - timedelta(minutes=1)).astimezone(self.tz)
+            if next(self._sim(self.fields, before)).astimezone(UTC) == tick:
+                return tick
+            start = tick.astimezone(self.tz)
+        return tick
 
     def matches(self, at: datetime) -> bool:
-        at = at.astimezone(UTC)
-        if at.minute not in self.minutes or at.hour not in self.hours:
-            return False
-        if at.month not in self.months:
-            return False
-        dom = at.day in self.days
-        dow = (at.isoweekday() % 7) in self.weekdays
-        if self._dom_any or self._dow_any:
-            return dom and dow
-        return dom or dow
+        """Whether the minute ``at`` falls in is a tick."""
+        minute = at.astimezone(UTC).replace(second=0, microsecond=0)
+        return self.latest(minute) == minute
 
     def due_minute(self, after_minute: int, until_minute: int) -> int | None:
-        """The latest epoch minute in ``(after_minute, until_minute]`` this schedule matches."""
+        """The latest epoch minute in ``(after_minute, until_minute]`` this schedule fires in
+        (at most ``CATCH_UP_MINUTES`` back), found in one step of the library."""
         start = max(after_minute, until_minute - CATCH_UP_MINUTES)
-        for minute in range(until_minute, start, -1):
-            if self.matches(datetime.fromtimestamp(minute * 60, UTC)):
-                return minute
-        return None
+        tick = self.latest(datetime.fromtimestamp(until_minute * 60, UTC))
+        minute = int(tick.timestamp()) // 60
+        return minute if minute > start else None
 
 
 # -- storage ---------------------------------------------------------------------------------

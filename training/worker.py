@@ -50,12 +50,19 @@ if TYPE_CHECKING:
     from carrara.feature_cache.service import FeatureService
     from carrara.registry.auth import Principal
     from carrara.registry.registry import ModelRegistry
-    from carrara.registry.types import ModelVersion
+    from carrara.registry.types import ModelVersion, Signature
 
     from .frameworks.base import Trainer
     from .search import SearchOutcome
 
-__all__ = ["JobCancelledError", "Worker", "WorkerContext", "load_labels", "run_job"]
+__all__ = [
+    "JobCancelledError",
+    "Worker",
+    "WorkerContext",
+    "load_labels",
+    "model_signature",
+    "run_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +182,14 @@ class WorkerContext:
             raise JobCancelledError(f"training cancelled {where}")
 
     def _prune_value(self, metrics: Mapping[str, float]) -> float | None:
-        """The value reported to the pruner: the search metric when the trainer reports it per
-        epoch, else the validation loss (negated when the study maximizes)."""
-        if self.prune_metric in metrics:
-            return float(metrics[self.prune_metric])
-        if "val_loss" in metrics:
-            v = float(metrics["val_loss"])
-            return -v if self.maximize else v
+        """The value reported to the pruner: the study's own metric (``auc``, or the
+        trainer's ``val_auc`` spelling) when the trainer reports it per epoch, else None (no
+        intermediate value). Never a stand-in such as a negated loss: Optuna stores a pruned
+        trial with its last intermediate value, so that value must be in the study's metric
+        and direction."""
+        for name in (self.prune_metric, f"val_{self.prune_metric}"):
+            if name and name in metrics:
+                return float(metrics[name])
         return None
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
@@ -262,6 +270,37 @@ def _fit(
         )
         return result
     return trainer.fit(spec.model.estimator, params, data, ctx)
+
+
+def model_signature(onnx_model: bytes, features: Sequence[str]) -> Signature:
+    """The version's signature: one input per feature, in the order of the columns of the
+    model's input matrix (``group:feature``, float32 after the training defaults fill
+    missing values, one value per row: shape ``[-1]``), and the ONNX graph's outputs (name,
+    element dtype, shape with -1 for a dynamic size; a non-tensor output, such as a
+    probability map, gets its kind as dtype and no shape)."""
+    import onnx
+    from onnx import helper
+
+    from carrara.registry.types import Signature, TensorSpec
+
+    graph = onnx.load_from_string(onnx_model).graph
+    initializers = {t.name for t in graph.initializer}
+    feeds = [i for i in graph.input if i.name not in initializers]
+    dtype = "float32"
+    if len(feeds) == 1 and feeds[0].type.HasField("tensor_type"):
+        dtype = helper.tensor_dtype_to_np_dtype(feeds[0].type.tensor_type.elem_type).name
+    outputs: list[TensorSpec] = []
+    for out in graph.output:
+        kind = out.type.WhichOneof("value")
+        if kind != "tensor_type":
+            outputs.append(TensorSpec(out.name, str(kind or "unknown").removesuffix("_type")))
+            continue
+        t = out.type.tensor_type
+        shape = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        outputs.append(
+            TensorSpec(out.name, helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape)
+        )
+    return Signature(inputs=[TensorSpec(name, dtype, [-1]) for name in features], outputs=outputs)
 
 
 def _json(value: Any) -> str:
@@ -484,6 +523,7 @@ def run_job(
             run_id=run_id,
             tags=tags,
             serving_spec=serving_spec(assembler),
+            signature=model_signature(onnx_model, [f"{g}:{f}" for g, f in refs]),
         )
         say(f"registered {version.model} v{version.version}")
     store.delete_job()  # the job is done: its checkpoints (and trial models) go

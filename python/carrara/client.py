@@ -12,7 +12,8 @@ The same attributes and methods as ``Platform`` (``features``, ``training``, ``r
         c.deploy("churn", job.result["version"])
         c.predict("churn", ["rider-1", "rider-2"])
 
-Differences, by necessity: registry methods take no ``actor`` (the token is the actor); what
+Differences, by necessity: registry methods accept ``actor=`` and ignore it (the token is the
+actor; ``Client.actor`` is None so ``actor=c.actor`` reads as it does on a Platform); what
 only makes sense in the process that holds the stores raises ``FailedPreconditionError``
 (``serve``, ``features.transform_rows``, ``features.stream_materializer``); the client has a
 few methods the embedded platform does not need (``training.list/cancel/logs/wait``,
@@ -46,7 +47,16 @@ if TYPE_CHECKING:
     from carrara.feature_cache.service import OnlineFeatures
     from carrara.gateway.engine import PredictionResult
     from carrara.monitoring import Alert, ModelMonitorConfig
-    from carrara.registry.types import Deployment, ModelVersion, TrafficSplit
+    from carrara.registry.auth import Principal
+    from carrara.registry.types import (
+        Approval,
+        Deployment,
+        Gate,
+        Model,
+        ModelVersion,
+        PromotionResult,
+        TrafficSplit,
+    )
     from carrara.training.queue import Job, LogLine
     from carrara.training.spec import JobSpec
 
@@ -275,18 +285,18 @@ class RemoteFeatures:
     def get_online(
         self,
         group: str,
-        entity_ids: Sequence[str],
+        entity_ids: Sequence[str | int],
         features: Sequence[str] | None = None,
         *,
         version: int | None = None,
         require_found: bool = False,
     ) -> OnlineFeatures:
-        from carrara.feature_cache.service import OnlineFeatures
+        from carrara.feature_cache.service import OnlineFeatures, entity_id_strings
 
         if isinstance(entity_ids, str):
             raise errors.InvalidArgumentError("entity_ids must be a list of ids, not one string")
         body = {
-            "entity_ids": list(entity_ids),
+            "entity_ids": entity_id_strings(entity_ids),  # integers -> their text, as locally
             "features": None if features is None else list(features),
             "version": version,
             "require_found": require_found,
@@ -343,8 +353,78 @@ class RemoteFeatures:
 
 
 class RemoteRegistry(RegistryClient):
-    """``Platform.registry`` over the registry API: the same methods, without ``actor``
-    (the bearer token is the actor)."""
+    """``Platform.registry`` over the registry API: the same methods and keywords. ``actor``
+    is accepted so code written for the embedded registry runs unchanged, and ignored: the
+    bearer token is the actor, and the API checks its roles."""
+
+    def create_model(
+        self,
+        name: str,
+        *,
+        actor: Principal | None = None,
+        framework: str = "",
+        description: str = "",
+        high_stakes: bool = False,
+        gates: Sequence[Gate] = (),
+    ) -> Model:
+        return super().create_model(
+            name,
+            framework=framework,
+            description=description,
+            high_stakes=high_stakes,
+            gates=gates,
+        )
+
+    def update_model(
+        self,
+        name: str,
+        *,
+        actor: Principal | None = None,
+        description: str | None = None,
+        high_stakes: bool | None = None,
+        gates: Sequence[Gate] | None = None,
+    ) -> Model:
+        return super().update_model(
+            name, description=description, high_stakes=high_stakes, gates=gates
+        )
+
+    def record_evaluation(
+        self,
+        name: str,
+        version: int,
+        dataset: str,
+        metrics: Mapping[str, float],
+        *,
+        actor: Principal | None = None,
+    ) -> ModelVersion:
+        return super().record_evaluation(name, version, dataset, metrics)
+
+    def approve(
+        self, name: str, version: int, comment: str = "", *, actor: Principal | None = None
+    ) -> Approval:
+        return super().approve(name, version, comment)
+
+    def promote(
+        self, name: str, version: int, *, actor: Principal | None = None
+    ) -> PromotionResult:
+        return super().promote(name, version)
+
+    def archive(self, name: str, version: int, *, actor: Principal | None = None) -> ModelVersion:
+        return super().archive(name, version)
+
+    def deploy(
+        self,
+        name: str,
+        version: int,
+        split: TrafficSplit | None = None,
+        serving_endpoint: str = "",
+        *,
+        actor: Principal | None = None,
+    ) -> Deployment:
+        return super().deploy(name, version, split, serving_endpoint)
+
+    def rollback(self, name: str, *, actor: Principal | None = None) -> Deployment:
+        return super().rollback(name)
 
     def production_version(self, name: str) -> ModelVersion | None:
         found = self.list_versions(name, status="PRODUCTION")
@@ -617,6 +697,9 @@ class Client:
         self._http = _Http(self._client, token)
         self.features = RemoteFeatures(self._http)
         self.registry = RemoteRegistry(token=token, http=self._client)
+        #: Always None: the bearer token is the actor. Here so ``actor=client.actor`` (as
+        #: written for ``Platform``) works; the remote registry ignores ``actor``.
+        self.actor: Principal | None = None
         self.training = RemoteTraining(self._http)
         self.monitor = RemoteMonitor(self._http)
         self._gateway_http: httpx.Client | None = None

@@ -218,6 +218,9 @@ class Platform:
                 offline_path=settings.resolved_offline_store_path,
                 online_url=settings.online_store_url,
             )
+            # The platform's one event log, shared so features.publish and the stream
+            # materializer write where every other part reads (closing it twice is harmless).
+            features.event_log = events
             opened.append(features)
             registry = ModelRegistry.open(url, settings.resolved_artifact_path, events=events)
             opened.append(registry)

@@ -499,3 +499,64 @@ def test_deploy_waits_for_the_exact_versions_over_http(monkeypatch: pytest.Monke
         monkeypatch.setattr(client.registry, "deploy", lambda *a, **k: other)
         with pytest.raises(DeadlineExceededError, match=r"does not serve other versions \[1, 2\]"):
             client.deploy("other", 2, wait_s=0.5)
+
+
+def _tour_registry_calls(p: Any, register: Any) -> list[str]:
+    """The README tour's registry calls on a Platform or a Client, with the tour's own
+    arguments (``actor=p.actor``); ``register`` stands in for the training job."""
+    from carrara.registry.types import Gate
+
+    p.registry.create_model(
+        "churn",
+        actor=p.actor,
+        framework="sklearn",
+        gates=[Gate(metric="auc", dataset="holdout", threshold=0.7)],
+    )
+    register()
+    p.registry.record_evaluation("churn", 1, "holdout", {"auc": 0.8}, actor=p.actor)
+    result = p.registry.promote("churn", 1, actor=p.actor)
+    return [result.version.status, *(g.detail for g in result.gate_results)]
+
+
+def test_the_tours_registry_calls_run_alike_embedded_and_remote(
+    tmp_path: Path, plane: ControlPlane, client: Client
+) -> None:
+    from carrara.registry.auth import Principal
+
+    admin = Principal("test", frozenset({"admin"}))
+    with Platform.local(tmp_path / "embedded") as p:
+        embedded = _tour_registry_calls(
+            p,
+            lambda: p.registry.register(
+                "churn", actor=admin, serving_artifact=b"onnx", framework="sklearn"
+            ),
+        )
+    assert client.actor is None  # the token is the actor: actor= is accepted and ignored
+    remote = _tour_registry_calls(
+        client,
+        lambda: plane.registry.register(
+            "churn", actor=admin, serving_artifact=b"onnx", framework="sklearn"
+        ),
+    )
+    assert embedded == remote == ["PRODUCTION", "auc@holdout = 0.8, must be at least 0.7"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "create_model",
+        "update_model",
+        "record_evaluation",
+        "approve",
+        "promote",
+        "archive",
+        "deploy",
+        "rollback",
+    ],
+)
+def test_remote_registry_methods_take_the_embedded_keywords(method: str) -> None:
+    """Every keyword the embedded method takes (but ``prepare``, an in-process hook) is one
+    the remote method takes, ``actor`` included."""
+    embedded = inspect.signature(getattr(ModelRegistry, method)).parameters
+    remote = inspect.signature(getattr(RemoteRegistry, method)).parameters
+    assert set(embedded) - {"prepare"} <= set(remote)

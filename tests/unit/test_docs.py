@@ -65,6 +65,22 @@ def test_links_between_pages_resolve() -> None:
             assert (page.parent / target).resolve().is_file(), f"{page.name} links {target}"
 
 
+def test_docs_stand_alone() -> None:
+    """The repository's docs cite nothing that lives outside it (the plan, conventions, a
+    sibling checkout): a reader has only the repository."""
+    docs = [
+        *PAGES,
+        ROOT / "BENCHMARKS.md",
+        ROOT / "RELIABILITY.md",
+        *sorted(ROOT.glob("*/README.md")),
+    ]
+    outside = re.compile(r"DESIGN\.md|CONVENTIONS\.md|\.\./shared")
+    cited = [
+        f"{p.relative_to(ROOT)}: {m.group()}" for p in docs for m in outside.finditer(p.read_text())
+    ]
+    assert cited == []
+
+
 def test_feature_definitions_load(tmp_path: Path) -> None:
     from carrara.feature_cache import load_definitions
 

@@ -234,3 +234,17 @@ def test_platform_deploy_that_cannot_load_records_nothing(tmp_path: Path) -> Non
         assert active is not None and active.version == 1
         assert len(p.registry.deployments("m")) == 1
         assert p.predict("m", ["a"], {"x": 1.0}).outputs[0, 0] == 2.0
+
+
+def test_platform_open_gives_the_features_service_the_event_log(tmp_path: Path) -> None:
+    from carrara.config import Settings
+
+    settings = Settings(home=str(tmp_path), event_log_url="local://")  # in memory
+    with carrara.Platform.open(settings) as p:
+        p.features.apply(_definitions())
+        assert p.features.event_log is p.events  # one log, not a second in-memory one
+        ids = p.features.publish("profile", [{"user_id": 1, "age": 30, "event_timestamp": 0}])
+        assert len(ids) == 1
+    settings = Settings(home=str(tmp_path / "file-log"))  # the default local:/// file log
+    with carrara.Platform.open(settings) as p:
+        assert p.features.event_log is p.events

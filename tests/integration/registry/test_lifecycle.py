@@ -59,7 +59,7 @@ def test_promote_archives_previous_production(registry: ModelRegistry) -> None:
 @pytest.mark.parametrize(
     ("candidate", "passes", "message"),
     [
-        (0.79, False, "auc@holdout = 0.79, must be above 0.8"),  # under the threshold
+        (0.79, False, "auc@holdout = 0.79, must be at least 0.8"),  # under the threshold
         (0.879, False, "may be worse by at most 0.02"),  # 0.021 worse than production 0.9
         (0.881, True, ""),  # 0.019 worse: inside the margin
         (0.95, True, ""),

@@ -96,8 +96,10 @@ def test_train_logs_and_triggers_cli(
 ) -> None:
     monkeypatch.setenv("CARRARA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CARRARA_TRAINING_GPUS_PER_NODE", "3")
+    monkeypatch.setenv("CARRARA_DATA_ROOTS", str(tmp_path))  # submit checks the label file
     for name in ("CARRARA_CONFIG", "CARRARA_REGISTRY_URL", "CARRARA_EVENT_LOG_URL"):
         monkeypatch.delenv(name, raising=False)
+    (tmp_path / "labels.csv").write_text("id,event_timestamp,target\n")
     with FeatureService.from_settings(load_settings()) as features:
         features.apply(
             Definitions(
@@ -129,7 +131,7 @@ def test_train_logs_and_triggers_cli(
     args = ["train", "triggers", "add", "tick", "--kind", "schedule", "--spec", spec]
     assert main([*args, "--schedule", "0 3 * * *"]) == 0
     assert main([*args[:3], "bad", *args[4:], "--schedule", "0 25 * * *"]) == 2
-    assert "outside 0-23" in capsys.readouterr().err
+    assert "Bad hour (minute 0-59, hour 0-23" in capsys.readouterr().err
     assert main(["train", "triggers", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("again  manual") and "last: never" in out[0]
@@ -156,3 +158,50 @@ def test_train_logs_and_triggers_cli(
     assert main(["train", "triggers", "remove", "again"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "logs", "nope"]) == 2
+
+
+def test_submit_resolves_the_label_source_next_to_the_spec_and_checks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From another folder, a spec's relative label_source is the file beside the spec (made
+    absolute, so it passes the data-roots check); a missing label file, a wrong column and a
+    param typo are refused at submit with the reason."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    monkeypatch.setenv("CARRARA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CARRARA_DATA_ROOTS", str(jobs))
+    for name in ("CARRARA_CONFIG", "CARRARA_REGISTRY_URL", "CARRARA_EVENT_LOG_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with FeatureService.from_settings(load_settings()) as features:
+        features.apply(
+            Definitions(
+                entities=(Entity(name="thing", join_key="id"),),
+                groups=(
+                    FeatureGroup(
+                        name="stats",
+                        entity="thing",
+                        features=(Feature(name="x"), Feature(name="y")),
+                    ),
+                ),
+            )
+        )
+    (jobs / "job.yaml").write_text(SPEC)
+    (jobs / "typo.yaml").write_text(SPEC.replace("task: regression}", "params: {alpah: 1}}"))
+    (jobs / "column.yaml").write_text(SPEC.replace("label_column: target", "label_column: tgt"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    assert main(["train", "submit", "../jobs/job.yaml"]) == 2
+    assert f"no such file '{jobs / 'labels.csv'}'" in capsys.readouterr().err
+    (jobs / "labels.csv").write_text("id,event_timestamp,target\n")
+    assert main(["train", "submit", "../jobs/job.yaml"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert main(["train", "status", job_id, "--json"]) == 0
+    assert f'label_source\\":\\"{jobs / "labels.csv"}' in capsys.readouterr().out
+    assert main(["train", "submit", "../jobs/column.yaml"]) == 2
+    assert "lacks the column(s) label_column 'tgt'" in capsys.readouterr().err
+    assert main(["train", "submit", "../jobs/typo.yaml"]) == 2
+    assert "unknown param 'alpah' for sklearn/ridge; did you mean 'alpha'?" in (
+        capsys.readouterr().err
+    )

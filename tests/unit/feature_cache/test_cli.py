@@ -75,3 +75,30 @@ def test_apply_then_materialize(
     # errors are one clear line and exit code 2
     assert main(["materialize", "nope"]) == 2
     assert "unknown feature group 'nope'" in capsys.readouterr().err
+
+
+def test_materialize_explains_zero_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CARRARA_HOME", str(tmp_path / "home"))
+    defs = tmp_path / "features.yaml"
+    defs.write_text(DEFS)
+    assert main(["apply", str(defs)]) == 0
+    old_us = time.time_ns() // 1000 - 3 * 86_400 * 1_000_000
+    with FeatureService.from_settings(load_settings()) as svc:
+        svc.write_offline(
+            "trips",
+            pd.DataFrame(
+                {
+                    "driver_id": ["a", "b"],
+                    "event_timestamp": [old_us, old_us],
+                    "fare_mean": [1.0, 2.0],
+                    "trip_count": [1, 2],
+                }
+            ),
+        )
+    capsys.readouterr()
+    assert main(["materialize", "trips", "--full", "--quiet"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "trips v1: 2 entities, 0 written, 2 expired: every row is older than the group's" in out
+    assert "TTL of 1 day (newest event at " in out

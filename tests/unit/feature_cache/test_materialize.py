@@ -211,3 +211,42 @@ def test_stream_sets_aside_events_it_can_never_write(service: FeatureService, fc
     assert (r.events, r.skipped_events, r.rows, r.online_written) == (1, 0, 1, 1)
     with pytest.raises(Exception, match="unknown feature group 'nope'"):
         service.publish("nope", [])
+
+
+def test_materialize_says_why_nothing_was_written(service: FeatureService, fc: Any) -> None:
+    service.apply(_defs(fc))
+    old_us = time.time_ns() // 1000 - 5 * DAY_S * 10**6
+    service.ingest(
+        "trips",
+        pd.DataFrame(
+            [
+                {"driver_id": d, "event_timestamp": old_us - i, "fare": 1.0, "trips": 1}
+                for i, d in enumerate(["a", "b", "c"])
+            ]
+        ),
+    )
+    (r,) = service.materialize(full=True)
+    assert (r.entities, r.written, r.expired, r.ttl_days) == (3, 0, 3, 2.0)
+    assert r.newest_event_us == old_us
+    newest = pd.Timestamp(old_us, unit="us", tz="UTC").isoformat(timespec="seconds")
+    assert r.summary() == (
+        "trips v1: 3 entities, 0 written, 3 expired: every row is older than the group's TTL"
+        f" of 2 days (newest event at {newest}); reads will find nothing. Ingest recent rows,"
+        " or raise ttl_days (0: never expire)"
+    )
+    # a partly expired run only counts them
+    service.ingest(
+        "trips",
+        pd.DataFrame(
+            [
+                {
+                    "driver_id": "n",
+                    "event_timestamp": old_us + 5 * DAY_S * 10**6,
+                    "fare": 1.0,
+                    "trips": 1,
+                }
+            ]
+        ),
+    )
+    (r,) = service.materialize(full=True)
+    assert r.summary() == "trips v1: 4 entities, 1 written, 3 expired"

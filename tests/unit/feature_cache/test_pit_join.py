@@ -355,3 +355,53 @@ def test_property_matches_brute_force(case: Any) -> None:
     for (entity, t), row in zip(labels, out, strict=True):
         want = _brute_force(entity, t, rows, g.definition.ttl_us, ["fare_mean", "trip_count"])
         assert [row["trips__fare_mean"], row["trips__trip_count"]] == want
+
+
+def test_star_mixes_with_explicit_refs(service: Any, definitions: Definitions, fc: Any) -> None:
+    service.apply(definitions)
+    service.write_offline(
+        "trips",
+        pd.DataFrame(
+            {
+                "entity_id": ["d1"],
+                "event_timestamp": [fc.ts(0)],
+                "fare_mean": [1.5],
+                "fare_p50": [1.0],
+                "trip_count": [3],
+            }
+        ),
+    )
+    labels = pd.DataFrame({"driver_id": ["d1"], "event_timestamp": [fc.ts(1)]})
+    # as docs/features.md shows: an explicit feature, then the rest of the group; each once
+    out = service.get_training_set(labels, ["trips:trip_count", "trips:*", "trips:fare_mean"])
+    assert out.table.column_names == [
+        "driver_id",
+        "event_timestamp",
+        "trips__trip_count",
+        "trips__fare_mean",
+        "trips__fare_p50",
+    ]
+    assert out.table.to_pylist()[0]["trips__trip_count"] == 3
+    assert service.get_training_set(labels, ["trips:*", "trips:*"]).table.column_names == [
+        "driver_id",
+        "event_timestamp",
+        "trips__fare_mean",
+        "trips__fare_p50",
+        "trips__trip_count",
+    ]
+
+
+@pytest.mark.parametrize(("scale", "unit"), [(1, '"s"'), (1000, '"ms"'), (1000 * US, '"ns"')])
+def test_integer_label_times_in_another_unit_are_refused(
+    service: Any, definitions: Definitions, scale: int, unit: str
+) -> None:
+    service.apply(definitions)
+    seconds = BASE_US // US
+    labels = pd.DataFrame({"driver_id": ["d1", "d2"], "event_timestamp": [seconds, seconds + 60]})
+    labels["event_timestamp"] *= scale
+    with pytest.raises(InvalidArgumentError, match=rf"pd.to_datetime\(.*unit={unit}"):
+        service.get_training_set(labels, ["trips:fare_mean"])
+    # integer microseconds (the documented unit) still work
+    micros = labels.assign(event_timestamp=[BASE_US, BASE_US + 60 * US])
+    out = service.get_training_set(micros, ["trips:fare_mean"])
+    assert out.table.num_rows == 2

@@ -184,3 +184,95 @@ def test_group_definition_changes_reach_readers(
     r = loaded.get_online("trips", ["d1"])
     assert r.version == 2 and r.features[-1] == "tip" and not r.found[0]
     assert loaded.get_online("trips", ["d1"], version=1).found[0]
+
+
+def test_online_values_are_the_shortest_float32_text(
+    service: FeatureService, definitions: Definitions
+) -> None:
+    service.apply(definitions)
+    now = pd.Timestamp.now(tz="UTC")
+    service.ingest(
+        "trips",
+        pd.DataFrame(
+            {
+                "driver_id": ["d1"],
+                "event_timestamp": [now],
+                "fare_mean": [14.2],
+                "fare_p50": [0.1],
+                "trip_count": [7],
+            }
+        ),
+    )
+    service.materialize()
+    r = service.get_online("trips", ["d1"])
+    assert r.to_dicts() == [{"fare_mean": 14.2, "fare_p50": 0.1, "trip_count": 7.0}]
+    assert repr(r.to_dicts()[0]["fare_mean"]) == "14.2"
+    body = Client(create_app(service)).post(
+        "/features/groups/trips/get-online", json={"entity_ids": ["d1"]}
+    )
+    assert b"[14.2,0.1,7.0]" in body.content
+    assert body.json()["results"][0]["values"] == [14.2, 0.1, 7.0]
+
+
+def test_float32_rows_round_trips_every_value() -> None:
+    from carrara.feature_cache.service import float32_rows
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((200, 5)) * 10.0 ** rng.integers(-40, 38, (200, 5))).astype(
+        np.float32
+    )
+    values[0] = [14.2, 0.0, np.inf, 1e-45, np.nan]
+    missing = np.zeros(values.shape, dtype=np.bool_)
+    missing[1, 1] = True
+    rows = float32_rows(values, missing)
+    assert rows[0][:2] == [14.2, 0.0] and rows[0][4] is None and rows[1][1] is None
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            if v is None or (i, j) == (0, 2):
+                continue
+            assert np.float32(v) == values[i, j]
+            assert repr(v) == repr(float(str(values[i, j])))  # numpy's shortest form
+
+
+def test_get_online_accepts_integer_ids(loaded: FeatureService) -> None:
+    loaded.write_offline(
+        "trips",
+        pd.DataFrame(
+            {
+                "driver_id": [1, 2],
+                "event_timestamp": [pd.Timestamp.now(tz="UTC")] * 2,
+                "fare_mean": [1.0, 2.0],
+                "fare_p50": [0.5, 0.5],
+                "trip_count": [1, 2],
+            }
+        ),
+    )
+    loaded.materialize()
+    r = loaded.get_online("trips", [1, np.int64(2), "d1"])
+    assert r.entity_ids == ["1", "2", "d1"]
+    assert r.found.tolist() == [True, True, True]
+    assert r.values[:, 0].tolist() == [1.0, 2.0, 3.5]
+    with pytest.raises(InvalidArgumentError, match=r"strings \(or integers\); got float 1\.5"):
+        loaded.get_online("trips", [1.5])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError, match="got NoneType"):
+        loaded.get_online("trips", [None])  # type: ignore[list-item]
+
+
+def test_write_offline_takes_the_same_frame_as_ingest(
+    service: FeatureService, definitions: Definitions
+) -> None:
+    service.apply(definitions)
+    frame = pd.DataFrame(
+        {
+            "driver_id": ["d1"],
+            "event_timestamp": [pd.Timestamp.now(tz="UTC")],
+            "fare_mean": [1.0],
+            "fare_p50": [0.5],
+            "trip_count": [1],
+        }
+    )
+    assert service.ingest("trips", frame) == 1
+    assert service.write_offline("trips", frame) == 1
+    assert service.write_offline("trips", frame.rename(columns={"driver_id": "entity_id"})) == 1
+    with pytest.raises(InvalidArgumentError, match=r"no 'driver_id' \(join key\) or 'entity_id'"):
+        service.write_offline("trips", frame.drop(columns=["driver_id"]))

@@ -264,3 +264,34 @@ def test_a_restarted_monitor_restores_alerts_active_and_resumes_a_webhook(
     got: list[Alert] = []
     sub = AlertSubscriber(event_log, got.append, group="ops")
     assert sub.poll() == 2  # the topic got each alert once, before the restart
+
+
+def test_a_held_alert_shows_the_latest_value_and_keeps_the_firing_one(db: Database) -> None:
+    """AUC 0.6030 on 500 fired it; the metric kept being evaluated, 0.6108 on 3,000 now."""
+    ensure_schema(db)
+    transitions = []
+    for t, (auc, n) in enumerate([(0.6030, 500), (0.6070, 1_500), (0.6108, 3_000)]):
+        c = Condition(
+            model="m",
+            version=1,
+            kind="performance",
+            subject="auc",
+            active=True,
+            statistic="auc",
+            value=auc,
+            threshold=0.65,
+            samples=n,
+            message=f"auc {auc:.4f} on {n}",
+        )
+        with db.transaction() as tx:
+            transitions += apply_conditions(tx, [c], now_ms=t)
+    assert [a.state for a in transitions] == ["firing"]  # still raised once
+    [held] = active_alerts(db)
+    assert (held.value, held.samples, held.message) == (0.6030, 500, "auc 0.6030 on 500")
+    assert (held.latest_value, held.latest_samples, held.latest_message, held.latest_ms) == (
+        0.6108,
+        3_000,
+        "auc 0.6108 on 3000",
+        2,
+    )
+    assert (held.statistic, held.threshold) == ("auc", 0.65)

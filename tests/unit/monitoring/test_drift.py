@@ -176,3 +176,31 @@ def test_thresholds_are_validated() -> None:
         DriftThresholds(psi_warn=0.3, psi_alert=0.2)
     with pytest.raises(ConfigError, match="ks_alpha"):
         DriftThresholds(ks_alpha=1.5)
+
+
+def test_a_ks_fired_alert_shows_ks_beside_its_own_threshold() -> None:
+    from carrara.monitoring.config import ModelMonitorConfig
+    from carrara.monitoring.consumer import _drift_conditions
+
+    rng = np.random.default_rng(5)
+    prof = profile_feature("x", rng.normal(0, 1, 20_000))
+    assert prof.numeric is not None
+    current = rng.normal(0.6, 1, 2_000)
+    counts = np.bincount(
+        np.searchsorted(prof.numeric.edges, current, side="left"), minlength=prof.n_bins
+    )
+    t = DriftThresholds(psi_warn=4.0, psi_alert=5.0)  # PSI cannot fire: only KS does
+    r = judge_feature(prof, counts, 0, t)
+    assert r.status == "alert" and r.psi is not None and r.psi < t.psi_warn
+    assert (r.alert_statistic, r.alert_value, r.alert_threshold) == (
+        "KS D",
+        r.ks_statistic,
+        t.ks_min_statistic,
+    )
+    [c] = _drift_conditions("m", 1, 0, [r], ModelMonitorConfig(drift=t))
+    assert (c.statistic, c.value, c.threshold, c.samples) == ("KS D", r.ks_statistic, 0.1, 2_000)
+    assert "PSI" not in c.message and f">= {t.ks_min_statistic}" in c.message
+    # When PSI fires, PSI leads, against the PSI threshold.
+    psi_fired = judge_feature(prof, counts, 0, DriftThresholds())
+    [c] = _drift_conditions("m", 1, 0, [psi_fired], ModelMonitorConfig())
+    assert (c.statistic, c.value, c.threshold) == ("PSI", psi_fired.psi, 0.2)

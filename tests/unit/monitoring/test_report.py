@@ -121,3 +121,47 @@ def test_the_carrara_command_has_the_monitor_group() -> None:
 
     args = build_parser().parse_args(["monitor", "report", "churn", "--out", "r.html"])
     assert args.func is cli._cmd_report and args.model == "churn" and args.version is None
+
+
+def test_cli_run_counts_the_windows_the_flush_judged(
+    db: Database, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from carrara.eventlog import open_event_log
+
+    sm = SyntheticModel(seed=14)
+    register(db, sm)
+    log_url = f"local:///{tmp_path / 'one-window.db'}"
+    with open_event_log(log_url) as log:
+        publish(log, traffic(sm, [(1, {})], per_window=500))  # one window, still open
+    argv = ["monitor", "run", "--db", db.url, "--event-log", log_url, "--until-idle", "--flush"]
+    assert main(argv) == 0
+    assert "windows judged: 1;" in capsys.readouterr().out
+
+
+def test_report_shows_an_active_alerts_current_value_beside_the_firing_one(
+    db: Database, event_log: EventLog
+) -> None:
+    from carrara.monitoring import active_alerts
+    from carrara.monitoring.alerts import Condition, apply_conditions
+
+    monitored(db, event_log)
+    [fired] = [a for a in active_alerts(db, MODEL) if a.subject == "x2"]
+    assert fired.statistic and fired.value is not None and fired.samples
+    held = Condition(
+        model=fired.model,
+        version=fired.version,
+        kind=fired.kind,
+        subject=fired.subject,
+        active=True,
+        statistic=fired.statistic,
+        value=12.3456,
+        threshold=fired.threshold,
+        samples=3_000,
+        message="the latest evaluation",
+    )
+    with db.transaction() as tx:
+        assert apply_conditions(tx, [held]) == []  # no new transition
+    page = render_report(db, MODEL)
+    assert f"{fired.statistic} {fired.value:.4f}" in page  # when it fired
+    assert f"{fired.statistic} 12.3456" in page and "on 3,000 rows" in page  # now
+    assert "the latest evaluation" in page

@@ -161,3 +161,22 @@ def test_decode_deployment_rejects_foreign_payloads() -> None:
 
     with pytest.raises(DecodeError, match="not a registry deployment event"):
         decode_deployment(b'{"model": "fraud"}')
+
+
+@pytest.mark.parametrize(
+    ("higher_is_better", "value", "passes", "wording"),
+    [
+        (True, 0.9, True, "must be at least 0.9"),  # the boundary passes, and says so
+        (True, 0.8999, False, "must be at least 0.9"),
+        (False, 0.9, True, "must be at most 0.9"),
+        (False, 0.9001, False, "must be at most 0.9"),
+    ],
+)
+def test_threshold_wording_matches_the_inclusive_check(
+    higher_is_better: bool, value: float, passes: bool, wording: str
+) -> None:
+    gate = Gate(metric="auc", dataset="holdout", threshold=0.9, higher_is_better=higher_is_better)
+    (result,) = evaluate_gates([gate], {"holdout": {"auc": value}}, None)
+    assert result.passed is passes
+    assert wording in result.detail
+    assert "above" not in result.detail and "below" not in result.detail

@@ -108,3 +108,21 @@ def test_models_cli_end_to_end(
         events = log.read(DEPLOYMENTS_TOPIC, "gw", "gw-1")
     deployed = [msgspec.json.decode(e.payload, type=Deployment) for e in events]
     assert [[v.weight_bp for v in d.variants] for d in deployed] == [[9000, 1000]]
+
+
+def test_direct_cli_accepts_the_configured_api_token_as_the_bootstrap_admin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CARRARA_API_TOKEN", raising=False)
+    path = tmp_path / "carrara.toml"
+    path.write_text(f'[carrara]\nhome = "{tmp_path / "home"}"\napi_token = "boot-secret"\n')
+    c = ["--config", str(path)]
+    code, out, err = run(capsys, "models", "list", *c)
+    assert code == 0, err  # was: "unknown bearer token"
+    code, out, err = run(capsys, "models", "create", "fraud", *c)  # admin, as the API has it
+    assert code == 0, err
+    code, out, err = run(capsys, "models", "list", *c)
+    assert code == 0 and out.startswith("fraud\t"), err
+    # Any other token is still checked against the token table.
+    code, _, err = run(capsys, "models", "create", "other", "--token", "crt_nope", *c)
+    assert code == 2 and "unknown bearer token" in err

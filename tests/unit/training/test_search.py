@@ -59,7 +59,16 @@ def problems_of(spec: JobSpec) -> str:
 
 
 def test_search_problems_name_every_mistake() -> None:
-    validate_spec(make_spec(SearchSpec(space=SPACE, n_trials=3)))  # a valid one passes
+    valid = {
+        "lr": SPACE["lr"],
+        "batch_size": ParamRange(type="int", low=16, high=128),
+        "optimizer": ParamRange(type="categorical", choices=["adam", "sgd"]),
+    }
+    validate_spec(make_spec(SearchSpec(space=valid, n_trials=3)))  # a valid one passes
+    # Searched names are the estimator's params too (SPACE's depth/act are not pytorch's).
+    assert "search.space: unknown param 'depth' for pytorch/mlp" in problems_of(
+        make_spec(SearchSpec(space=SPACE, n_trials=3))
+    )
     bad = SearchSpec(
         space={
             "a": ParamRange(type="float", low=1.0, high=1.0),
@@ -155,8 +164,9 @@ def test_median_pruner_stops_bad_trials_through_the_worker_context() -> None:
         quality = 1.0 - abs(math.log10(lr) + 2) / 4  # best near lr=1e-2
         try:
             for epoch in range(10):
-                # auc is not reported per epoch: the pruner gets -val_loss (maximize).
-                ctx.report(epoch, {"val_loss": 1.0 - quality * (epoch + 1) / 10})
+                # The pruner gets the study's own metric (auc), never the loss.
+                auc = 0.5 + quality * (epoch + 1) / 20
+                ctx.report(epoch, {"val_loss": 1.0 - quality * (epoch + 1) / 10, "auc": auc})
                 epochs_seen.append(epoch)
         except Pruned as exc:
             raise optuna.TrialPruned(str(exc)) from exc
@@ -169,8 +179,53 @@ def test_median_pruner_stops_bad_trials_through_the_worker_context() -> None:
     assert states.count(optuna.trial.TrialState.PRUNED) == outcome.n_pruned
     pruned = next(t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
     assert max(pruned.intermediate_values) < 9  # stopped before its last epoch
-    assert all(v < 0 for v in pruned.intermediate_values.values())  # negated val_loss
+    assert all(0 <= v <= 1 for v in pruned.intermediate_values.values())  # auc, not a loss
+    assert pruned.value is None or 0 <= pruned.value <= 1
     assert len(epochs_seen) < 8 * 10
+
+
+def test_an_auc_study_never_records_negative_losses() -> None:
+    """A trainer that reports only losses per epoch (XGBoost, Keras) in a maximize-AUC study:
+    no intermediate value is reported (a negated val_loss used to be, and Optuna stored
+    pruned trials with it), so every recorded value is an AUC."""
+    spec = make_spec(SearchSpec(space=SPACE, n_trials=6, pruner="median"))
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        trial.suggest_int("depth", 1, 8)
+        trial.suggest_categorical("act", ["relu", "tanh"])
+        ctx = WorkerContext(trial=trial, prune_metric="auc", maximize=True)
+        quality = 1.0 - abs(math.log10(lr) + 2) / 4
+        try:
+            for epoch in range(5):
+                ctx.report(epoch, {"val_loss": 1.0 - quality * (epoch + 1) / 5, "loss": 0.3})
+        except Pruned as exc:
+            raise optuna.TrialPruned(str(exc)) from exc
+        return 0.5 + quality / 2
+
+    with open_study(spec, "auc-only-losses", None) as study:
+        run_search(spec, study, objective)
+    for t in study.trials:
+        assert all(v >= 0 for v in t.intermediate_values.values()), t
+        assert t.value is None or 0 <= t.value <= 1, t
+
+
+def test_the_pruner_takes_the_trainers_val_metric_spelling() -> None:
+    reported: list[tuple[float, int]] = []
+
+    class Trial:
+        number = 0
+
+        def report(self, value: float, step: int) -> None:
+            reported.append((value, step))
+
+        def should_prune(self) -> bool:
+            return False
+
+    ctx = WorkerContext(trial=Trial(), prune_metric="rmse")  # type: ignore[arg-type]
+    ctx.report(0, {"val_loss": 0.25, "val_rmse": 0.5})
+    ctx.report(1, {"val_loss": 0.25})  # no rmse this epoch: nothing reported
+    assert reported == [(0.5, 0)]
 
 
 def test_resumed_search_continues_the_study_and_retries_a_dead_trial(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from starlette.applications import Starlette
 
@@ -179,7 +180,7 @@ def test_trigger_crud_and_run(env: tuple[TestClient, JobQueue]) -> None:
     assert client.post("/training-triggers", json=body, headers=PUB).status_code == 409
     bad = dict(body, name="b2", schedule="61 * * * *")
     r = client.post("/training-triggers", json=bad, headers=PUB)
-    assert r.status_code == 400 and "outside 0-59" in r.json()["message"]
+    assert r.status_code == 400 and "Bad minute (minute 0-59" in r.json()["message"]
     assert [t["name"] for t in client.get("/training-triggers").json()["triggers"]] == ["nightly"]
     r = client.post("/training-triggers/nightly/run", headers=PUB)
     assert r.status_code == 201 and r.json()["outcome"] == "submitted"
@@ -250,5 +251,13 @@ def test_label_sources_must_lie_under_the_data_roots(tmp_path: Path) -> None:
                 assert r.status_code == 400, (source, r.text)
                 assert r.json()["error"] == "INVALID_ARGUMENT" and why in r.json()["message"]
             assert queue.list() == []
+            r = submit(str(data / "labels.parquet"))  # under a root, but missing: a 400
+            assert r.status_code == 400 and "no such file" in r.json()["message"], r.text
+            (data / "labels.parquet").write_text("id,event_timestamp\n")
+            r = submit(str(data / "labels.parquet"))  # not Parquet
+            assert r.status_code == 400 and "not a readable Parquet" in r.json()["message"]
+            pd.DataFrame({"id": [1], "event_timestamp": [0], "y": [1.0]}).to_parquet(
+                data / "labels.parquet"
+            )
             assert submit(str(data / "labels.parquet")).status_code == 201
             assert submit(f"file://{data}/sub/../labels.parquet").status_code == 201

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -44,13 +44,20 @@ def minute(text: str) -> float:
 
 def test_cron_fields_lists_ranges_steps_names() -> None:
     c = CronSchedule("*/15 9-17 * * mon-fri")
-    assert c.minutes == {0, 15, 30, 45} and c.hours == set(range(9, 18))
-    assert c.weekdays == {1, 2, 3, 4, 5}
     assert c.matches(datetime(2026, 11, 30, 9, 45, tzinfo=UTC))  # a Monday
+    assert c.matches(datetime(2026, 11, 30, 17, 0, 30, tzinfo=UTC))  # within the minute
     assert not c.matches(datetime(2026, 11, 29, 9, 45, tzinfo=UTC))  # Sunday
     assert not c.matches(datetime(2026, 11, 30, 9, 46, tzinfo=UTC))
-    assert CronSchedule("0 0 1,15 jan,jul 7").months == {1, 7}
-    assert CronSchedule("5/20 * * * *").minutes == {5, 25, 45}
+    assert not c.matches(datetime(2026, 11, 30, 18, 0, tzinfo=UTC))
+    jan_jul = CronSchedule("0 0 1,15 jan,jul 7")  # 7 = Sunday too
+    assert jan_jul.matches(datetime(2026, 7, 15, tzinfo=UTC))
+    assert not jan_jul.matches(datetime(2026, 8, 15, tzinfo=UTC))
+    steps = CronSchedule("5/20 * * * *")
+    assert [m for m in range(60) if steps.matches(datetime(2026, 1, 1, 0, m, tzinfo=UTC))] == [
+        5,
+        25,
+        45,
+    ]
     # Both day fields restricted: either one matches (cron's rule).
     either = CronSchedule("0 0 13 * 5")
     assert either.matches(datetime(2026, 11, 13, tzinfo=UTC))  # the 13th (a Friday too)
@@ -58,13 +65,41 @@ def test_cron_fields_lists_ranges_steps_names() -> None:
     assert not either.matches(datetime(2026, 11, 21, tzinfo=UTC))
     for bad, msg in [
         ("* * * *", "needs 5 fields"),
-        ("60 * * * *", "outside 0-59"),
-        ("*/0 * * * *", "bad step"),
-        ("5-1 * * * *", "runs backwards"),
-        ("x * * * *", "not a number"),
+        ("60 * * * *", "Bad minute"),
+        ("5-1 * * * *", "Bad minute"),
+        ("x * * * *", "Bad minute"),
+        ("CRON_TZ=Mars/Olympus 0 3 * * *", "time zone 'Mars/Olympus' is unknown"),
     ]:
         with pytest.raises(InvalidArgumentError, match=msg):
             CronSchedule(bad)
+
+
+def test_cron_aliases_last_day_nth_weekday_and_time_zones() -> None:
+    assert CronSchedule("@daily").matches(datetime(2026, 3, 1, 0, 0, tzinfo=UTC))
+    assert CronSchedule("@hourly").matches(datetime(2026, 3, 1, 7, 0, tzinfo=UTC))
+    assert not CronSchedule("@weekly").matches(datetime(2026, 3, 2, 0, 0, tzinfo=UTC))  # Monday
+    last = CronSchedule("0 3 L * *")  # the last day of the month
+    assert last.matches(datetime(2026, 2, 28, 3, 0, tzinfo=UTC))
+    assert not last.matches(datetime(2026, 3, 28, 3, 0, tzinfo=UTC))
+    second_monday = CronSchedule("0 9 * * 1#2")
+    assert second_monday.matches(datetime(2026, 12, 14, 9, 0, tzinfo=UTC))
+    assert not second_monday.matches(datetime(2026, 12, 7, 9, 0, tzinfo=UTC))
+    # 03:00 in Berlin is 02:00 UTC in winter and 01:00 UTC in summer.
+    berlin = CronSchedule("CRON_TZ=Europe/Berlin 0 3 * * *")
+    assert berlin.matches(datetime(2026, 1, 10, 2, 0, tzinfo=UTC))
+    assert berlin.matches(datetime(2026, 7, 10, 1, 0, tzinfo=UTC))
+    assert not berlin.matches(datetime(2026, 7, 10, 2, 0, tzinfo=UTC))
+    # The spring-forward night has no 02:30: the tick runs once, at the jump (03:00 CEST).
+    skipped = CronSchedule("TZ=Europe/Berlin 30 2 * * *")
+    jump = datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00 CEST
+    assert skipped.latest(jump + timedelta(minutes=30)) == jump
+    # The fall-back night has 02:30 twice: it fires once.
+    night = [
+        m
+        for m in range(int(minute("2026-10-24T23:00") // 60), int(minute("2026-10-25T03:00") // 60))
+        if skipped.matches(datetime.fromtimestamp(m * 60, UTC))
+    ]
+    assert len(night) == 1
 
 
 def test_due_minute_finds_the_latest_tick_in_the_window() -> None:
@@ -73,6 +108,11 @@ def test_due_minute_finds_the_latest_tick_in_the_window() -> None:
     assert c.due_minute(three - 1, three) == three
     assert c.due_minute(three, three + 59) is None  # already checked 03:00
     assert c.due_minute(three - 10, three + 5) == three  # missed while down: fires once
+    # One step of the library, however far back the last tick is (no minute-by-minute scan).
+    yearly = CronSchedule("@yearly")
+    assert yearly.due_minute(three - 2, three) is None
+    new_year = int(minute("2027-01-01T00:00") // 60)
+    assert yearly.due_minute(new_year - 1, new_year + 30) == new_year
 
 
 # -- fixtures ------------------------------------------------------------------------------

@@ -144,6 +144,16 @@ def test_every_framework_trains_exports_and_registers(
     assert session.get_outputs()[0].name == "score"
     (score,) = session.run(["score"], {"features": np.zeros((3, 2), np.float32)})
     assert score.shape == (3, 1) and np.all(np.isfinite(score))
+    # The signature is filled from the job: the features in input-column order, the ONNX
+    # outputs with their element types ("score" first, one column here).
+    assert [(t.name, t.dtype, t.shape) for t in v.signature.inputs] == [
+        ("g:a", "float32", [-1]),
+        ("g:b", "float32", [-1]),
+    ]
+    names = [o.name for o in v.signature.outputs]
+    assert names == [o.name for o in session.get_outputs()] and names[0] == "score"
+    assert v.signature.outputs[0].dtype == "float32"
+    assert v.signature.outputs[0].shape[-1] == 1
 
 
 def test_pytorch_job_registers_full_lineage(env: Env) -> None:
