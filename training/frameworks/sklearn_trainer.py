@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ def check_param_names(
     framework: str,
     estimator: str,
     params: Mapping[str, Any],
-    known: set[str],
+    known: AbstractSet[str],
     reserved: Mapping[str, str] | None = None,
 ) -> None:
     """InvalidArgumentError naming the first unknown or trainer-owned param."""

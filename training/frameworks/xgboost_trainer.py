@@ -32,6 +32,7 @@ from carrara.errors import (
     InvalidArgumentError,
 )
 
+from ..spec import PARAMS
 from .base import FitResult, Task, TrainContext, TrainData, evaluate_scores
 from .parity import INPUT_NAME, attach_score_output
 from .sklearn_trainer import check_param_names, check_train_data
@@ -39,29 +40,9 @@ from .sklearn_trainer import check_param_names, check_train_data
 __all__ = ["TRAINER", "XGBoostTrainer"]
 
 #: Booster params a spec may set (scikit-learn wrapper names; XGBoost accepts them as aliases),
-#: besides ``n_estimators`` (the number of rounds) and ``n_jobs`` (threads, default 1).
-_BOOSTER_PARAMS = {
-    "max_depth",
-    "max_leaves",
-    "max_bin",
-    "grow_policy",
-    "learning_rate",
-    "tree_method",
-    "gamma",
-    "min_child_weight",
-    "max_delta_step",
-    "subsample",
-    "sampling_method",
-    "colsample_bytree",
-    "colsample_bylevel",
-    "colsample_bynode",
-    "reg_alpha",
-    "reg_lambda",
-    "scale_pos_weight",
-    "base_score",
-    "num_parallel_tree",
-    "max_cat_to_onehot",
-}
+#: besides ``n_estimators`` (the number of rounds) and ``n_jobs`` (threads, default 1): the
+#: spec's table (``carrara.training.spec.PARAMS``), which validates specs without importing us.
+_BOOSTER_PARAMS = PARAMS["xgboost"]["gradient_boosting"] - {"n_estimators", "n_jobs"}
 _RESERVED = {
     "objective": "from model.task and the class count",
     "num_class": "from the class count",
