@@ -19,13 +19,10 @@ import gzip
 import json
 import os
 import random
-import socket
 import sqlite3
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -52,6 +49,7 @@ from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.service import Gateway
 from carrara.services import ControlPlane
 from tests.chaos.record import FULL, CaseRecord, rss_mb
+from tests.servers import serve_app
 
 pytestmark = [pytest.mark.chaos]
 
@@ -215,26 +213,8 @@ def bodies(rng: random.Random, example: Any, n: int) -> list[tuple[str, bytes, d
 # -- servers ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+def serve(app: Any) -> Any:
+    return serve_app(app, log_level="critical")
 
 
 class _Store:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import inspect
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,7 @@ from carrara.platform import Monitor, Platform, Training
 from carrara.registry.registry import ModelRegistry
 from carrara.services import ControlPlane, check_routes
 from carrara.up import ChildExitedError, Services, UpConfig, load_up_config, settings_env
+from tests.servers import serve_app
 
 TOKEN = "unit-bootstrap"
 T0_US = 1_780_000_000_000_000
@@ -118,27 +116,7 @@ def test_platform_attributes_have_remote_twins() -> None:
 # -- the control plane in-process ----------------------------------------------------------------
 
 
-@contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    """``app`` on a real uvicorn server on a free loopback port (the Client is synchronous)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+_serve = serve_app
 
 
 def _definitions() -> Definitions:

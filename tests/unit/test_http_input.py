@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +53,7 @@ from carrara.http import (
     wrap,
 )
 from carrara.services import ControlPlane
+from tests.servers import serve_app
 
 TOKEN = "input-test-admin-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -527,24 +526,8 @@ def test_huge_names_and_nul_in_bodies_are_400(
 
 @contextmanager
 def _serve(app: Any) -> Iterator[int]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_app(app, log_level="critical") as base:
+        yield int(base.rsplit(":", 1)[1])
 
 
 def _exchange(conn: socket.socket, request: bytes) -> tuple[int, bytes]:
