@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml CMakeLists.txt | apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
-	$(PIP) install -q --no-build-isolation -e '.[platform,training,dev]'
+	$(PIP) install -q --no-build-isolation -e '.[platform,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -121,6 +121,17 @@ bench-check:
 .PHONY: wheel
 wheel: install
 	bash scripts/build-wheel.sh
+
+# The image of each role (deploy/Dockerfile; needs a container runtime, not run in CI).
+ROLES := serving features monitoring training
+IMAGE ?= ghcr.io/carrara-ml/carrara
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+.PHONY: images
+images:
+	docker build -f deploy/Dockerfile -t $(IMAGE):$(VERSION) .
+	for role in $(ROLES); do \
+	  docker build -f deploy/Dockerfile --build-arg ROLE=$$role -t $(IMAGE)-$$role:$(VERSION) . || exit 1; \
+	done
 
 clean:
 	rm -rf build dist $(VENV)

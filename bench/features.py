@@ -30,7 +30,7 @@ import numpy as np
 from carrara.core import FeatureVector
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
 from carrara.feature_cache.catalog import Catalog
-from carrara.feature_cache.offline_store import OfflineStore
+from carrara.feature_cache.offline_store import DuckDBOfflineStore
 from carrara.feature_cache.online_store import open_online_store
 
 N_FEATURES = 32
@@ -65,7 +65,7 @@ def online_service(redis_url: str | None) -> Iterator[FeatureService]:
     with tempfile.TemporaryDirectory() as tmp:
         svc = FeatureService(
             Catalog(f"sqlite:///{tmp}/catalog.db"),
-            OfflineStore(f"{tmp}/offline"),
+            DuckDBOfflineStore(f"{tmp}/offline"),
             open_online_store(redis_url or "memory://", namespace=ns if redis_url else ""),
         )
         try:
@@ -139,7 +139,7 @@ def http_app() -> Any:
 
     svc = FeatureService(
         Catalog(os.environ["CARRARA_BENCH_CATALOG"], migrate=False),
-        OfflineStore(tempfile.mkdtemp()),
+        DuckDBOfflineStore(tempfile.mkdtemp()),
         open_online_store(
             os.environ["CARRARA_BENCH_REDIS"], namespace=os.environ["CARRARA_BENCH_NAMESPACE"]
         ),
@@ -308,7 +308,7 @@ def bench_pit(
     with tempfile.TemporaryDirectory() as tmp:
         svc = FeatureService(
             Catalog(f"sqlite:///{tmp}/catalog.db"),
-            OfflineStore(f"{tmp}/offline"),
+            DuckDBOfflineStore(f"{tmp}/offline"),
             open_online_store("memory://"),
         )
         try:

@@ -23,7 +23,11 @@ if TYPE_CHECKING:
         load_definitions,
         transform,
     )
-    from carrara.feature_cache.offline_store import OfflineStore
+    from carrara.feature_cache.offline_store import (
+        DuckDBOfflineStore,
+        OfflineStore,
+        open_offline_store,
+    )
     from carrara.feature_cache.online_store import (
         EmbeddedOnlineStore,
         OnlineStore,
@@ -44,7 +48,9 @@ _WHERE = {
     "FeatureGroup": "definitions",
     "load_definitions": "definitions",
     "transform": "definitions",
+    "DuckDBOfflineStore": "offline_store",
     "OfflineStore": "offline_store",
+    "open_offline_store": "offline_store",
     "EmbeddedOnlineStore": "online_store",
     "OnlineStore": "online_store",
     "RedisOnlineStore": "online_store",
@@ -58,6 +64,7 @@ __all__ = [
     "Catalog",
     "Change",
     "Definitions",
+    "DuckDBOfflineStore",
     "EmbeddedOnlineStore",
     "Entity",
     "Feature",
@@ -70,6 +77,7 @@ __all__ = [
     "RegisteredGroup",
     "TrainingSet",
     "load_definitions",
+    "open_offline_store",
     "open_online_store",
     "transform",
     "upgrade",

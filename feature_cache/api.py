@@ -3,27 +3,32 @@
 Errors are ``carrara.CarraraError`` subclasses mapped to their ``http_status`` by one handler,
 with the kernel's JSON body ``{"error": <gRPC code>, "message": ...}`` (every control-plane API
 answers this shape). Bodies over :data:`MAX_BODY_BYTES` are refused with 413 while they are
-read (chunked ones too).
+read (chunked ones too). Routes and ``/openapi.json`` come from one table (:func:`endpoints`,
+the kernel's HTTP kit).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import msgspec
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from carrara.errors import CarraraError
 from carrara.feature_cache.online_store import EmbeddedOnlineStore
 from carrara.feature_cache.service import FeatureService, float32_rows
-from carrara.http import ErrorBody, InputGuard, check_path_params, decode_json, read_body
-from carrara.http import error_response as _error
+from carrara.http import (
+    Endpoint,
+    ErrorBody,
+    Health,
+    api_app,
+    build_routes,
+    decode_json,
+    read_body,
+    with_document,
+)
+from carrara.http import json_response as _json
 
 __all__ = [
     "EntityFeatures",
@@ -31,10 +36,14 @@ __all__ = [
     "GetOnlineRequest",
     "GetOnlineResponse",
     "create_app",
+    "endpoints",
 ]
 
 #: Request bodies larger than this are refused before parsing.
 MAX_BODY_BYTES = 4 << 20
+TITLE = "Carrara feature API"
+#: Descriptions of the path parameters, for the OpenAPI document.
+PATH_PARAMS = {"group": "the feature group's name"}
 
 
 class GetOnlineRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -73,118 +82,46 @@ class GroupSummary(msgspec.Struct):
     offline: bool
 
 
-_encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(GetOnlineRequest)
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
-
-
-def _openapi() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components(
-        [GetOnlineRequest, GetOnlineResponse, ErrorBody, list[GroupSummary]],
-        ref_template="#/components/schemas/{name}",
+def create_app(service: FeatureService) -> Starlette:
+    """The feature API over ``service``, with ``/openapi.json``."""
+    return api_app(
+        build_routes(with_document("/openapi.json", TITLE, endpoints(service), PATH_PARAMS))
     )
 
-    def ref(name: str) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{name}"}
 
-    def errors(*codes: int) -> dict[str, Any]:
-        return {
-            str(c): {
-                "description": "error",
-                "content": {"application/json": {"schema": ref("ErrorBody")}},
-            }
-            for c in codes
-        }
-
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Carrara feature API", "version": "1"},
-        "paths": {
-            "/features/groups/{group}/get-online": {
-                "post": {
-                    "summary": "Current feature values of a batch of entities",
-                    "parameters": [
-                        {
-                            "name": "group",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("GetOnlineRequest")}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "values per entity",
-                            "content": {"application/json": {"schema": ref("GetOnlineResponse")}},
-                        },
-                        **errors(400, 404, 413, 503),
-                    },
-                }
-            },
-            "/features/groups": {
-                "get": {
-                    "summary": "Feature groups (latest versions)",
-                    "responses": {
-                        "200": {
-                            "description": "groups",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"type": "array", "items": ref("GroupSummary")}
-                                }
-                            },
-                        }
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {"summary": "liveness", "responses": {"200": {"description": "ok"}}}
-            },
-        },
-        "components": {"schemas": components},
-    }
-
-
-def create_app(service: FeatureService) -> Starlette:
-    """The feature API over ``service``. Reads from the in-process store run on the event
+def endpoints(service: FeatureService) -> list[Endpoint]:
+    """The read API's table over ``service``. Reads from the in-process store run on the event
     loop (microseconds); reads from Redis run in the thread pool."""
-    openapi = _encoder.encode(_openapi())
     inline = isinstance(service.online, EmbeddedOnlineStore)
 
     async def get_online(request: Request) -> Response:
-        try:
-            check_path_params(request.path_params)
-            raw = await read_body(request, MAX_BODY_BYTES, hint="split the batch")
-            body: GetOnlineRequest = decode_json(
-                raw,
-                _request_decoder,
-                hint='expected {"entity_ids": ["..."], "features": ["..."] (optional)}',
+        raw = await read_body(request, MAX_BODY_BYTES, hint="split the batch")
+        body: GetOnlineRequest = decode_json(
+            raw,
+            _request_decoder,
+            hint='expected {"entity_ids": ["..."], "features": ["..."] (optional)}',
+        )
+        group = request.path_params["group"]
+        if inline:
+            result = service.get_online(
+                group,
+                body.entity_ids,
+                body.features,
+                version=body.version,
+                require_found=body.require_found,
             )
-            group = request.path_params["group"]
-            if inline:
-                result = service.get_online(
-                    group,
-                    body.entity_ids,
-                    body.features,
-                    version=body.version,
-                    require_found=body.require_found,
-                )
-            else:  # a network round trip: keep the event loop free for other requests
-                result = await run_in_threadpool(
-                    service.get_online,
-                    group,
-                    body.entity_ids,
-                    body.features,
-                    version=body.version,
-                    require_found=body.require_found,
-                )
-        except CarraraError as exc:
-            return _error(exc)
+        else:  # a network round trip: keep the event loop free for other requests
+            result = await run_in_threadpool(
+                service.get_online,
+                group,
+                body.entity_ids,
+                body.features,
+                version=body.version,
+                require_found=body.require_found,
+            )
         # Shortest floats that round-trip float32 (14.2, not 14.199999809265137); None -> null.
         rows = float32_rows(result.values, result.missing)
         names = result.features
@@ -206,10 +143,7 @@ def create_app(service: FeatureService) -> Starlette:
         return _json(GetOnlineResponse(result.group, result.version, names, out))
 
     async def list_groups(request: Request) -> Response:
-        try:
-            groups = service.list_groups()
-        except CarraraError as exc:
-            return _error(exc)
+        groups = service.list_groups()
         return _json(
             [
                 GroupSummary(
@@ -226,17 +160,24 @@ def create_app(service: FeatureService) -> Starlette:
         )
 
     async def healthz(request: Request) -> Response:
-        return _json({"status": "ok"})
+        return _json(Health("ok"))
 
-    async def openapi_json(request: Request) -> Response:
-        return Response(openapi, media_type="application/json")
-
-    return Starlette(
-        routes=[
-            Route("/features/groups/{group}/get-online", get_online, methods=["POST"]),
-            Route("/features/groups", list_groups, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/openapi.json", openapi_json, methods=["GET"]),
-        ],
-        middleware=[Middleware(InputGuard)],
-    )
+    return [
+        Endpoint(
+            "POST",
+            "/features/groups/{group}/get-online",
+            "Current feature values of a batch of entities",
+            GetOnlineResponse,
+            get_online,
+            GetOnlineRequest,
+            errors=(404, 503),
+        ),
+        Endpoint(
+            "GET",
+            "/features/groups",
+            "Feature groups (latest versions)",
+            list[GroupSummary],
+            list_groups,
+        ),
+        Endpoint("GET", "/healthz", "Liveness", Health, healthz),
+    ]

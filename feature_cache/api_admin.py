@@ -14,16 +14,17 @@ beyond the read API of ``api.py``), as Starlette routes mounted by ``carrara up`
 
 Errors answer ``{"error": <grpc code>, "message": ...}`` (the registry's shape). Writes need a
 bearer token from ``tokens`` whose principal has role ``publisher``; ``tokens=None`` leaves
-them open (a single-user setup). The token is checked before the body is read; bodies over
-:data:`MAX_BODY_BYTES` (rows, training sets) or :data:`MAX_SPEC_BYTES` (definitions, a
-materialize request) are refused with 413 while they are read.
+them open (a single-user setup). Routes, their OpenAPI entries and the token guard come from
+one table (:func:`endpoints`, the kernel's HTTP kit). The token is checked before the body is
+read; bodies over :data:`MAX_BODY_BYTES` (rows, training sets) or :data:`MAX_SPEC_BYTES`
+(definitions, a materialize request) are refused with 413 while they are read.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -31,27 +32,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from carrara.errors import (
-    InvalidArgumentError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-)
-from carrara.feature_cache.catalog import Change
+from carrara.auth import Authenticator, Principal, authenticator
+from carrara.errors import InvalidArgumentError, PayloadTooLargeError
+from carrara.feature_cache.catalog import Change, RegisteredGroup
 from carrara.feature_cache.definitions import Definitions
+from carrara.feature_cache.materialize import MaterializeResult
+from carrara.feature_cache.offline_store import CompactionResult
 from carrara.feature_cache.service import FeatureService
-from carrara.http import check_int64, decode_json, read_body, wrap
+from carrara.http import JSON, Endpoint, build_routes, check_int64, decode_json, read_body
 from carrara.http import json_response as _json
 
 __all__ = [
     "ARROW_STREAM",
     "MaterializeRequest",
+    "PublishedIds",
+    "RowsWritten",
     "PayloadTooLargeError",
     "TrainingSetRequest",
     "TrainingSetResponse",
     "arrow_from_ipc",
     "arrow_to_ipc",
     "create_routes",
+    "endpoints",
 ]
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -59,17 +61,13 @@ MAX_BODY_BYTES = 512 << 20
 #: Definitions and materialize requests are specs: anything bigger is a mistake (and a dry-run
 #: apply is open to callers without a token).
 MAX_SPEC_BYTES = 16 << 20
+WRITE_ROLE = "publisher"
+#: Descriptions of the path parameters, for the OpenAPI document.
+PATH_PARAMS = {"group": "the feature group's name"}
 
 
 #: Longest materialization overlap accepted (a year; more overflows the microsecond clock).
 _MAX_OVERLAP_S = 365 * 86_400.0
-
-
-class _Principal(Protocol):
-    @property
-    def subject(self) -> str: ...
-
-    def has(self, role: str) -> bool: ...
 
 
 class MaterializeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -91,11 +89,15 @@ class TrainingSetResponse(msgspec.Struct, frozen=True):
     spec: dict[str, Any]
 
 
-class _Rows(msgspec.Struct, frozen=True):
+class RowsWritten(msgspec.Struct, frozen=True):
+    """How many rows a write stored."""
+
     rows: int
 
 
-class _Ids(msgspec.Struct, frozen=True):
+class PublishedIds(msgspec.Struct, frozen=True):
+    """The event ids of published rows."""
+
     ids: list[str]
 
 
@@ -167,32 +169,22 @@ async def _rows(request: Request) -> Any:
 
 
 def create_routes(
-    service: FeatureService, *, tokens: Mapping[str, _Principal] | None = None
+    service: FeatureService, *, tokens: Mapping[str, Principal] | Authenticator | None = None
 ) -> list[Route]:
-    """The write/batch routes over ``service`` (mount beside ``api.create_app``'s routes)."""
+    """The write/batch routes over ``service`` (mount beside ``api.create_app``'s routes);
+    ``tokens`` (a table or an authenticator) guards the writes, None leaves them open."""
+    return build_routes(endpoints(service), None if tokens is None else authenticator(tokens))
 
-    def authorize(request: Request, action: str) -> None:
-        if tokens is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError(
-                f"{action} needs a bearer token with role 'publisher': send "
-                "'Authorization: Bearer <token>'"
-            )
-        principal = tokens.get(token.strip())
-        if principal is None:
-            raise UnauthenticatedError("unknown bearer token; ask an admin for a valid one")
-        if not principal.has("publisher"):
-            raise PermissionDeniedError(
-                f"{action} needs role 'publisher'; the token of {principal.subject!r} lacks it"
-            )
+
+def _dry_run(request: Request) -> bool:
+    return request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
+
+
+def endpoints(service: FeatureService) -> list[Endpoint]:
+    """The feature admin API's table over ``service``."""
 
     async def apply(request: Request) -> Response:
-        dry_run = request.query_params.get("dry_run", "").lower() in ("1", "true", "yes")
-        if not dry_run:
-            authorize(request, "applying feature definitions")
+        dry_run = _dry_run(request)
         raw = await _body(request, spec=True)
         definitions = _decode(raw, Definitions, "definitions")
         changes: list[Change] = await run_in_threadpool(service.apply, definitions, dry_run=dry_run)
@@ -205,14 +197,12 @@ def create_routes(
         return _json(group)
 
     async def ingest(request: Request) -> Response:
-        authorize(request, "ingesting feature rows")
         rows = await _rows(request)
         group = request.path_params["group"]
         n = await _convert(group, service.ingest, group, rows, version=_version(request))
-        return _json(_Rows(n))
+        return _json(RowsWritten(n))
 
     async def write_offline(request: Request) -> Response:
-        authorize(request, "writing feature rows")
         rows = await _rows(request)
         group = request.path_params["group"]
         if isinstance(rows, list):
@@ -220,26 +210,23 @@ def create_routes(
 
             rows = await _convert(group, pa.Table.from_pylist, rows)
         n = await _convert(group, service.write_offline, group, rows, version=_version(request))
-        return _json(_Rows(n))
+        return _json(RowsWritten(n))
 
     async def compact(request: Request) -> Response:
-        authorize(request, "compacting the offline store")
         result = await run_in_threadpool(
             service.compact, request.path_params["group"], version=_version(request)
         )
         return _json(result)
 
     async def publish(request: Request) -> Response:
-        authorize(request, "publishing feature updates")
         rows = await _rows(request)
         if not isinstance(rows, list):
             rows = rows.to_pylist()
         group = request.path_params["group"]
         ids = await _convert(group, service.publish, group, rows)
-        return _json(_Ids(ids))
+        return _json(PublishedIds(ids))
 
     async def materialize(request: Request) -> Response:
-        authorize(request, "materializing feature groups")
         raw = await _body(request, spec=True)
         body = (
             _decode(raw, MaterializeRequest, "materialize") if raw.strip() else MaterializeRequest()
@@ -255,7 +242,6 @@ def create_routes(
         return _json(results)
 
     async def training_set(request: Request) -> Response:
-        authorize(request, "building a training set")
         body: TrainingSetRequest = _decode(await _body(request), TrainingSetRequest, "training-set")
         entity_df = arrow_from_ipc(body.entity_df)
 
@@ -273,13 +259,93 @@ def create_routes(
         return _json(await run_in_threadpool(build))
 
     g = "/features/groups/{group}"
+    rows = (JSON, ARROW_STREAM)
+    w = WRITE_ROLE
     return [
-        Route("/features/apply", wrap(apply), methods=["POST"]),
-        Route(g + "/definition", wrap(definition), methods=["GET"]),
-        Route(g + "/ingest", wrap(ingest), methods=["POST"]),
-        Route(g + "/write-offline", wrap(write_offline), methods=["POST"]),
-        Route(g + "/compact", wrap(compact), methods=["POST"]),
-        Route(g + "/publish", wrap(publish), methods=["POST"]),
-        Route("/features/materialize", wrap(materialize), methods=["POST"]),
-        Route("/features/training-set", wrap(training_set), methods=["POST"]),
+        Endpoint(
+            "POST",
+            "/features/apply",
+            "Apply feature definitions (a dry run only plans)",
+            list[Change],
+            apply,
+            Definitions,
+            role=w,
+            query=("dry_run",),
+            action="applying feature definitions",
+            open_if=_dry_run,
+        ),
+        Endpoint(
+            "GET",
+            g + "/definition",
+            "A feature group's registered definition",
+            RegisteredGroup,
+            definition,
+            query=("version",),
+            errors=(404,),
+        ),
+        Endpoint(
+            "POST",
+            g + "/ingest",
+            "Ingest rows (offline and online)",
+            RowsWritten,
+            ingest,
+            list[dict[str, Any]],
+            role=w,
+            query=("version",),
+            consumes=rows,
+            action="ingesting feature rows",
+        ),
+        Endpoint(
+            "POST",
+            g + "/write-offline",
+            "Write rows to the offline store only",
+            RowsWritten,
+            write_offline,
+            list[dict[str, Any]],
+            role=w,
+            query=("version",),
+            consumes=rows,
+            action="writing feature rows",
+        ),
+        Endpoint(
+            "POST",
+            g + "/compact",
+            "Compact the offline store of a group",
+            CompactionResult,
+            compact,
+            role=w,
+            query=("version",),
+            action="compacting the offline store",
+        ),
+        Endpoint(
+            "POST",
+            g + "/publish",
+            "Publish rows to the feature-updates topic",
+            PublishedIds,
+            publish,
+            list[dict[str, Any]],
+            role=w,
+            consumes=rows,
+            action="publishing feature updates",
+        ),
+        Endpoint(
+            "POST",
+            "/features/materialize",
+            "Materialize offline rows into the online store",
+            list[MaterializeResult],
+            materialize,
+            MaterializeRequest,
+            role=w,
+            action="materializing feature groups",
+        ),
+        Endpoint(
+            "POST",
+            "/features/training-set",
+            "A point-in-time training set (Arrow IPC, base64)",
+            TrainingSetResponse,
+            training_set,
+            TrainingSetRequest,
+            role=w,
+            action="building a training set",
+        ),
     ]

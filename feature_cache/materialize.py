@@ -19,7 +19,7 @@ import numpy as np
 from carrara.core import FeatureVector
 from carrara.errors import InvalidArgumentError
 from carrara.feature_cache.catalog import Catalog, RegisteredGroup
-from carrara.feature_cache.offline_store import OfflineStore, duckdb_cursor
+from carrara.feature_cache.offline_store import OfflineStore
 from carrara.feature_cache.online_store import OnlineStore
 
 if TYPE_CHECKING:
@@ -119,31 +119,17 @@ def materialize_batch(
         )
     started = time.perf_counter()
     watermark = 0 if full else catalog.watermark(group.name, group.version)
-    cols = ", ".join(f'"{f}"' for f in group.definition.feature_names)
-    con = duckdb_cursor()
-    try:
-        files = offline.files(group.name, group.version)
-        if not files:
-            return MaterializeResult(
-                group.name, group.version, 0, 0, watermark, 0.0, ttl_days=group.definition.ttl_days
-            )
-        src = offline.source(con, group, "__src", files)
-        new_watermark = con.sql(f"SELECT max(epoch_us(created_timestamp)) FROM {src}").fetchall()
-        high = int(new_watermark[0][0] or watermark)
-        start_us = time.time_ns() // 1000
-        high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
-        latest = con.sql(
-            f"WITH src AS (SELECT * FROM {src}),"
-            f" touched AS (SELECT DISTINCT entity_id FROM src"
-            f"   WHERE epoch_us(created_timestamp) > {watermark})"
-            f" SELECT entity_id, epoch_us(event_timestamp) AS event_timestamp,"
-            f"   epoch_us(created_timestamp) AS created_timestamp, {cols}"
-            f" FROM src SEMI JOIN touched USING (entity_id)"
-            " QUALIFY row_number() OVER (PARTITION BY entity_id"
-            "   ORDER BY event_timestamp DESC, created_timestamp DESC) = 1"
-        ).to_arrow_table()
-    finally:
-        con.close()
+    files = offline.files(group.name, group.version)
+    if not files:
+        return MaterializeResult(
+            group.name, group.version, 0, 0, watermark, 0.0, ttl_days=group.definition.ttl_days
+        )
+    # The engine's query (DuckDB, or whichever offline engine the settings name).
+    rows = offline.latest_rows(group, created_after_us=watermark, files=files)
+    latest = rows.table
+    high = int(rows.max_created_us or watermark)
+    start_us = time.time_ns() // 1000
+    high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
     written = 0
     ttl = group.definition.ttl_us
     expired = 0

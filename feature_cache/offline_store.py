@@ -6,6 +6,14 @@ Layout: ``{root}/{group}/v{version}/date=YYYY-MM-DD/part-*.parquet`` with column
 ``root`` is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory://x``). Appends
 only add files, so a reader never sees a half-written dataset; ``compact`` merges a date's
 files into one.
+
+:class:`OfflineStore` is the interface an offline engine implements (the writes, reads and
+queries the feature service, materialization and the point-in-time join run); the built-in
+engine is :class:`DuckDBOfflineStore`, and ``offline_engine`` in the settings picks another by
+name (:data:`OFFLINE_ENGINES`) or class path. Every engine keeps this layout and the same
+rules: :meth:`OfflineStore.prepare`'s validation and write times, the latest row of an entity
+is the greatest (event_timestamp, created_timestamp), and the point-in-time/TTL rule of
+:mod:`carrara.feature_cache.pit_join`.
 """
 
 from __future__ import annotations
@@ -13,19 +21,31 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from carrara.errors import InvalidArgumentError
 from carrara.feature_cache.catalog import RegisteredGroup
+from carrara.plugins import StoreKind
 
 if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
-__all__ = ["CompactionResult", "OfflineStore", "duckdb_cursor", "to_arrow"]
+__all__ = [
+    "OFFLINE_ENGINES",
+    "AsOfJoin",
+    "CompactionResult",
+    "DuckDBOfflineStore",
+    "LatestRows",
+    "OfflineStore",
+    "duckdb_cursor",
+    "open_offline_store",
+    "to_arrow",
+]
 
 _duckdb_lock = threading.Lock()
 _duckdb_db: duckdb.DuckDBPyConnection | None = None
@@ -139,25 +159,39 @@ class CompactionResult(msgspec.Struct, frozen=True):
     rows: int
 
 
-class OfflineStore:
-    """Parquet datasets of feature rows under one root (local or fsspec URL)."""
+class AsOfJoin(msgspec.Struct, frozen=True):
+    """One group version's part of a point-in-time join: ``features`` of ``group`` for the
+    label rows whose entity id (string) is in the labels' column ``key``, read from ``files``
+    (the snapshot the join records)."""
 
-    def __init__(self, root: str) -> None:
-        import fsspec
+    group: RegisteredGroup
+    features: tuple[str, ...]
+    key: str
+    files: tuple[str, ...]
 
-        self.root = root
-        self._fs, self._base = fsspec.core.url_to_fs(root)
-        self._local = "file" in (
-            self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
-        )
 
-    def dataset_path(self, group: str, version: int) -> str:
-        return f"{self._base.rstrip('/')}/{group}/v{version}"
+class LatestRows(msgspec.Struct, frozen=True):
+    """The latest row of each entity touched since a watermark (see
+    :meth:`OfflineStore.latest_rows`)."""
 
+    table: Any  # pyarrow.Table: entity_id, event_timestamp, created_timestamp (µs), features
+    max_created_us: int | None  # the greatest write time in the dataset (None: no rows)
+
+
+class OfflineStore(ABC):
+    """Parquet datasets of feature rows under one root (local folder or fsspec URL), and the
+    queries the parts run on them: the interface every offline engine implements."""
+
+    root: str
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, root: str) -> OfflineStore:
+        """The store over ``root`` (a local folder or an fsspec URL such as ``s3://b/p``)."""
+
+    @abstractmethod
     def files(self, group: str, version: int) -> list[str]:
-        """The dataset's Parquet files, sorted."""
-        pattern = f"{self.dataset_path(group, version)}/date=*/*.parquet"
-        return sorted(str(p) for p in self._fs.glob(pattern))
+        """The dataset's Parquet files, sorted (what a training set's snapshot records)."""
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -219,6 +253,90 @@ class OfflineStore:
         if columns[1].null_count:
             raise InvalidArgumentError(f"{what}: event_timestamp has nulls")
         return pa.Table.from_arrays(columns, schema=group_schema(group))
+
+    @abstractmethod
+    def append(self, group: RegisteredGroup, data: Any, *, created_us: int | None = None) -> int:
+        """Append rows (validated by :meth:`prepare`) to the group version's dataset, one new
+        file per event date, never changing existing files; returns the rows written."""
+
+    @abstractmethod
+    def compact(self, group: RegisteredGroup) -> CompactionResult:
+        """Merge each date partition's files into one, dropping exact duplicate rows; readers
+        must see every row throughout (at worst twice)."""
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def read(self, group: RegisteredGroup, files: list[str] | None = None) -> pa.Table:
+        """The whole dataset (or ``files`` of it) as one Arrow table with the group version's
+        schema (empty if there are no files)."""
+
+    @abstractmethod
+    def latest_rows(
+        self, group: RegisteredGroup, *, created_after_us: int = 0, files: list[str] | None = None
+    ) -> LatestRows:
+        """For each entity with a row written after ``created_after_us``, its latest row over
+        all its rows (greatest event time, then write time; timestamps as µs integers), so
+        late-arriving rows are handled; plus the dataset's greatest write time."""
+
+    @abstractmethod
+    def as_of_join(
+        self, labels: pa.Table, joins: Sequence[AsOfJoin], *, threads: int | None = None
+    ) -> pa.Table:
+        """The point-in-time join's engine part. ``labels`` has the caller's columns plus
+        ``__row`` (position), ``__ts`` (label time, µs) and the joins' key columns; for each
+        label row and join, the group's row with the greatest (event_timestamp,
+        created_timestamp) whose event time is <= ``__ts``, its features null when there is
+        none or it is older than ``__ts`` - TTL. Returns the caller's columns (those not
+        starting with ``__``) then ``{group}__{feature}`` per join, in ``__row`` order."""
+
+    def source(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        group: RegisteredGroup,
+        name: str,
+        files: list[str] | None = None,
+    ) -> str:
+        """A DuckDB table expression over the dataset (or ``files`` of it), for callers that
+        query it with DuckDB; by default the engine's :meth:`read` registered as ``name``."""
+        con.register(name, self.read(group, files))
+        return name
+
+    def __enter__(self) -> OfflineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # noqa: B027 - optional: most engines hold nothing to release
+        """Release engine resources (a Spark session, say); the built-in engine has none."""
+
+
+class DuckDBOfflineStore(OfflineStore):
+    """The built-in engine: files through fsspec and pyarrow, queries in the process's DuckDB
+    (local files are scanned in place)."""
+
+    def __init__(self, root: str) -> None:
+        import fsspec
+
+        self.root = root
+        self._fs, self._base = fsspec.core.url_to_fs(root)
+        self._local = "file" in (
+            self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+        )
+
+    @classmethod
+    def from_url(cls, root: str) -> DuckDBOfflineStore:
+        return cls(root)
+
+    def dataset_path(self, group: str, version: int) -> str:
+        return f"{self._base.rstrip('/')}/{group}/v{version}"
+
+    def files(self, group: str, version: int) -> list[str]:
+        pattern = f"{self.dataset_path(group, version)}/date=*/*.parquet"
+        return sorted(str(p) for p in self._fs.glob(pattern))
+
+    # -- writing ----------------------------------------------------------------------------
 
     def append(self, group: RegisteredGroup, data: Any, *, created_us: int | None = None) -> int:
         """Append rows to the group version's dataset (one new file per event date); returns
@@ -299,6 +417,40 @@ class OfflineStore:
         tables = [pq.read_table(f, filesystem=self._fs, schema=schema) for f in files]
         return pa.concat_tables(tables)
 
+    def latest_rows(
+        self, group: RegisteredGroup, *, created_after_us: int = 0, files: list[str] | None = None
+    ) -> LatestRows:
+        if files is None:
+            files = self.files(group.name, group.version)
+        if not files:
+            return LatestRows(group_schema(group).empty_table(), None)
+        cols = ", ".join('"' + f.replace('"', '""') + '"' for f in group.definition.feature_names)
+        con = duckdb_cursor()
+        try:
+            src = self.source(con, group, "__src", files)
+            high = con.sql(f"SELECT max(epoch_us(created_timestamp)) FROM {src}").fetchall()
+            latest = con.sql(
+                f"WITH src AS (SELECT * FROM {src}),"
+                f" touched AS (SELECT DISTINCT entity_id FROM src"
+                f"   WHERE epoch_us(created_timestamp) > {int(created_after_us)})"
+                f" SELECT entity_id, epoch_us(event_timestamp) AS event_timestamp,"
+                f"   epoch_us(created_timestamp) AS created_timestamp, {cols}"
+                f" FROM src SEMI JOIN touched USING (entity_id)"
+                " QUALIFY row_number() OVER (PARTITION BY entity_id"
+                "   ORDER BY event_timestamp DESC, created_timestamp DESC) = 1"
+            ).to_arrow_table()
+        finally:
+            con.close()
+        top = high[0][0]
+        return LatestRows(latest, None if top is None else int(top))
+
+    def as_of_join(
+        self, labels: pa.Table, joins: Sequence[AsOfJoin], *, threads: int | None = None
+    ) -> pa.Table:
+        from carrara.feature_cache.pit_join import duckdb_as_of_join
+
+        return duckdb_as_of_join(self, labels, joins, threads=threads)
+
     def iter_partitions(self, group: str, version: int) -> Iterator[tuple[str, list[str]]]:
         by_dir: dict[str, list[str]] = {}
         for f in self.files(group, version):
@@ -342,3 +494,16 @@ class OfflineStore:
             after += 1
             rows += table.num_rows
         return CompactionResult(partitions, before, after, rows)
+
+
+#: Offline engines by name (``offline_engine`` in the settings); any other is a class path.
+OFFLINE_ENGINES: StoreKind[OfflineStore] = StoreKind(
+    "offline store", OfflineStore, examples='offline_engine = "duckdb"', key="engine"
+)
+OFFLINE_ENGINES.register("duckdb", DuckDBOfflineStore.from_url)
+
+
+def open_offline_store(root: str, engine: str = "duckdb") -> OfflineStore:
+    """The offline store over ``root`` on ``engine``: a registered name (``duckdb``) or the
+    class path of an :class:`OfflineStore` subclass (built by its ``from_url``)."""
+    return OFFLINE_ENGINES.resolve(engine)(root)

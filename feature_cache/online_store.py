@@ -5,7 +5,8 @@ Key ``{group}:{version}:{entity_id}`` (with an optional ``{namespace}:`` prefix)
 when its event time is older than the group's TTL, matching the offline point-in-time rule.
 Two backends with one interface and one test suite: Redis (one ``MGET`` per batch read,
 one pipeline per batch write; each key is addressed on its own, so it works on Redis Cluster
-through ``mget_nonatomic``) and an in-process map.
+through ``mget_nonatomic``) and an in-process map. Others plug in by class path
+(:data:`ONLINE_STORES`, :mod:`carrara.plugins`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from carrara.core import FeatureVector, decode_feature_vector
-from carrara.errors import ConfigError, UnavailableError
+from carrara.errors import UnavailableError
+from carrara.plugins import StoreKind
 
 __all__ = [
+    "ONLINE_STORES",
     "EmbeddedOnlineStore",
     "OnlineStore",
     "RedisOnlineStore",
@@ -36,9 +39,14 @@ def _now_ms() -> int:
 
 
 class OnlineStore(ABC):
-    """Key-value access to encoded feature vectors."""
+    """Key-value access to encoded feature vectors (the interface every backend implements)."""
 
     namespace: str
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str) -> OnlineStore:
+        """Open the store ``url`` names (its ``?namespace=`` option is the key prefix)."""
 
     def key_prefix(self, group: str, version: int) -> str:
         ns = f"{self.namespace}:" if self.namespace else ""
@@ -114,6 +122,11 @@ class EmbeddedOnlineStore(OnlineStore):
         self._data: dict[str, tuple[bytes, int | None]] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_url(cls, url: str) -> EmbeddedOnlineStore:
+        """``memory://[?namespace=...]``."""
+        return cls(url_namespace(url))
+
     def now_ms(self) -> int:
         return self._clock()
 
@@ -164,6 +177,25 @@ class RedisOnlineStore(OnlineStore):
         self.namespace = namespace
         self.client = client
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisOnlineStore:
+        """``redis://host:port/db[?namespace=...]`` (``rediss://`` for TLS, ``unix://``;
+        ``?cluster=1`` for Redis Cluster)."""
+        import redis
+        import redis.cluster
+
+        parts = urlsplit(url)
+        options = parse_qs(parts.query)
+        options.pop("namespace", None)
+        cluster = options.pop("cluster", ["0"])[-1] in ("1", "true", "yes")
+        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
+        client: Any = (
+            redis.cluster.RedisCluster.from_url(client_url)
+            if cluster
+            else redis.Redis.from_url(client_url)
+        )
+        return cls(client, url_namespace(url))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         import redis
@@ -242,27 +274,33 @@ def _pack_mget(keys: Sequence[str]) -> bytes:
     return b"".join(parts)
 
 
-def open_online_store(url: str, *, namespace: str | None = None) -> OnlineStore:
-    """``memory://`` (in-process) or ``redis://host:port/db[?namespace=...]``
-    (``rediss://`` for TLS; ``?cluster=1`` for Redis Cluster)."""
-    parts = urlsplit(url)
-    options = parse_qs(parts.query)
-    ns = namespace if namespace is not None else options.pop("namespace", [""])[-1]
-    options.pop("namespace", None)
-    if parts.scheme == "memory":
-        return EmbeddedOnlineStore(ns)
-    if parts.scheme in ("redis", "rediss", "unix"):
-        import redis
-        import redis.cluster
+def url_namespace(url: str) -> str:
+    """The ``?namespace=`` option of a store URL ("" when absent)."""
+    return parse_qs(urlsplit(url).query).get("namespace", [""])[-1]
 
-        cluster = options.pop("cluster", ["0"])[-1] in ("1", "true", "yes")
-        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
-        client: Any = (
-            redis.cluster.RedisCluster.from_url(client_url)
-            if cluster
-            else redis.Redis.from_url(client_url)
-        )
-        return RedisOnlineStore(client, ns)
-    raise ConfigError(
-        f"unsupported online store URL {url!r}; use memory:// or redis://host:port/db"
-    )
+
+def with_namespace(url: str, namespace: str) -> str:
+    """``url`` with its ``?namespace=`` option set to ``namespace``."""
+    base, _, query = url.partition("?")
+    options = {k: v for k, v in parse_qs(query).items() if k != "namespace"}
+    options["namespace"] = [namespace]
+    return f"{base}?{urlencode(options, doseq=True)}"
+
+
+#: Online store backends by URL scheme; any other is a class path in place of the scheme.
+ONLINE_STORES: StoreKind[OnlineStore] = StoreKind(
+    "online store", OnlineStore, examples="memory:// or redis://host:port/db"
+)
+ONLINE_STORES.register("memory", EmbeddedOnlineStore.from_url)
+for _scheme in ("redis", "rediss", "unix"):
+    ONLINE_STORES.register(_scheme, RedisOnlineStore.from_url)
+
+
+def open_online_store(url: str, *, namespace: str | None = None) -> OnlineStore:
+    """``memory://`` (in-process), ``redis://host:port/db[?namespace=...]`` (``rediss://``
+    for TLS; ``?cluster=1`` for Redis Cluster) or a plug-in
+    (``package.module:ClassName://...``, built by its ``from_url``); ``namespace``, when
+    given, replaces the URL's."""
+    if namespace is not None:
+        url = with_namespace(url, namespace)
+    return ONLINE_STORES.open(url)

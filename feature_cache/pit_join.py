@@ -1,5 +1,6 @@
 # mypy: disable-error-code="import-untyped"
-"""Point-in-time-correct training sets (DuckDB ``ASOF JOIN``).
+"""Point-in-time-correct training sets: the checks and snapshot here, the join in the offline
+engine (:meth:`OfflineStore.as_of_join`; DuckDB's ``ASOF JOIN`` for the built-in one).
 
 For each label row (entity id, label timestamp) and each requested group, take the group's
 feature row with the greatest ``event_timestamp <= label timestamp`` (ties: greatest
@@ -18,6 +19,7 @@ import msgspec
 from carrara.errors import InvalidArgumentError, NotFoundError
 from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.feature_cache.offline_store import (
+    AsOfJoin,
     OfflineStore,
     duckdb_cursor,
     timestamp_column,
@@ -28,7 +30,13 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["FeatureRequest", "TrainingSet", "parse_feature_refs", "point_in_time_join"]
+__all__ = [
+    "FeatureRequest",
+    "TrainingSet",
+    "duckdb_as_of_join",
+    "parse_feature_refs",
+    "point_in_time_join",
+]
 
 
 class FeatureRequest(msgspec.Struct, frozen=True):
@@ -136,7 +144,6 @@ def point_in_time_join(
 ) -> TrainingSet:
     """Join ``requests`` onto ``entity_df`` (pandas, Polars or Arrow; one row per label)
     point-in-time correctly. Output rows keep the input order."""
-    import duckdb
     import pyarrow as pa
 
     labels = to_arrow(entity_df)
@@ -182,6 +189,44 @@ def point_in_time_join(
 
     work = work.append_column("__row", pa.array(np.arange(labels.num_rows, dtype=np.int64)))
     work = work.append_column("__ts", label_ts.cast(pa.int64()))
+    files: dict[str, list[str]] = {}
+    joins = []
+    for r in requests:
+        g = r.group
+        group_files = offline.files(g.name, g.version)
+        files[f"{g.name}:v{g.version}"] = group_files
+        joins.append(AsOfJoin(g, r.features, key_columns[r.entity_column], tuple(group_files)))
+    table = offline.as_of_join(work, joins, threads=threads)
+    spec: dict[str, Any] = {
+        "entity_df": _fingerprint_table(labels),
+        "timestamp_column": timestamp_column_name,
+        "groups": [
+            {
+                "group": r.group.name,
+                "version": r.group.version,
+                "fingerprint": r.group.fingerprint,
+                "features": list(r.features),
+                "entity_column": r.entity_column,
+                "ttl_days": r.group.definition.ttl_days,
+            }
+            for r in requests
+        ],
+        "files": files,
+    }
+    ref = "ds-" + hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:24]
+    return TrainingSet(table, ref, spec)
+
+
+def duckdb_as_of_join(
+    offline: OfflineStore,
+    labels: pa.Table,
+    joins: Sequence[AsOfJoin],
+    *,
+    threads: int | None = None,
+) -> pa.Table:
+    """:meth:`OfflineStore.as_of_join` in DuckDB (the built-in engine; ``offline.source``
+    gives each group's rows)."""
+    import duckdb
 
     if threads:
         con = duckdb.connect(config={"threads": threads})
@@ -189,7 +234,7 @@ def point_in_time_join(
     else:
         con = duckdb_cursor()
     try:
-        con.register("__labels", work)
+        con.register("__labels", labels)
         # Feature rows outside [first label - TTL, last label] can never be picked.
         min_ts, max_ts = con.sql("SELECT min(__ts), max(__ts) FROM __labels").fetchall()[0]
         con.execute(
@@ -197,15 +242,12 @@ def point_in_time_join(
             f" __ts::HUGEINT * {_SHIFT}::HUGEINT + 9223372036854775807 AS __k FROM __labels"
         )
         ctes: list[str] = []
-        selects = [f"l.{_quote(c)}" for c in labels.column_names]
-        joins: list[str] = []
-        files: dict[str, list[str]] = {}
-        for i, r in enumerate(requests):
-            g = r.group
-            group_files = offline.files(g.name, g.version)
-            files[f"{g.name}:v{g.version}"] = group_files
-            source = offline.source(con, g, f"__src{i}", group_files)
-            cols = ", ".join(_quote(f) for f in r.features)
+        selects = [f"l.{_quote(c)}" for c in labels.column_names if not c.startswith("__")]
+        sql_joins: list[str] = []
+        for i, j in enumerate(joins):
+            g = j.group
+            source = offline.source(con, g, f"__src{i}", list(j.files))
+            cols = ", ".join(_quote(f) for f in j.features)
             # Ties on event time go to the latest write: the ASOF key is the pair
             # (event_timestamp, created_timestamp) packed into one HUGEINT, ordered
             # lexicographically; a label's key is (its time, max int64). Cheaper than
@@ -225,10 +267,11 @@ def point_in_time_join(
                 " + epoch_us(created_timestamp) AS k,"
                 f" {cols} FROM {source}{bounds})"
             )
-            key = key_columns[r.entity_column]
-            joins.append(f"ASOF LEFT JOIN g{i} ON l.{key} = g{i}.entity_id AND l.__k >= g{i}.k")
+            sql_joins.append(
+                f"ASOF LEFT JOIN g{i} ON l.{_quote(j.key)} = g{i}.entity_id AND l.__k >= g{i}.k"
+            )
             ttl = g.definition.ttl_us
-            for f in r.features:
+            for f in j.features:
                 value = f"g{i}.{_quote(f)}"
                 if ttl:
                     value = f"CASE WHEN g{i}.ts >= l.__ts - {ttl} THEN {value} END"
@@ -239,27 +282,10 @@ def point_in_time_join(
             + " SELECT "
             + ", ".join(selects)
             + " FROM labels l "
-            + " ".join(joins)
+            + " ".join(sql_joins)
             + " ORDER BY l.__row"
         )
-        table = con.sql(sql).to_arrow_table()
+        table: pa.Table = con.sql(sql).to_arrow_table()
     finally:
         con.close()
-    spec: dict[str, Any] = {
-        "entity_df": _fingerprint_table(labels),
-        "timestamp_column": timestamp_column_name,
-        "groups": [
-            {
-                "group": r.group.name,
-                "version": r.group.version,
-                "fingerprint": r.group.fingerprint,
-                "features": list(r.features),
-                "entity_column": r.entity_column,
-                "ttl_days": r.group.definition.ttl_days,
-            }
-            for r in requests
-        ],
-        "files": files,
-    }
-    ref = "ds-" + hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:24]
-    return TrainingSet(table, ref, spec)
+    return table

@@ -16,7 +16,12 @@ from carrara.errors import InvalidArgumentError, NotFoundError, ResourceExhauste
 from carrara.feature_cache.catalog import Catalog, Change, RegisteredGroup
 from carrara.feature_cache.definitions import Definitions, resolve_transform
 from carrara.feature_cache.materialize import MaterializeResult, materialize_batch
-from carrara.feature_cache.offline_store import CompactionResult, OfflineStore, to_arrow
+from carrara.feature_cache.offline_store import (
+    CompactionResult,
+    OfflineStore,
+    open_offline_store,
+    to_arrow,
+)
 from carrara.feature_cache.online_store import OnlineStore, open_online_store
 from carrara.feature_cache.pit_join import (
     FeatureRequest,
@@ -178,20 +183,19 @@ class FeatureService:
         online_url: str = "memory://",
         event_log_url: str | None = None,
         namespace: str | None = None,
+        offline_engine: str = "duckdb",
     ) -> FeatureService:
-        """Open every store by URL (the catalog shares the registry database)."""
+        """Open every store by URL (the catalog shares the registry database); the offline
+        store on ``offline_engine`` (a name or a class path, see ``open_offline_store``)."""
+        offline = open_offline_store(offline_path, offline_engine)
+        online = open_online_store(online_url, namespace=namespace)
         catalog = Catalog(catalog_url)
         event_log = None
         if event_log_url:
             from carrara.eventlog import open_event_log
 
             event_log = open_event_log(event_log_url)
-        return cls(
-            catalog,
-            OfflineStore(offline_path),
-            open_online_store(online_url, namespace=namespace),
-            event_log,
-        )
+        return cls(catalog, offline, online, event_log)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeatureService:
@@ -200,10 +204,12 @@ class FeatureService:
             offline_path=settings.resolved_offline_store_path,
             online_url=settings.online_store_url,
             event_log_url=settings.resolved_event_log_url,
+            offline_engine=settings.offline_engine,
         )
 
     def close(self) -> None:
         self.online.close()
+        self.offline.close()
         if self.event_log is not None:
             self.event_log.close()
         self.catalog.close()

@@ -25,22 +25,18 @@ from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.feature_cache.materialize import table_to_vectors
 from carrara.feature_cache.offline_store import OfflineStore
 from carrara.feature_cache.online_store import OnlineStore
+from carrara.types import Topic
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = [
-    "DEAD_LETTER",
-    "TOPIC",
     "FeatureUpdate",
     "StreamResult",
     "StreamingMaterializer",
     "publish_rows",
 ]
 
-TOPIC = "feature-updates"
-#: Where events that can never be materialized are kept (payloads unchanged), for inspection.
-DEAD_LETTER = "feature-updates.dead"
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +60,7 @@ def publish_rows(
         _encoder.encode(FeatureUpdate(group, list(rows[i : i + batch])))
         for i in range(0, len(rows), batch)
     ]
-    return log_.append_many(TOPIC, payloads)
+    return log_.append_many(Topic.FEATURE_UPDATES, payloads)
 
 
 class StreamResult(msgspec.Struct):
@@ -103,7 +99,11 @@ class StreamingMaterializer:
         """Consume up to ``count`` events, write them, ack them."""
         result = StreamResult()
         events = self.log.read(
-            TOPIC, self.consumer_group, self.consumer, count=count, block_ms=block_ms
+            Topic.FEATURE_UPDATES,
+            self.consumer_group,
+            self.consumer,
+            count=count,
+            block_ms=block_ms,
         )
         if not events:
             return result
@@ -115,7 +115,12 @@ class StreamingMaterializer:
                 update = _decoder.decode(event.payload)
             except msgspec.DecodeError as exc:
                 # A poison message would block the consumer forever: set it aside.
-                log.error("malformed feature update %s to %s: %s", event.id, DEAD_LETTER, exc)
+                log.error(
+                    "malformed feature update %s to %s: %s",
+                    event.id,
+                    Topic.FEATURE_UPDATES_DEAD,
+                    exc,
+                )
                 result.skipped_events += 1
                 dead.append(event.payload)
                 continue
@@ -131,7 +136,7 @@ class StreamingMaterializer:
                 # not take its neighbours along; other errors (a store down) propagate
                 # un-acked and the events are delivered again.
                 if len(payloads) == 1:
-                    log.error("event for %r to %s: %s", name, DEAD_LETTER, exc)
+                    log.error("event for %r to %s: %s", name, Topic.FEATURE_UPDATES_DEAD, exc)
                     result.skipped_events += 1
                     dead.append(payloads[0])
                     continue
@@ -139,12 +144,12 @@ class StreamingMaterializer:
                     try:
                         self._write(name, _decoder.decode(payload).rows, result)
                     except (LookupError, InvalidArgumentError) as one:
-                        log.error("event for %r to %s: %s", name, DEAD_LETTER, one)
+                        log.error("event for %r to %s: %s", name, Topic.FEATURE_UPDATES_DEAD, one)
                         result.skipped_events += 1
                         dead.append(payload)
         if dead:
-            self.log.append_many(DEAD_LETTER, dead)
-        self.log.ack(TOPIC, self.consumer_group, [e.id for e in events])
+            self.log.append_many(Topic.FEATURE_UPDATES_DEAD, dead)
+        self.log.ack(Topic.FEATURE_UPDATES, self.consumer_group, [e.id for e in events])
         return result
 
     def _write(self, name: str, rows: list[dict[str, Any]], result: StreamResult) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 
 import msgspec
 
-from carrara.errors import ConfigError
+from carrara.auth import bearer_token
+from carrara.errors import ConfigError, UnauthenticatedError
 
 __all__ = ["OPEN_PATHS", "BearerAuthMiddleware", "FrontAuth", "read_tokens_file"]
 
@@ -161,15 +162,16 @@ def _refusal(path: str, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]
 def check_bearer(value: bytes | None, tokens: Iterable[bytes]) -> str | None:
     """None when ``value`` (an Authorization header) is ``Bearer <one of tokens>``; else why
     not. Every token is compared (in constant time), whichever matches."""
-    if value is None:
+    try:
+        token = bearer_token(value.decode("latin-1")) if value is not None else None
+    except UnauthenticatedError as exc:
+        return str(exc)
+    if token is None:
         return "this gateway requires a bearer token: send 'Authorization: Bearer <token>'"
-    scheme, _, presented = value.partition(b" ")
-    if scheme.lower() != b"bearer" or not presented.strip():
-        return "the Authorization header must be 'Bearer <token>'"
-    presented = presented.strip()
+    presented = token.encode("latin-1")
     match = False
-    for token in tokens:
-        match |= hmac.compare_digest(presented, token)
+    for accepted in tokens:
+        match |= hmac.compare_digest(presented, accepted)
     return None if match else "the bearer token is not accepted"
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from carrara.gateway.engine import PredictionBatch
-from carrara.types import TOPIC_PREDICTIONS, encode
+from carrara.types import Topic, encode
 
 __all__ = ["Appender", "PredictionLogger"]
 
@@ -36,7 +36,7 @@ class PredictionLogger:
         self,
         log_: Appender,
         *,
-        topic: str = TOPIC_PREDICTIONS,
+        topic: str = Topic.PREDICTIONS,
         max_pending: int = 10_000,
         flush_every_s: float = 0.05,
         max_records_per_append: int = 500,

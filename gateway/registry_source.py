@@ -20,6 +20,7 @@ event log and the artifact store, never the registry's database:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -27,49 +28,31 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
-from carrara.core import AssemblerSpec, RoutingPolicy, Variant
+from carrara.core import AssemblerSpec, Batching, RoutingPolicy, Variant
 from carrara.errors import FailedPreconditionError
 from carrara.eventlog import Event
 from carrara.gateway.backends import Backend, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
-from carrara.registry.artifacts import ArtifactStore, sha256_bytes
-from carrara.registry.registry import DEPLOYMENTS_TOPIC, ModelRegistry
+from carrara.registry.artifacts import ArtifactStore
+from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import DeployedVariant, Deployment
+from carrara.types import Topic
 
 __all__ = [
     "ArtifactLoader",
-    "Batching",
     "DeploymentFollower",
     "build_deployment",
     "load_active",
     "registry_loader",
-    "serving_spec",
 ]
 
 log = logging.getLogger(__name__)
 
 _deployment_decoder = msgspec.json.Decoder(Deployment)
-
-
-class Batching(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Dynamic batching of an in-process model (Triton's ``dynamic_batching``)."""
-
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 0
-
-
-def serving_spec(
-    spec: AssemblerSpec, *, max_batch_size: int = 64, max_queue_delay_us: int = 0
-) -> dict[str, Any]:
-    """What to register as a version's ``serving_spec``: the features it reads, in order, and
-    how the gateway batches its calls."""
-    out: dict[str, Any] = msgspec.to_builtins(spec)
-    out["batching"] = msgspec.to_builtins(Batching(max_batch_size, max_queue_delay_us))
-    return out
 
 
 #: Reads a variant's serving artifact, checked against its sha256.
@@ -91,7 +74,7 @@ def build_deployment(
             if not v.serving_spec:
                 raise FailedPreconditionError(
                     f"model {deployment.model!r} version {v.version} has no serving spec; "
-                    "register it with serving_spec=carrara.gateway.registry_source"
+                    "register it with serving_spec=carrara.core"
                     ".serving_spec(AssemblerSpec(...))"
                 )
             try:
@@ -258,7 +241,7 @@ class DeploymentFollower:
         except FileNotFoundError:
             pass
         else:
-            if sha256_bytes(data) == v.artifact_sha256:
+            if hashlib.sha256(data).hexdigest() == v.artifact_sha256:
                 return data
             log.warning("local copy %s fails its sha256 check; reading the store again", cached)
         if self.artifacts is None:
@@ -314,7 +297,7 @@ class DeploymentFollower:
         while not self._stop.is_set():
             try:
                 batch = self.events.read_after(
-                    DEPLOYMENTS_TOPIC, self._state.offset, count=100, block_ms=self.poll_ms
+                    Topic.DEPLOYMENTS, self._state.offset, count=100, block_ms=self.poll_ms
                 )
             except Exception as exc:  # any failure: report, back off, try again
                 with self._lock:

@@ -25,7 +25,7 @@ import msgspec
 
 from carrara.eventlog import EventLog
 from carrara.sql import Database, Transaction
-from carrara.types import TOPIC_ALERTS
+from carrara.types import Topic
 
 from .schema import ensure_schema
 
@@ -204,7 +204,7 @@ class AlertSink(Protocol):
 class EventLogSink:
     """Appends alerts (msgpack :class:`Alert`) to the ``alerts`` topic."""
 
-    def __init__(self, event_log: EventLog, topic: str = TOPIC_ALERTS) -> None:
+    def __init__(self, event_log: EventLog, topic: str = Topic.ALERTS) -> None:
         self._log = event_log
         self._topic = topic
         self.name = f"topic:{topic}"
@@ -382,7 +382,7 @@ class AlertSubscriber:
         consumer: str = "subscriber-1",
         kinds: Sequence[AlertKind] = ("drift", "performance"),
         states: Sequence[str] = ("firing",),
-        topic: str = TOPIC_ALERTS,
+        topic: str = Topic.ALERTS,
     ) -> None:
         self._log = event_log
         self._handler = handler

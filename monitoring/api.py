@@ -8,12 +8,14 @@ and ``GET /monitoring/models/{model}/report?version=`` (the HTML report). Errors
 registry API does: ``{"error": <grpc code>, "message": ...}`` with the error's HTTP status.
 Writes need a bearer token (from ``tokens``) with role ``publisher``, checked before the body
 is read; ``tokens=None`` leaves them open (a single-user setup). Bodies over
-:data:`MAX_BODY_BYTES` are refused with 413 while they are read.
+:data:`MAX_BODY_BYTES` are refused with 413 while they are read. Routes, their OpenAPI entries
+and the token guard come from one table (:func:`endpoints`, the kernel's HTTP kit).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -22,12 +24,20 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from carrara.auth import Authenticator, Principal, authenticator
 from carrara.errors import InvalidArgumentError
 from carrara.eventlog import EventLog
-from carrara.http import authorize, check_int64, decode_json, decode_msgpack, read_body, wrap
+from carrara.http import (
+    Endpoint,
+    build_routes,
+    check_int64,
+    decode_json,
+    decode_msgpack,
+    read_body,
+)
 from carrara.http import json_response as _json
-from carrara.registry.auth import Principal
 from carrara.sql import Database
+from carrara.types import Topic
 
 from .alerts import Alert, active_alerts
 from .config import ModelMonitorConfig
@@ -40,13 +50,20 @@ __all__ = [
     "AlertList",
     "MonitorRun",
     "create_routes",
+    "endpoints",
 ]
 
 #: The consumer name the API uses inside the monitoring consumer group (the ``carrara monitor
 #: run`` process is another member: each event goes to one of them, and both dedup by request
 #: id in the database, so nothing is counted twice).
 API_CONSUMER = "api"
+#: How long a flushing run waits for events other consumers of the group still hold.
+SETTLE_S = 10.0
 MAX_BODY_BYTES = 64 << 20
+WRITE_ROLE = "publisher"
+MSGPACK = "application/msgpack"
+#: Descriptions of the path parameters, for the OpenAPI document.
+PATH_PARAMS = {"model": "the model's name", "version": "the model version"}
 
 
 class AlertList(msgspec.Struct, frozen=True):
@@ -65,10 +82,17 @@ def create_routes(
     db: Database,
     event_log: EventLog,
     *,
-    tokens: Mapping[str, Principal] | None = None,
+    tokens: Mapping[str, Principal] | Authenticator | None = None,
     group: str = "monitoring",
 ) -> list[Route]:
-    """Routes over the monitoring tables in ``db`` and the prediction log ``event_log``."""
+    """Routes over the monitoring tables in ``db`` and the prediction log ``event_log``;
+    ``tokens`` (a table or an authenticator) guards the writes, None leaves them open."""
+    auth = None if tokens is None else authenticator(tokens)
+    return build_routes(endpoints(db, event_log, group=group), auth)
+
+
+def endpoints(db: Database, event_log: EventLog, *, group: str = "monitoring") -> list[Endpoint]:
+    """The monitoring API's table (one consumer of ``group`` per table, made on first run)."""
     consumer: MonitoringConsumer | None = None
     lock = threading.Lock()  # one run at a time: the consumer is not thread-safe
 
@@ -84,7 +108,6 @@ def create_routes(
         return _json(AlertList(found))
 
     async def configure(request: Request) -> Response:
-        authorize(request, tokens, "publisher", "configuring monitoring")
         model = request.path_params["model"]
         raw = await read_body(request, MAX_BODY_BYTES)
         config = decode_json(raw, ModelMonitorConfig, what="monitoring config")
@@ -92,7 +115,6 @@ def create_routes(
         return _json(config)
 
     async def reference(request: Request) -> Response:
-        authorize(request, tokens, "publisher", "storing a reference profile")
         model, version = request.path_params["model"], request.path_params["version"]
         profile: ReferenceProfile = decode_msgpack(
             await read_body(request, MAX_BODY_BYTES),
@@ -109,7 +131,6 @@ def create_routes(
         return Response(status_code=204)
 
     async def run(request: Request) -> Response:
-        authorize(request, tokens, "publisher", "running the monitoring consumer")
         flush = request.query_params.get("flush", "true").lower() not in ("0", "false", "no")
 
         def work() -> MonitorRun:
@@ -118,9 +139,23 @@ def create_routes(
                 result = c.run(stop_when_idle=True, block_ms=0)
                 found = list(result.alerts)
                 judged = result.windows_judged
+                new = result.predictions_new
                 if flush:
+                    # Other consumers of the group (`carrara monitor run` next to this API)
+                    # may hold delivered events they have not folded into the windows yet:
+                    # wait for them (bounded), so the windows judged now hold every event
+                    # logged before this call, whichever consumer read it.
+                    deadline = time.monotonic() + SETTLE_S
+                    while time.monotonic() < deadline and any(
+                        event_log.pending_count(t, group) for t in (Topic.PREDICTIONS, Topic.LABELS)
+                    ):
+                        time.sleep(0.05)
+                        more = c.run(stop_when_idle=True, block_ms=0)
+                        found.extend(more.alerts)
+                        judged += more.windows_judged
+                        new += more.predictions_new
                     found.extend(c.judge(flush=True))
-                return MonitorRun(result.predictions_new, judged, found)
+                return MonitorRun(new, judged, found)
 
         return _json(await run_in_threadpool(work))
 
@@ -139,10 +174,48 @@ def create_routes(
         return HTMLResponse(html)
 
     m = "/monitoring/models/{model}"
+    w = WRITE_ROLE
     return [
-        Route("/monitoring/alerts", wrap(alerts), methods=["GET"]),
-        Route(m + "/config", wrap(configure), methods=["PUT"]),
-        Route(m + "/versions/{version:int}/reference", wrap(reference), methods=["PUT"]),
-        Route("/monitoring/run", wrap(run), methods=["POST"]),
-        Route(m + "/report", wrap(report), methods=["GET"]),
+        Endpoint("GET", "/monitoring/alerts", "Active alerts", AlertList, alerts, query=("model",)),
+        Endpoint(
+            "PUT",
+            m + "/config",
+            "Configure monitoring of a model",
+            ModelMonitorConfig,
+            configure,
+            ModelMonitorConfig,
+            role=w,
+            action="configuring monitoring",
+        ),
+        Endpoint(
+            "PUT",
+            m + "/versions/{version:int}/reference",
+            "Store a reference profile (build_profile(...) as msgpack)",
+            None,
+            reference,
+            ReferenceProfile,
+            204,
+            w,
+            consumes=(MSGPACK,),
+            action="storing a reference profile",
+        ),
+        Endpoint(
+            "POST",
+            "/monitoring/run",
+            "Consume logged predictions and judge windows",
+            MonitorRun,
+            run,
+            role=w,
+            query=("flush",),
+            action="running the monitoring consumer",
+        ),
+        Endpoint(
+            "GET",
+            m + "/report",
+            "The HTML monitoring report",
+            str,
+            report,
+            query=("version",),
+            produces="text/html",
+        ),
     ]

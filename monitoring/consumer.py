@@ -24,14 +24,7 @@ import msgspec
 
 from carrara.eventlog import Event, EventLog
 from carrara.sql import Database, Transaction
-from carrara.types import (
-    TOPIC_LABELS,
-    TOPIC_PREDICTIONS,
-    LabelRecord,
-    PredictionRecord,
-    decode_label,
-    decode_prediction,
-)
+from carrara.types import LabelRecord, PredictionRecord, Topic, decode_label, decode_prediction
 
 from .alerts import Alert, AlertSink, Condition, SinkBackoff, apply_conditions, deliver_outbox
 from .batch_sql import existing_ids, insert_returning, rows_matching
@@ -123,11 +116,13 @@ class MonitoringConsumer:
         return hit[0]
 
     def profile(self, model: str, version: int) -> ReferenceProfile | None:
-        """The reference profile (cached; a missing one is looked up again after
-        ``refresh_s``, so a version profiled after its first predictions gets picked up)."""
+        """The reference profile (cached once found; a missing one is looked up again on
+        every call, one indexed read per batch, so a version profiled after its first
+        predictions — by another process, e.g. through the API — is judged from the next
+        batch on rather than counted as unprofiled)."""
         key = (model, version)
         hit = self._profiles.get(key)
-        if hit is None or (hit[0] is None and time.monotonic() - hit[1] > self._refresh_s):
+        if hit is None or hit[0] is None:
             from carrara.errors import NotFoundError
 
             try:
@@ -157,15 +152,15 @@ class MonitoringConsumer:
         closed windows and pending performance and deliver alerts."""
         result = PollResult()
         events = self.log.read(
-            TOPIC_PREDICTIONS, self.group, self.consumer, count=self.batch_size, block_ms=block_ms
+            Topic.PREDICTIONS, self.group, self.consumer, count=self.batch_size, block_ms=block_ms
         )
         if events:
             self.handle_predictions(events, result)
-            self.log.ack(TOPIC_PREDICTIONS, self.group, [e.id for e in events])
-        labels = self.log.read(TOPIC_LABELS, self.group, self.consumer, count=self.batch_size)
+            self.log.ack(Topic.PREDICTIONS, self.group, [e.id for e in events])
+        labels = self.log.read(Topic.LABELS, self.group, self.consumer, count=self.batch_size)
         if labels:
             self.handle_labels(labels, result)
-            self.log.ack(TOPIC_LABELS, self.group, [e.id for e in labels])
+            self.log.ack(Topic.LABELS, self.group, [e.id for e in labels])
         if judge:
             result.alerts.extend(self.judge(result=result))
         return result
@@ -206,7 +201,7 @@ class MonitoringConsumer:
             try:
                 rec = decode_prediction(event.payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                self.metrics.malformed.labels(TOPIC_PREDICTIONS).inc()
+                self.metrics.malformed.labels(Topic.PREDICTIONS).inc()
                 log.warning("skipping undecodable prediction event %s", event.id)
                 continue
             decoded += 1
@@ -252,7 +247,7 @@ class MonitoringConsumer:
             try:
                 labels.append(decode_label(event.payload))
             except (msgspec.DecodeError, msgspec.ValidationError):
-                self.metrics.malformed.labels(TOPIC_LABELS).inc()
+                self.metrics.malformed.labels(Topic.LABELS).inc()
                 log.warning("skipping undecodable label event %s", event.id)
         result.labels_read += len(events)
         new = self.add_labels(labels)

@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from carrara.eventlog import EventLog
 from carrara.sql import Database
-from carrara.types import TOPIC_LABELS, TOPIC_PREDICTIONS, LabelRecord, PredictionRecord, encode
+from carrara.types import LabelRecord, PredictionRecord, Topic, encode
 
 from .config import ModelMonitorConfig
 from .performance import roc_auc
@@ -138,7 +138,7 @@ def register_synthetic(
 
 def publish(log: EventLog, records: Sequence[PredictionRecord] | Sequence[LabelRecord]) -> None:
     """Append records to their topic, as the gateway (predictions) or a labeller would."""
-    topic = TOPIC_LABELS if records and isinstance(records[0], LabelRecord) else TOPIC_PREDICTIONS
+    topic = Topic.LABELS if records and isinstance(records[0], LabelRecord) else Topic.PREDICTIONS
     for i in range(0, len(records), 2_000):
         log.append_many(topic, [encode(r) for r in records[i : i + 2_000]])
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from carrara.registry.artifacts import ArtifactIntegrityError, ArtifactStore
 from carrara.registry.auth import ROLES, Principal, TokenStore
 from carrara.registry.migrations import upgrade
-from carrara.registry.registry import DEPLOYMENTS_TOPIC, ModelRegistry
+from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import (
     Approval,
     AuditEntry,
+    DeployedVariant,
     Deployment,
     DeployRequest,
     Gate,
@@ -25,12 +26,12 @@ from carrara.registry.types import (
 )
 
 __all__ = [
-    "DEPLOYMENTS_TOPIC",
     "ROLES",
     "Approval",
     "ArtifactIntegrityError",
     "ArtifactStore",
     "AuditEntry",
+    "DeployedVariant",
     "DeployRequest",
     "Deployment",
     "Gate",

@@ -2,35 +2,41 @@
 
 Path parameters name things the way users do: ``{model_id}`` is the model's name and
 ``{version_id}`` its version number. Reads are open; writes need ``Authorization: Bearer``
-with the role the registry asks for. Every ``CarraraError`` maps to its HTTP status in one
-handler, as ``{"error": <grpc code>, "message": ...}``.
+with the role the registry asks for, checked before the body is read. Routes, the OpenAPI
+document, the token guard and the error shape ``{"error": <grpc code>, "message": ...}`` are
+the kernel's HTTP kit (``carrara.http``); this module holds the table.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from carrara.errors import (
     InvalidArgumentError,
     NotFoundError,
     PayloadTooLargeError,
-    UnauthenticatedError,
     UnavailableError,
 )
-from carrara.http import ErrorBody, Handler, InputGuard, decode_json, read_body, wrap
+from carrara.http import (
+    Endpoint,
+    ErrorBody,
+    Health,
+    api_app,
+    build_routes,
+    decode_json,
+    principal_of,
+    read_body,
+    with_document,
+)
 from carrara.http import json_response as _json
-from carrara.registry.auth import Principal, require_role
+from carrara.registry.auth import registry_authenticator
 from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import (
     Approval,
@@ -47,6 +53,8 @@ from carrara.registry.types import (
 )
 
 __all__ = [
+    "MAX_BODY_BYTES",
+    "PATH_PARAMS",
     "ApproveRequest",
     "CreateModelRequest",
     "ErrorBody",
@@ -55,7 +63,19 @@ __all__ = [
     "RegisterRequest",
     "UpdateModelRequest",
     "create_app",
+    "endpoints",
 ]
+
+#: The default body limit (artifacts travel base64 inside); an app keeps its own in
+#: ``app.state.max_body_bytes``.
+MAX_BODY_BYTES = 512 << 20
+TITLE = "Carrara model registry"
+#: Descriptions of the path parameters, for the OpenAPI document.
+PATH_PARAMS = {
+    "model_id": "the model's name",
+    "version_id": "the version number",
+    "group_version": "a feature group version, 'group:version'",
+}
 
 
 class CreateModelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -105,24 +125,6 @@ class ApproveRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     comment: str = ""
 
 
-class Health(msgspec.Struct, frozen=True):
-    status: str
-
-
-Method = Literal["GET", "POST", "PATCH"]
-
-
-class _Endpoint(msgspec.Struct, frozen=True):
-    method: Method
-    path: str
-    summary: str
-    response: Any
-    body: Any = None
-    status: int = 200
-    role: str | None = None
-    query: tuple[str, ...] = ()
-
-
 async def _body(request: Request, kind: Any, *, optional: bool = False) -> Any:
     """The body as ``kind``: over the app's ``max_body_bytes`` is a 413 while reading (the
     kernel's :func:`~carrara.http.read_body`), anything malformed a 400."""
@@ -138,23 +140,24 @@ def create_app(
     registry: ModelRegistry,
     *,
     bootstrap_token: str | None = None,
-    max_body_bytes: int = 512 << 20,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Starlette:
-    """The REST app over ``registry``; ``bootstrap_token`` (e.g. ``Settings.api_token``) is
-    accepted as an admin token so the first real tokens can be created remotely. Bodies over
-    ``max_body_bytes`` (artifacts travel base64 inside) are refused with 413."""
+    """The REST app over ``registry`` (with ``/openapi.json``); ``bootstrap_token`` (e.g.
+    ``Settings.api_token``) is accepted as an admin token so the first real tokens can be
+    created remotely. Bodies over ``max_body_bytes`` are refused with 413."""
+    table = with_document("/openapi.json", TITLE, endpoints(registry), PATH_PARAMS)
+    app = api_app(build_routes(table, registry_authenticator(registry.tokens, bootstrap_token)))
+    app.state.max_body_bytes = max_body_bytes
+    return app
 
-    def principal(request: Request) -> Principal | None:
-        header = request.headers.get("authorization", "")
-        if not header:
-            return None
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
-        token = token.strip()
-        if bootstrap_token and hmac.compare_digest(token.encode(), bootstrap_token.encode()):
-            return Principal("bootstrap", frozenset({"admin"}))
-        return registry.tokens.authenticate(token)
+
+def endpoints(registry: ModelRegistry) -> list[Endpoint]:
+    """The registry API's table over ``registry``. Handlers read the body limit from the app
+    they run in (``app.state.max_body_bytes``) and the caller from :func:`principal_of`; the
+    registry checks the role again (401 for no caller, 403 for a missing role)."""
+
+    async def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return await run_in_threadpool(fn, *args, **kw)
 
     def model_of(request: Request) -> str:
         name: str = request.path_params["model_id"]
@@ -163,31 +166,6 @@ def create_app(
     def version_of(request: Request) -> int:
         version: int = request.path_params["version_id"]
         return version
-
-    def actor(request: Request) -> Any:
-        # Authenticated before the body was read (``authenticated``); the registry checks the
-        # role again and raises 401 for None, 403 for a missing role.
-        if hasattr(request.state, "principal"):
-            return request.state.principal
-        return principal(request)
-
-    def authenticated(role: str, summary: str, handler: Handler) -> Handler:
-        """``handler`` behind a token check that runs before any of the body is read, so a
-        caller without a token with ``role`` never makes the server read a large body."""
-
-        async def check(request: Request) -> Response:
-            who = await call(principal, request)
-            require_role(who, role, f"'{summary}'")
-            request.state.principal = who
-            return await handler(request)
-
-        check.__name__ = handler.__name__
-        return check
-
-    async def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return await run_in_threadpool(fn, *args, **kw)
-
-    # -- handlers ---------------------------------------------------------------------------
 
     async def healthz(request: Request) -> Response:
         return _json(Health("ok"))
@@ -210,7 +188,7 @@ def create_app(
         return _json(await call(registry.list_models))
 
     async def create_model(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: CreateModelRequest = await _body(request, CreateModelRequest)
         model = await call(
             registry.create_model,
@@ -227,7 +205,7 @@ def create_app(
         return _json(await call(registry.get_model, model_of(request)))
 
     async def update_model(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: UpdateModelRequest = await _body(request, UpdateModelRequest)
         model = await call(
             registry.update_model,
@@ -244,7 +222,7 @@ def create_app(
         return _json(await call(registry.list_versions, model_of(request), status=status))
 
     async def register(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: RegisterRequest = await _body(request, RegisterRequest)
         version = await call(
             registry.register,
@@ -281,7 +259,7 @@ def create_app(
         return Response(data, media_type="application/octet-stream")
 
     async def record_evaluation(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: EvaluationRequest = await _body(request, EvaluationRequest)
         version = await call(
             registry.record_evaluation,
@@ -294,7 +272,7 @@ def create_app(
         return _json(version)
 
     async def approve(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: ApproveRequest = await _body(request, ApproveRequest, optional=True)
         approval = await call(
             registry.approve,
@@ -306,12 +284,12 @@ def create_app(
         return _json(approval, 201)
 
     async def promote(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         result = await call(registry.promote, model_of(request), version_of(request), actor=who)
         return _json(result)
 
     async def archive(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         result = await call(registry.archive, model_of(request), version_of(request), actor=who)
         return _json(result)
 
@@ -319,7 +297,7 @@ def create_app(
         return _json(await call(registry.gate_results, model_of(request), version_of(request)))
 
     async def deploy(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         body: DeployRequest = await _body(request, DeployRequest, optional=True)
         deployment = await call(
             registry.deploy,
@@ -342,7 +320,7 @@ def create_app(
         return _json(found)
 
     async def rollback(request: Request) -> Response:
-        who = await call(actor, request)
+        who = principal_of(request)
         return _json(await call(registry.rollback, model_of(request), actor=who), 201)
 
     async def audit(request: Request) -> Response:
@@ -352,234 +330,124 @@ def create_app(
         group_version: str = request.path_params["group_version"]
         return _json(await call(registry.versions_using, group_version))
 
-    async def openapi(request: Request) -> Response:
-        return _json(spec)
-
     m = "/models/{model_id}"
     v = m + "/versions/{version_id:int}"
-    table: list[tuple[_Endpoint, Handler]] = [
-        (_Endpoint("GET", "/healthz", "Liveness", Health), healthz),
-        (_Endpoint("GET", "/readyz", "Readiness (database reachable)", Health), readyz),
-        (_Endpoint("GET", "/models", "List models", list[Model]), list_models),
-        (
-            _Endpoint(
-                "POST", "/models", "Create a model", Model, CreateModelRequest, 201, "publisher"
-            ),
+    return [
+        Endpoint("GET", "/healthz", "Liveness", Health, healthz),
+        Endpoint("GET", "/readyz", "Readiness (database reachable)", Health, readyz),
+        Endpoint("GET", "/models", "List models", list[Model], list_models),
+        Endpoint(
+            "POST",
+            "/models",
+            "Create a model",
+            Model,
             create_model,
+            CreateModelRequest,
+            201,
+            "publisher",
         ),
-        (_Endpoint("GET", m, "Show a model", Model), get_model),
-        (
-            _Endpoint(
-                "PATCH", m, "Change promotion policy", Model, UpdateModelRequest, 200, "admin"
-            ),
+        Endpoint("GET", m, "Show a model", Model, get_model),
+        Endpoint(
+            "PATCH",
+            m,
+            "Change promotion policy",
+            Model,
             update_model,
+            UpdateModelRequest,
+            200,
+            "admin",
         ),
-        (
-            _Endpoint(
-                "GET", m + "/versions", "List versions", list[ModelVersion], query=("status",)
-            ),
+        Endpoint(
+            "GET",
+            m + "/versions",
+            "List versions",
+            list[ModelVersion],
             list_versions,
+            query=("status",),
         ),
-        (
-            _Endpoint(
-                "POST",
-                m + "/versions",
-                "Register a version",
-                ModelVersion,
-                RegisterRequest,
-                201,
-                "publisher",
-            ),
+        Endpoint(
+            "POST",
+            m + "/versions",
+            "Register a version",
+            ModelVersion,
             register,
+            RegisterRequest,
+            201,
+            "publisher",
         ),
-        (_Endpoint("GET", v, "Show a version", ModelVersion), get_version),
-        (_Endpoint("GET", v + "/lineage", "What produced a version", Lineage), lineage),
-        (
-            _Endpoint(
-                "GET", v + "/artifact", "Download a verified artifact", bytes, query=("kind",)
-            ),
+        Endpoint("GET", v, "Show a version", ModelVersion, get_version),
+        Endpoint("GET", v + "/lineage", "What produced a version", Lineage, lineage),
+        Endpoint(
+            "GET",
+            v + "/artifact",
+            "Download a verified artifact",
+            bytes,
             artifact,
+            query=("kind",),
+            produces="application/octet-stream",
         ),
-        (
-            _Endpoint(
-                "POST",
-                v + "/evaluations",
-                "Record evaluation metrics",
-                ModelVersion,
-                EvaluationRequest,
-                200,
-                "publisher",
-            ),
+        Endpoint(
+            "POST",
+            v + "/evaluations",
+            "Record evaluation metrics",
+            ModelVersion,
             record_evaluation,
+            EvaluationRequest,
+            200,
+            "publisher",
         ),
-        (
-            _Endpoint(
-                "POST",
-                v + "/approve",
-                "Approve a promotion",
-                Approval,
-                ApproveRequest,
-                201,
-                "approver",
-            ),
+        Endpoint(
+            "POST",
+            v + "/approve",
+            "Approve a promotion",
+            Approval,
             approve,
+            ApproveRequest,
+            201,
+            "approver",
         ),
-        (
-            _Endpoint(
-                "POST",
-                v + "/promote",
-                "Promote to PRODUCTION",
-                PromotionResult,
-                None,
-                200,
-                "deployer",
-            ),
+        Endpoint(
+            "POST",
+            v + "/promote",
+            "Promote to PRODUCTION",
+            PromotionResult,
             promote,
+            role="deployer",
         ),
-        (
-            _Endpoint(
-                "POST", v + "/archive", "Archive a version", ModelVersion, None, 200, "deployer"
-            ),
-            archive,
+        Endpoint(
+            "POST", v + "/archive", "Archive a version", ModelVersion, archive, role="deployer"
         ),
-        (_Endpoint("GET", v + "/gates", "Gate results", list[GateResult]), gate_results),
-        (_Endpoint("GET", v + "/approvals", "Approvals", list[Approval]), approvals),
-        (
-            _Endpoint(
-                "POST",
-                v + "/deploy",
-                "Deploy with a traffic split",
-                Deployment,
-                DeployRequest,
-                201,
-                "deployer",
-            ),
+        Endpoint("GET", v + "/gates", "Gate results", list[GateResult], gate_results),
+        Endpoint("GET", v + "/approvals", "Approvals", list[Approval], approvals),
+        Endpoint(
+            "POST",
+            v + "/deploy",
+            "Deploy with a traffic split",
+            Deployment,
             deploy,
+            DeployRequest,
+            201,
+            "deployer",
         ),
-        (_Endpoint("GET", m + "/deployments", "Deployment history", list[Deployment]), deployments),
-        (
-            _Endpoint("GET", m + "/deployments/active", "Active deployment", Deployment),
-            active_deployment,
+        Endpoint("GET", m + "/deployments", "Deployment history", list[Deployment], deployments),
+        Endpoint(
+            "GET", m + "/deployments/active", "Active deployment", Deployment, active_deployment
         ),
-        (
-            _Endpoint(
-                "POST",
-                m + "/deployments/rollback",
-                "Roll back to the previous deployment",
-                Deployment,
-                None,
-                201,
-                "deployer",
-            ),
+        Endpoint(
+            "POST",
+            m + "/deployments/rollback",
+            "Roll back to the previous deployment",
+            Deployment,
             rollback,
+            status=201,
+            role="deployer",
         ),
-        (_Endpoint("GET", m + "/audit", "Audit log", list[AuditEntry]), audit),
-        (
-            _Endpoint(
-                "GET",
-                "/lineage/feature-groups/{group_version}",
-                "Model versions that used a feature group version",
-                list[ModelVersion],
-            ),
+        Endpoint("GET", m + "/audit", "Audit log", list[AuditEntry], audit),
+        Endpoint(
+            "GET",
+            "/lineage/feature-groups/{group_version}",
+            "Model versions that used a feature group version",
+            list[ModelVersion],
             versions_using,
         ),
     ]
-    spec = openapi_spec([e for e, _ in table])
-    routes = [
-        Route(
-            e.path,
-            wrap(h if e.role is None else authenticated(e.role, e.summary, h)),
-            methods=[e.method],
-        )
-        for e, h in table
-    ]
-    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
-    app = Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(InputGuard)],
-    )
-    app.state.max_body_bytes = max_body_bytes
-    return app
-
-
-_HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    # Starlette's own errors (no such route, wrong method) in the same JSON shape.
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    message = f"no route {request.method} {request.url.path}; see /openapi.json"
-    return _json(ErrorBody(_HTTP_CODES.get(status, "UNKNOWN"), message), status)
-
-
-def openapi_spec(endpoints: list[_Endpoint]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document whose schemas come from the msgspec types themselves."""
-    types: list[Any] = [ErrorBody]
-    for e in endpoints:
-        types.append(e.response)
-        if e.body is not None:
-            types.append(e.body)
-    schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}"
-    )
-    by_type = dict(zip(types, schemas, strict=True))
-    error_ref = by_type[ErrorBody]
-    paths: dict[str, dict[str, Any]] = {}
-    for e in endpoints:
-        path = e.path.replace(":int", "")
-        params = [
-            {
-                "name": name,
-                "in": "path",
-                "required": True,
-                "schema": {"type": "integer" if name == "version_id" else "string"},
-                "description": {
-                    "model_id": "the model's name",
-                    "version_id": "the version number",
-                    "group_version": "a feature group version, 'group:version'",
-                }[name],
-            }
-            for name in ("model_id", "version_id", "group_version")
-            if "{" + name in e.path
-        ]
-        params += [
-            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-            for q in e.query
-        ]
-        op: dict[str, Any] = {
-            "summary": e.summary,
-            "parameters": params,
-            "responses": {
-                str(e.status): {
-                    "description": "OK",
-                    "content": {
-                        "application/octet-stream" if e.response is bytes else "application/json": {
-                            "schema": by_type[e.response]
-                        }
-                    },
-                },
-                "default": {
-                    "description": "error",
-                    "content": {"application/json": {"schema": error_ref}},
-                },
-            },
-        }
-        if e.body is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": by_type[e.body]}},
-            }
-        if e.role is not None:
-            op["security"] = [{"bearer": []}]
-            op["description"] = f"Needs a bearer token with role '{e.role}'."
-        paths.setdefault(path, {})[e.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Carrara model registry", "version": "1"},
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-    }

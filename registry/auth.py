@@ -1,14 +1,15 @@
 """Bearer tokens with roles, stored hashed in the registry database.
 
 Tokens are 32 random bytes (``crt_`` + urlsafe base64); only their sha256 is stored, so a
-database dump reveals none. Roles: ``reader``, ``publisher`` (register), ``deployer``
-(promote, deploy, rollback, archive), ``approver`` (approve high-stakes promotions) and
-``admin`` (everything except approving: approval stays a separate person's role).
+database dump reveals none. The roles, :class:`Principal` and :func:`require_role` are the
+kernel's (``carrara.auth``, re-exported here); :func:`registry_authenticator` is what every API
+of ``carrara up`` checks tokens with.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Iterable
@@ -16,24 +17,19 @@ from typing import Any
 
 import msgspec
 
-from carrara.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
+from carrara.auth import ROLES, Authenticator, Principal, require_role
+from carrara.errors import InvalidArgumentError, UnauthenticatedError
 from carrara.registry.util import now_iso
 from carrara.sql import Database, Transaction
 
-__all__ = ["ROLES", "Principal", "TokenInfo", "TokenStore", "require_role"]
-
-ROLES = ("reader", "publisher", "deployer", "approver", "admin")
-_IMPLIED = {"admin": {"reader", "publisher", "deployer", "admin"}}
-
-
-class Principal(msgspec.Struct, frozen=True):
-    """Who is calling and with which roles."""
-
-    subject: str
-    roles: frozenset[str]
-
-    def has(self, role: str) -> bool:
-        return role in self.roles or any(role in _IMPLIED.get(r, ()) for r in self.roles)
+__all__ = [
+    "ROLES",
+    "Principal",
+    "TokenInfo",
+    "TokenStore",
+    "registry_authenticator",
+    "require_role",
+]
 
 
 class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,21 +44,6 @@ class TokenInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def require_role(principal: Principal | None, role: str, action: str) -> Principal:
-    """The principal if it may do ``action``; else the 401/403 error that says what is missing."""
-    if principal is None:
-        raise UnauthenticatedError(
-            f"{action} needs a bearer token with role {role!r}: send 'Authorization: Bearer "
-            "<token>' (create one with 'carrara models token create')"
-        )
-    if not principal.has(role):
-        have = ", ".join(sorted(principal.roles)) or "none"
-        raise PermissionDeniedError(
-            f"{action} needs role {role!r}; token of {principal.subject!r} has roles: {have}"
-        )
-    return principal
 
 
 def _audit(tx: Transaction, action: str, detail: dict[str, Any]) -> None:
@@ -138,3 +119,17 @@ class TokenStore:
             )
             for r in rows
         ]
+
+
+def registry_authenticator(store: TokenStore, bootstrap_token: str | None = None) -> Authenticator:
+    """Tokens as the registry checks them: ``bootstrap_token`` (e.g. ``Settings.api_token``,
+    compared in constant time) is an admin, so the first real tokens can be created remotely;
+    any other token is looked up (hashed) in ``store``."""
+    bootstrap = bootstrap_token.encode() if bootstrap_token else b""
+
+    def authenticate(token: str) -> Principal:
+        if bootstrap and hmac.compare_digest(token.encode(), bootstrap):
+            return Principal("bootstrap", frozenset({"admin"}))
+        return store.authenticate(token)
+
+    return authenticate

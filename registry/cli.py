@@ -1,7 +1,8 @@
 """``carrara models ...``: the registry from the command line, embedded or against a server.
 
 Without ``--server`` the commands open the registry named by the settings (SQLite by default)
-directly; with it they call the REST API. Admin commands need ``--token`` (or
+directly (a ``ModelRegistry``); with it they call the REST API (a ``RegistryClient``): the
+same methods either way, with ``actor=`` the token's principal. Writes need ``--token`` (or
 ``CARRARA_API_TOKEN``); ``carrara models token create`` makes one and needs database access.
 """
 
@@ -63,8 +64,30 @@ def _open_registry(args: argparse.Namespace) -> Iterator[ModelRegistry]:
             events.close()
 
 
+class _Session:
+    """The registry a command calls (the database or the REST API, one set of methods) and
+    the ``actor`` its writes name."""
+
+    def __init__(self, registry: RegistryAPI, principal: Principal | None) -> None:
+        self.registry = registry
+        self._principal = principal
+
+    @property
+    def actor(self) -> Principal:
+        """Who writes: the token's principal (remotely a stand-in: the server checks the
+        token). Without a token, the 401 that says how to get one."""
+        if self._principal is None:
+            from carrara.errors import UnauthenticatedError
+
+            raise UnauthenticatedError(
+                "this command needs a bearer token: pass --token or set CARRARA_API_TOKEN "
+                "(create one with 'carrara models token create')"
+            )
+        return self._principal
+
+
 @contextmanager
-def _client(args: argparse.Namespace, *, publish: bool = False) -> Iterator[RegistryAPI]:
+def _client(args: argparse.Namespace, *, publish: bool = False) -> Iterator[_Session]:
     from carrara.config import load_settings
 
     settings = load_settings(args.config)
@@ -73,13 +96,11 @@ def _client(args: argparse.Namespace, *, publish: bool = False) -> Iterator[Regi
         from carrara.registry.client import RegistryClient
 
         with RegistryClient(args.server, token) as client:
-            yield client
+            yield _Session(client, client.actor)
         return
-    from carrara.registry.client import LocalRegistryClient
-
     args.publish = publish
     with _open_registry(args) as reg:
-        yield LocalRegistryClient(reg, _direct_principal(reg, token, settings.api_token))
+        yield _Session(reg, _direct_principal(reg, token, settings.api_token))
 
 
 def _direct_principal(reg: ModelRegistry, token: str | None, bootstrap: str) -> Principal | None:
@@ -98,7 +119,7 @@ def _direct_principal(reg: ModelRegistry, token: str | None, bootstrap: str) -> 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        for m in c.list_models():
+        for m in c.registry.list_models():
             prod = m.production_version if m.production_version is not None else "-"
             print(f"{m.name}\tlatest={m.latest_version}\tproduction={prod}")
     return 0
@@ -106,13 +127,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print(c.get_version(args.model, args.version) if args.version else c.get_model(args.model))
+        _print(
+            c.registry.get_version(args.model, args.version)
+            if args.version
+            else c.registry.get_model(args.model)
+        )
     return 0
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        for v in c.list_versions(args.model, status=args.status):
+        for v in c.registry.list_versions(args.model, status=args.status):
             print(f"{v.version}\t{v.status}\t{v.created_at}\t{v.run_id}")
     return 0
 
@@ -144,8 +169,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
     gates = [_gate(g) for g in args.gate or []]
     with _client(args) as c:
         _print(
-            c.create_model(
+            c.registry.create_model(
                 args.model,
+                actor=c.actor,
                 framework=args.framework,
                 description=args.description,
                 high_stakes=args.high_stakes,
@@ -159,8 +185,9 @@ def _cmd_update(args: argparse.Namespace) -> int:
     gates = None if args.gate is None else [_gate(g) for g in args.gate if g]
     with _client(args) as c:
         _print(
-            c.update_model(
+            c.registry.update_model(
                 args.model,
+                actor=c.actor,
                 description=args.description,
                 high_stakes=args.high_stakes,
                 gates=gates,
@@ -172,8 +199,6 @@ def _cmd_update(args: argparse.Namespace) -> int:
 def _cmd_register(args: argparse.Namespace) -> int:
     import msgspec
 
-    from carrara.registry.api import RegisterRequest
-    from carrara.registry.client import read_artifact
     from carrara.registry.types import Signature
 
     evaluations: dict[str, dict[str, float]] = {}
@@ -188,31 +213,38 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.signature:
         with open(args.signature, "rb") as fh:
             signature = msgspec.json.decode(fh.read(), type=Signature)
-    request = RegisterRequest(
-        framework=args.framework,
-        framework_version=args.framework_version,
-        serving_artifact=read_artifact(args.serving),
-        native_artifact=read_artifact(args.native),
-        native_format=args.native_format,
-        metrics=_pairs(args.metric, "--metric"),
-        evaluations=evaluations,
-        feature_store_version=args.feature_group or [],
-        training_dataset_ref=args.dataset,
-        signature=signature,
-        run_id=args.run_id,
-        tags={k: v for k, _, v in (t.partition("=") for t in args.tag or [])},
-        serving_spec=serving_spec,
-    )
     with _client(args) as c:
-        _print(c.register(args.model, request))
+        _print(
+            c.registry.register(
+                args.model,
+                actor=c.actor,
+                framework=args.framework,
+                framework_version=args.framework_version,
+                serving_artifact=args.serving,  # a file path: read where the registry is
+                native_artifact=args.native,
+                native_format=args.native_format,
+                metrics=_pairs(args.metric, "--metric"),
+                evaluations=evaluations,
+                feature_store_version=args.feature_group or [],
+                training_dataset_ref=args.dataset,
+                signature=signature,
+                run_id=args.run_id,
+                tags={k: v for k, _, v in (t.partition("=") for t in args.tag or [])},
+                serving_spec=serving_spec,
+            )
+        )
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     with _client(args) as c:
         _print(
-            c.record_evaluation(
-                args.model, args.version, args.dataset, _pairs(args.metric, "--metric")
+            c.registry.record_evaluation(
+                args.model,
+                args.version,
+                args.dataset,
+                _pairs(args.metric, "--metric"),
+                actor=c.actor,
             )
         )
     return 0
@@ -220,19 +252,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_approve(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print(c.approve(args.model, args.version, args.comment))
+        _print(c.registry.approve(args.model, args.version, actor=c.actor, comment=args.comment))
     return 0
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print(c.promote(args.model, args.version))
+        _print(c.registry.promote(args.model, args.version, actor=c.actor))
     return 0
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print(c.archive(args.model, args.version))
+        _print(c.registry.archive(args.model, args.version, actor=c.actor))
     return 0
 
 
@@ -253,19 +285,23 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         except msgspec.DecodeError as exc:
             raise InvalidArgumentError(f"--split is not a valid traffic split: {exc}") from exc
     with _client(args, publish=True) as c:
-        _print(c.deploy(args.model, args.version, split, args.endpoint))
+        _print(
+            c.registry.deploy(
+                args.model, args.version, split, actor=c.actor, serving_endpoint=args.endpoint
+            )
+        )
     return 0
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     with _client(args, publish=True) as c:
-        _print(c.rollback(args.model))
+        _print(c.registry.rollback(args.model, actor=c.actor))
     return 0
 
 
 def _cmd_deployments(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        _print(c.deployments(args.model))
+        _print(c.registry.deployments(args.model))
     return 0
 
 
@@ -274,10 +310,10 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
     with _client(args) as c:
         if args.feature_group:
-            for v in c.versions_using(args.feature_group):
+            for v in c.registry.versions_using(args.feature_group):
                 print(f"{v.model}\t{v.version}\t{v.status}")
         elif args.model and args.version:
-            _print(c.lineage(args.model, args.version))
+            _print(c.registry.lineage(args.model, args.version))
         else:
             raise InvalidArgumentError("give MODEL VERSION, or --feature-group group:version")
     return 0
@@ -285,7 +321,7 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        for a in c.audit(args.model):
+        for a in c.registry.audit(args.model):
             print(f"{a.created_at}\t{a.actor}\t{a.action}\tv{a.version}\t{a.detail}")
     return 0
 

@@ -1,18 +1,20 @@
-"""SDK for the registry: the REST client and an embedded twin with the same methods.
+"""The registry over its REST API, with the signatures of ``ModelRegistry``.
 
-``RegistryClient`` talks HTTP to ``carrara.registry.api``; ``LocalRegistryClient`` calls a
-``ModelRegistry`` directly as a given principal. The CLI uses either through ``RegistryAPI``.
-Errors come back as the same ``CarraraError`` classes the server raised.
+``RegistryClient`` is ``carrara.Client().registry`` and what ``carrara models --server`` calls;
+its public methods take exactly the arguments of
+:class:`carrara.registry.registry.ModelRegistry`'s (``tests/unit/test_sdk_signatures.py``
+compares them), so code written for the embedded registry runs against a server unchanged.
+Errors come back as the ``CarraraError`` classes the server raised (one transport,
+:class:`carrara.transport.Transport`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeAlias
 
 import httpx
-import msgspec
 
 from carrara import errors
 from carrara.registry.api import (
@@ -38,72 +40,33 @@ from carrara.registry.types import (
     Signature,
     TrafficSplit,
 )
+from carrara.transport import Transport
 
-__all__ = ["LocalRegistryClient", "RegistryAPI", "RegistryClient"]
+__all__ = ["TOKEN_ACTOR", "RegistryAPI", "RegistryClient", "read_artifact"]
 
-T = TypeVar("T")
-
-_BY_CODE: dict[str, type[errors.CarraraError]] = {
-    "INVALID_ARGUMENT": errors.InvalidArgumentError,
-    "NOT_FOUND": errors.NotFoundError,
-    "ALREADY_EXISTS": errors.AlreadyExistsError,
-    "FAILED_PRECONDITION": errors.FailedPreconditionError,
-    "UNAUTHENTICATED": errors.UnauthenticatedError,
-    "PERMISSION_DENIED": errors.PermissionDeniedError,
-    "RESOURCE_EXHAUSTED": errors.ResourceExhaustedError,
-    "UNAVAILABLE": errors.UnavailableError,
-    "DEADLINE_EXCEEDED": errors.DeadlineExceededError,
-}
+#: The ``actor=`` to pass a remote registry: a stand-in, since the server acts as whoever
+#: the bearer token belongs to and checks that token's roles (``RegistryClient.actor``).
+TOKEN_ACTOR = Principal("bearer-token", frozenset())
 
 
-class RegistryAPI(Protocol):
-    """What the CLI needs, remote or embedded."""
-
-    def list_models(self) -> list[Model]: ...
-    def get_model(self, name: str) -> Model: ...
-    def create_model(
-        self,
-        name: str,
-        *,
-        framework: str = "",
-        description: str = "",
-        high_stakes: bool = False,
-        gates: Sequence[Gate] = (),
-    ) -> Model: ...
-    def update_model(
-        self,
-        name: str,
-        *,
-        description: str | None = None,
-        high_stakes: bool | None = None,
-        gates: Sequence[Gate] | None = None,
-    ) -> Model: ...
-    def list_versions(self, name: str, *, status: str | None = None) -> list[ModelVersion]: ...
-    def get_version(self, name: str, version: int) -> ModelVersion: ...
-    def register(self, name: str, request: RegisterRequest) -> ModelVersion: ...
-    def record_evaluation(
-        self, name: str, version: int, dataset: str, metrics: Mapping[str, float]
-    ) -> ModelVersion: ...
-    def approve(self, name: str, version: int, comment: str = "") -> Approval: ...
-    def approvals(self, name: str, version: int) -> list[Approval]: ...
-    def promote(self, name: str, version: int) -> PromotionResult: ...
-    def archive(self, name: str, version: int) -> ModelVersion: ...
-    def gate_results(self, name: str, version: int) -> list[GateResult]: ...
-    def deploy(
-        self, name: str, version: int, split: TrafficSplit | None = None, serving_endpoint: str = ""
-    ) -> Deployment: ...
-    def rollback(self, name: str) -> Deployment: ...
-    def deployments(self, name: str) -> list[Deployment]: ...
-    def lineage(self, name: str, version: int) -> Lineage: ...
-    def versions_using(self, feature_group_version: str) -> list[ModelVersion]: ...
-    def audit(self, name: str) -> list[AuditEntry]: ...
-    def load_artifact(
-        self, name: str, version: int, kind: Literal["serving", "native"] = "serving"
-    ) -> bytes: ...
+def read_artifact(path: bytes | str | Path | None) -> bytes | None:
+    """The bytes of an artifact given as bytes or as a local file path, or None."""
+    if path is None or isinstance(path, bytes):
+        return path
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise errors.NotFoundError(f"artifact file {path} does not exist") from exc
 
 
 class RegistryClient:
-    """HTTP client for the registry API; pass ``http`` to reuse or inject an ``httpx.Client``."""
+    """``ModelRegistry``'s methods over the registry API (``carrara.registry.api``).
+
+    Every ``actor`` argument is accepted for parity with the embedded registry and not sent:
+    the bearer ``token`` decides who acts, and the server checks its roles (pass
+    ``actor=client.actor``, :data:`TOKEN_ACTOR`). Pass ``http`` to inject an ``httpx.Client``
+    or ``transport`` to share one (``carrara.Client`` does); neither is closed here.
+    """
 
     def __init__(
         self,
@@ -111,16 +74,19 @@ class RegistryClient:
         token: str | None = None,
         *,
         http: httpx.Client | None = None,
+        transport: Transport | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._owns = http is None
-        self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout_s)
-        self._headers = headers
+        self._owns = transport is None
+        self._t = transport or Transport(
+            url, token, http=http, timeout_s=timeout_s, service="registry API"
+        )
+        #: What to pass as ``actor=``; the token is who acts.
+        self.actor: Principal = TOKEN_ACTOR
 
     def close(self) -> None:
         if self._owns:
-            self._http.close()
+            self._t.close()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -128,46 +94,50 @@ class RegistryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        kind: type[T],
-        body: Any = None,
-        params: Mapping[str, str] | None = None,
-    ) -> T:
-        content = msgspec.json.encode(body) if body is not None else None
-        try:
-            response = self._http.request(
-                method,
-                path,
-                content=content,
-                params=params,
-                headers={**self._headers, "content-type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise errors.UnavailableError(f"registry API unreachable: {exc}") from exc
-        if response.status_code >= 400:
-            try:
-                err = msgspec.json.decode(response.content)
-                code, message = err["error"], err["message"]
-            except (msgspec.DecodeError, KeyError, TypeError):
-                code, message = "UNKNOWN", response.text
-            raise _BY_CODE.get(code, errors.InternalError)(message)
-        if kind is bytes:
-            return response.content  # type: ignore[return-value]
-        return msgspec.json.decode(response.content, type=kind)
+    def _call(self, method: str, path: str, kind: Any, **kw: Any) -> Any:
+        return self._t.call(method, path, kind, service="registry API", **kw)
 
-    def list_models(self) -> list[Model]:
-        return self._call("GET", "/models", list[Model])
+    # -- models and versions ------------------------------------------------------------------
 
     def get_model(self, name: str) -> Model:
-        return self._call("GET", f"/models/{name}", Model)
+        model: Model = self._call("GET", f"/models/{name}", Model)
+        return model
+
+    def list_models(self) -> list[Model]:
+        models: list[Model] = self._call("GET", "/models", list[Model])
+        return models
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        found: ModelVersion = self._call("GET", f"/models/{name}/versions/{version}", ModelVersion)
+        return found
+
+    def list_versions(self, name: str, *, status: str | None = None) -> list[ModelVersion]:
+        versions: list[ModelVersion] = self._call(
+            "GET", f"/models/{name}/versions", list[ModelVersion], params={"status": status}
+        )
+        return versions
+
+    def version_for_run(self, name: str, run_id: str) -> ModelVersion | None:
+        """The first version of ``name`` registered by training run ``run_id``, or None
+        (also when the model does not exist)."""
+        if not run_id:
+            raise errors.InvalidArgumentError("version_for_run needs a run id")
+        try:
+            versions = self.list_versions(name)
+        except errors.NotFoundError:
+            return None
+        found = sorted((v for v in versions if v.run_id == run_id), key=lambda v: v.version)
+        return found[0] if found else None
+
+    def production_version(self, name: str) -> ModelVersion | None:
+        found = self.list_versions(name, status="PRODUCTION")
+        return found[0] if found else None
 
     def create_model(
         self,
         name: str,
         *,
+        actor: Principal,
         framework: str = "",
         description: str = "",
         high_stakes: bool = False,
@@ -180,12 +150,14 @@ class RegistryClient:
             high_stakes=high_stakes,
             gates=list(gates),
         )
-        return self._call("POST", "/models", Model, body)
+        model: Model = self._call("POST", "/models", Model, json=body)
+        return model
 
     def update_model(
         self,
         name: str,
         *,
+        actor: Principal,
         description: str | None = None,
         high_stakes: bool | None = None,
         gates: Sequence[Gate] | None = None,
@@ -195,205 +167,183 @@ class RegistryClient:
             high_stakes=high_stakes,
             gates=None if gates is None else list(gates),
         )
-        return self._call("PATCH", f"/models/{name}", Model, body)
+        model: Model = self._call("PATCH", f"/models/{name}", Model, json=body)
+        return model
 
-    def list_versions(self, name: str, *, status: str | None = None) -> list[ModelVersion]:
-        params = {"status": status} if status else None
-        return self._call("GET", f"/models/{name}/versions", list[ModelVersion], params=params)
+    def register(
+        self,
+        name: str,
+        *,
+        actor: Principal,
+        serving_artifact: bytes | str | Path | None,
+        native_artifact: bytes | str | Path | None = None,
+        native_format: str = "",
+        framework: str,
+        framework_version: str = "",
+        metrics: Mapping[str, float] | None = None,
+        evaluations: Mapping[str, Mapping[str, float]] | None = None,
+        feature_store_version: Sequence[str] = (),
+        training_dataset_ref: str = "",
+        signature: Signature | None = None,
+        run_id: str = "",
+        tags: Mapping[str, str] | None = None,
+        serving_spec: Mapping[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a version; artifacts given as file paths are read here and sent in the
+        body (``RegisterRequest``, the wire format)."""
+        body = RegisterRequest(
+            framework=framework,
+            serving_artifact=read_artifact(serving_artifact),
+            native_artifact=read_artifact(native_artifact),
+            native_format=native_format,
+            framework_version=framework_version,
+            metrics=dict(metrics or {}),
+            evaluations={k: dict(v) for k, v in (evaluations or {}).items()},
+            feature_store_version=list(feature_store_version),
+            training_dataset_ref=training_dataset_ref,
+            signature=signature,
+            run_id=run_id,
+            tags=dict(tags or {}),
+            serving_spec=dict(serving_spec or {}),
+        )
+        version: ModelVersion = self._call(
+            "POST", f"/models/{name}/versions", ModelVersion, json=body
+        )
+        return version
 
-    def get_version(self, name: str, version: int) -> ModelVersion:
-        return self._call("GET", f"/models/{name}/versions/{version}", ModelVersion)
+    def load_artifact(
+        self, name: str, version: int, kind: Literal["serving", "native"] = "serving"
+    ) -> bytes:
+        data: bytes = self._call(
+            "GET", f"/models/{name}/versions/{version}/artifact", bytes, params={"kind": kind}
+        )
+        return data
 
-    def register(self, name: str, request: RegisterRequest) -> ModelVersion:
-        return self._call("POST", f"/models/{name}/versions", ModelVersion, request)
+    # -- promotion ------------------------------------------------------------------------------
 
     def record_evaluation(
-        self, name: str, version: int, dataset: str, metrics: Mapping[str, float]
+        self,
+        name: str,
+        version: int,
+        dataset: str,
+        metrics: Mapping[str, float],
+        *,
+        actor: Principal,
     ) -> ModelVersion:
         body = EvaluationRequest(dataset=dataset, metrics=dict(metrics))
-        return self._call(
-            "POST", f"/models/{name}/versions/{version}/evaluations", ModelVersion, body
+        found: ModelVersion = self._call(
+            "POST", f"/models/{name}/versions/{version}/evaluations", ModelVersion, json=body
         )
+        return found
 
-    def approve(self, name: str, version: int, comment: str = "") -> Approval:
-        return self._call(
+    def approve(self, name: str, version: int, *, actor: Principal, comment: str = "") -> Approval:
+        approval: Approval = self._call(
             "POST",
             f"/models/{name}/versions/{version}/approve",
             Approval,
-            ApproveRequest(comment=comment),
+            json=ApproveRequest(comment=comment),
         )
+        return approval
 
     def approvals(self, name: str, version: int) -> list[Approval]:
-        return self._call("GET", f"/models/{name}/versions/{version}/approvals", list[Approval])
+        found: list[Approval] = self._call(
+            "GET", f"/models/{name}/versions/{version}/approvals", list[Approval]
+        )
+        return found
 
-    def promote(self, name: str, version: int) -> PromotionResult:
-        return self._call("POST", f"/models/{name}/versions/{version}/promote", PromotionResult)
-
-    def archive(self, name: str, version: int) -> ModelVersion:
-        return self._call("POST", f"/models/{name}/versions/{version}/archive", ModelVersion)
+    def promote(self, name: str, version: int, *, actor: Principal) -> PromotionResult:
+        result: PromotionResult = self._call(
+            "POST", f"/models/{name}/versions/{version}/promote", PromotionResult
+        )
+        return result
 
     def gate_results(self, name: str, version: int) -> list[GateResult]:
-        return self._call("GET", f"/models/{name}/versions/{version}/gates", list[GateResult])
+        found: list[GateResult] = self._call(
+            "GET", f"/models/{name}/versions/{version}/gates", list[GateResult]
+        )
+        return found
+
+    def archive(self, name: str, version: int, *, actor: Principal) -> ModelVersion:
+        found: ModelVersion = self._call(
+            "POST", f"/models/{name}/versions/{version}/archive", ModelVersion
+        )
+        return found
+
+    # -- deployments ----------------------------------------------------------------------------
 
     def deploy(
-        self, name: str, version: int, split: TrafficSplit | None = None, serving_endpoint: str = ""
+        self,
+        name: str,
+        version: int,
+        split: TrafficSplit | None = None,
+        *,
+        actor: Principal,
+        serving_endpoint: str = "",
+        prepare: Callable[[Deployment], None] | None = None,
     ) -> Deployment:
+        """Deploy on the server; ``prepare`` (a hook run in the registry's process before
+        the commit) cannot travel, so it must be None here: gateways load what the
+        ``deployments`` topic announces."""
+        if prepare is not None:
+            raise errors.FailedPreconditionError(
+                "deploy(prepare=...) runs only in the registry's process; a remote deploy is "
+                "loaded by the gateways that follow the deployments topic"
+            )
         body = DeployRequest(traffic_split=split, serving_endpoint=serving_endpoint)
-        return self._call("POST", f"/models/{name}/versions/{version}/deploy", Deployment, body)
+        deployment: Deployment = self._call(
+            "POST", f"/models/{name}/versions/{version}/deploy", Deployment, json=body
+        )
+        return deployment
 
-    def rollback(self, name: str) -> Deployment:
-        return self._call("POST", f"/models/{name}/deployments/rollback", Deployment)
+    def rollback(self, name: str, *, actor: Principal) -> Deployment:
+        deployment: Deployment = self._call(
+            "POST", f"/models/{name}/deployments/rollback", Deployment
+        )
+        return deployment
+
+    def active_deployment(self, name: str) -> Deployment | None:
+        try:
+            found: Deployment = self._call("GET", f"/models/{name}/deployments/active", Deployment)
+        except errors.NotFoundError:
+            self.get_model(name)  # an unknown model stays an error
+            return None
+        return found
 
     def deployments(self, name: str) -> list[Deployment]:
-        return self._call("GET", f"/models/{name}/deployments", list[Deployment])
+        found: list[Deployment] = self._call("GET", f"/models/{name}/deployments", list[Deployment])
+        return found
+
+    # -- lineage and audit ----------------------------------------------------------------------
 
     def lineage(self, name: str, version: int) -> Lineage:
-        return self._call("GET", f"/models/{name}/versions/{version}/lineage", Lineage)
+        found: Lineage = self._call("GET", f"/models/{name}/versions/{version}/lineage", Lineage)
+        return found
 
     def versions_using(self, feature_group_version: str) -> list[ModelVersion]:
-        return self._call(
+        found: list[ModelVersion] = self._call(
             "GET", f"/lineage/feature-groups/{feature_group_version}", list[ModelVersion]
         )
+        return found
 
-    def audit(self, name: str) -> list[AuditEntry]:
-        return self._call("GET", f"/models/{name}/audit", list[AuditEntry])
+    def versions_from_dataset(self, training_dataset_ref: str) -> list[ModelVersion]:
+        """Versions trained on a dataset snapshot (one listing per model)."""
+        return [
+            v
+            for m in self.list_models()
+            for v in self.list_versions(m.name)
+            if v.training_dataset_ref == training_dataset_ref
+        ]
 
-    def load_artifact(
-        self, name: str, version: int, kind: Literal["serving", "native"] = "serving"
-    ) -> bytes:
-        return self._call(
-            "GET", f"/models/{name}/versions/{version}/artifact", bytes, params={"kind": kind}
-        )
-
-
-class LocalRegistryClient:
-    """The client interface over an embedded ``ModelRegistry``, acting as ``principal``."""
-
-    def __init__(self, registry: ModelRegistry, principal: Principal | None) -> None:
-        self.registry = registry
-        self.principal = principal
-
-    @property
-    def _actor(self) -> Any:
-        return self.principal  # None: the registry answers 401 with how to get a token
-
-    def close(self) -> None:
-        self.registry.close()
-
-    def list_models(self) -> list[Model]:
-        return self.registry.list_models()
-
-    def get_model(self, name: str) -> Model:
-        return self.registry.get_model(name)
-
-    def create_model(
-        self,
-        name: str,
-        *,
-        framework: str = "",
-        description: str = "",
-        high_stakes: bool = False,
-        gates: Sequence[Gate] = (),
-    ) -> Model:
-        return self.registry.create_model(
-            name,
-            actor=self._actor,
-            framework=framework,
-            description=description,
-            high_stakes=high_stakes,
-            gates=gates,
-        )
-
-    def update_model(
-        self,
-        name: str,
-        *,
-        description: str | None = None,
-        high_stakes: bool | None = None,
-        gates: Sequence[Gate] | None = None,
-    ) -> Model:
-        return self.registry.update_model(
-            name, actor=self._actor, description=description, high_stakes=high_stakes, gates=gates
-        )
-
-    def list_versions(self, name: str, *, status: str | None = None) -> list[ModelVersion]:
-        return self.registry.list_versions(name, status=status)
-
-    def get_version(self, name: str, version: int) -> ModelVersion:
-        return self.registry.get_version(name, version)
-
-    def register(self, name: str, request: RegisterRequest) -> ModelVersion:
-        return self.registry.register(
-            name,
-            actor=self._actor,
-            serving_artifact=request.serving_artifact,
-            native_artifact=request.native_artifact,
-            native_format=request.native_format,
-            framework=request.framework,
-            framework_version=request.framework_version,
-            metrics=request.metrics,
-            evaluations=request.evaluations,
-            feature_store_version=request.feature_store_version,
-            training_dataset_ref=request.training_dataset_ref,
-            signature=request.signature or Signature(),
-            run_id=request.run_id,
-            tags=request.tags,
-            serving_spec=request.serving_spec,
-        )
-
-    def record_evaluation(
-        self, name: str, version: int, dataset: str, metrics: Mapping[str, float]
-    ) -> ModelVersion:
-        return self.registry.record_evaluation(name, version, dataset, metrics, actor=self._actor)
-
-    def approve(self, name: str, version: int, comment: str = "") -> Approval:
-        return self.registry.approve(name, version, actor=self._actor, comment=comment)
-
-    def approvals(self, name: str, version: int) -> list[Approval]:
-        return self.registry.approvals(name, version)
-
-    def promote(self, name: str, version: int) -> PromotionResult:
-        return self.registry.promote(name, version, actor=self._actor)
-
-    def archive(self, name: str, version: int) -> ModelVersion:
-        return self.registry.archive(name, version, actor=self._actor)
-
-    def gate_results(self, name: str, version: int) -> list[GateResult]:
-        return self.registry.gate_results(name, version)
-
-    def deploy(
-        self, name: str, version: int, split: TrafficSplit | None = None, serving_endpoint: str = ""
-    ) -> Deployment:
-        return self.registry.deploy(
-            name, version, split, actor=self._actor, serving_endpoint=serving_endpoint
-        )
-
-    def rollback(self, name: str) -> Deployment:
-        return self.registry.rollback(name, actor=self._actor)
-
-    def deployments(self, name: str) -> list[Deployment]:
-        return self.registry.deployments(name)
-
-    def lineage(self, name: str, version: int) -> Lineage:
-        return self.registry.lineage(name, version)
-
-    def versions_using(self, feature_group_version: str) -> list[ModelVersion]:
-        return self.registry.versions_using(feature_group_version)
-
-    def audit(self, name: str) -> list[AuditEntry]:
-        return self.registry.audit(name)
-
-    def load_artifact(
-        self, name: str, version: int, kind: Literal["serving", "native"] = "serving"
-    ) -> bytes:
-        return self.registry.load_artifact(name, version, kind)
+    def audit(self, name: str | None = None, *, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries, oldest first, of one model or (``name=None``) of every model; token
+        changes are in the database's log only (``carrara models token list``)."""
+        names = [name] if name is not None else [m.name for m in self.list_models()]
+        entries: list[AuditEntry] = [
+            e for n in names for e in self._call("GET", f"/models/{n}/audit", list[AuditEntry])
+        ]
+        return sorted(entries, key=lambda e: e.audit_id)[:limit]
 
 
-def read_artifact(path: str | None) -> bytes | None:
-    """The bytes of a local artifact file given on the command line, or None."""
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError as exc:
-        raise errors.NotFoundError(f"artifact file {path} does not exist") from exc
+#: A registry the CLI and the SDK call through ``ModelRegistry``'s methods: the database
+#: itself or the REST API (the signatures are one contract; ``test_sdk_signatures`` checks).
+RegistryAPI: TypeAlias = ModelRegistry | RegistryClient

@@ -1,7 +1,7 @@
 """Traffic-split validation and the deployment record gateways consume.
 
 Checks that need no database (weights, names, canary, the path version being routed) live
-here; the store adds the checks that do (versions exist, none archived).
+here; ``deploying.py`` adds the checks that do (versions exist, none archived, approvals).
 """
 
 from __future__ import annotations

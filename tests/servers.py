@@ -1,14 +1,39 @@
-"""A Starlette/ASGI app on a real uvicorn server on a free loopback port, for tests that need
-real sockets (synchronous clients, raw connections)."""
+"""Servers for tests that need real sockets: a Starlette/ASGI app on uvicorn (``serve_app``),
+the gateway's fronts on a ServerThread (``running_gateway``) over a one-model engine
+(``scorer_engine``) and an in-memory online store (``DictStore``), and ``free_port``."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+from numpy.typing import ArrayLike
+
+from carrara.core import (
+    AssemblerSpec,
+    FeatureCache,
+    RoutingPolicy,
+    Variant,
+    encode_feature_vector,
+)
+from carrara.gateway.auth import FrontAuth
+from carrara.gateway.backends import OnnxBackend
+from carrara.gateway.engine import ModelDeployment, OnlineReader, ServingEngine, VariantSpec
+from carrara.gateway.onnx_models import write_linear_model
+from carrara.gateway.server import GatewayServer, ServerThread
+from carrara.gateway.service import Gateway
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a process that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -32,3 +57,72 @@ def serve_app(app: Any, *, log_level: str = "warning") -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+class DictStore:
+    """The online store in a dict: ``rows`` (entity -> values) of one feature group version,
+    encoded once; ``mget`` answers None for a key it does not hold."""
+
+    def __init__(self, group: str, version: int, rows: Mapping[str, Sequence[float]]) -> None:
+        self.data = {
+            f"{group}:{version}:{entity}": encode_feature_vector(entity, group, version, list(v))
+            for entity, v in rows.items()
+        }
+
+    @classmethod
+    def users(cls, n: int) -> DictStore:
+        """Entities ``u0`` … ``u{n-1}`` of group ``user`` v1, features (a, b) = (i, -i)."""
+        return cls("user", 1, {f"u{i}": (float(i), float(-i)) for i in range(n)})
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self.data.get(k) for k in keys]
+
+
+def scorer_engine(
+    tmp_dir: Path,
+    spec: AssemblerSpec,
+    weights: ArrayLike,
+    bias: ArrayLike,
+    *,
+    store: OnlineReader | None = None,
+    model: str = "scorer",
+    version: int = 3,
+    variant: str = "v3",
+    cache_capacity: int = 1_000,
+) -> ServingEngine:
+    """An engine serving ``model`` with one variant (all the traffic): the linear ONNX model
+    ``x @ weights + bias`` written to ``tmp_dir/m.onnx``, over ``store`` (by default
+    ``DictStore.users(100)``) and a feature cache of ``cache_capacity``."""
+    path = write_linear_model(tmp_dir / "m.onnx", weights, bias)
+    engine = ServingEngine(
+        DictStore.users(100) if store is None else store,
+        cache=FeatureCache(capacity=cache_capacity),
+    )
+    engine.deploy(
+        ModelDeployment(
+            model=model,
+            policy=RoutingPolicy(variants=(Variant(variant, 10_000),)),
+            variants=(VariantSpec(name=variant, version=version, features=spec),),
+        ),
+        {variant: OnnxBackend(path)},
+    )
+    return engine
+
+
+@contextmanager
+def running_gateway(
+    target: Gateway | ServingEngine, *, auth: FrontAuth | None = None
+) -> Iterator[GatewayServer]:
+    """Both fronts of ``target`` (an engine is wrapped in a ``Gateway``) on free loopback
+    ports until the block ends, then a graceful stop; the gateway is closed afterwards, also
+    when the servers did not start."""
+    gateway = target if isinstance(target, Gateway) else Gateway(target)
+    try:
+        thread = ServerThread(lambda: GatewayServer(gateway, auth=auth))
+        server = thread.start()
+        try:
+            yield server
+        finally:
+            thread.stop()
+    finally:
+        gateway.close()

@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-from .queue import EVENTS_TOPIC, Job, JobQueue, upgrade
+from .queue import Job, JobQueue, upgrade
 from .spec import JobSpec, load_spec, parse_spec, validate_spec
 
 __all__ = [
-    "EVENTS_TOPIC",
     "Job",
     "JobQueue",
     "JobSpec",

@@ -1,18 +1,19 @@
 """The training REST API: jobs, their logs, and triggers, as Starlette routes.
 
 ``create_app(queue, features, tokens=...)`` returns routes to mount into one Starlette app
-next to the registry's. Errors have the registry's shape, ``{"error": <grpc code>, "message":
-...}`` with the status of the ``CarraraError``; each handler maps them itself, so the routes
-behave the same whatever app they are mounted in. Reads are open; when ``tokens`` is given,
-writes (submit, cancel, trigger changes) need ``Authorization: Bearer <token>`` whose
-principal has the ``publisher`` role. ``GET /training/openapi.json`` serves the OpenAPI
-document of these routes (:func:`openapi_spec`).
+next to the registry's (:func:`endpoints` is their table, from the kernel's HTTP kit). Errors
+have the registry's shape, ``{"error": <grpc code>, "message": ...}`` with the status of the
+``CarraraError``; every handler maps them itself, so the routes behave the same whatever app
+they are mounted in. Reads are open; when ``tokens`` is given, writes (submit, cancel, trigger
+changes) need ``Authorization: Bearer <token>`` whose principal has the ``publisher`` role,
+checked before the body is read. ``GET /training/openapi.json`` serves the OpenAPI document of
+these routes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.concurrency import run_in_threadpool
@@ -20,14 +21,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from carrara.errors import (
-    InvalidArgumentError,
-    PermissionDeniedError,
+from carrara.auth import Authenticator, Principal, authenticator
+from carrara.errors import InvalidArgumentError, PermissionDeniedError
+from carrara.http import (
+    Endpoint,
+    ErrorBody,
+    build_routes,
+    check_int64,
+    decode_json,
+    principal_of,
+    read_body,
+    with_document,
 )
-from carrara.http import ErrorBody, Handler, check_int64, decode_json, read_body, wrap
-from carrara.http import authorize as check_token
 from carrara.http import json_response as _json
-from carrara.registry.auth import Principal
 
 from .queue import STATES, Job, JobQueue, JobState, LogLine
 from .spec import JobSpec
@@ -45,12 +51,15 @@ __all__ = [
     "SubmitRequest",
     "TriggerList",
     "create_app",
-    "openapi_spec",
+    "endpoints",
 ]
 
 #: Bodies are specs, not artifacts: anything bigger is a mistake.
 MAX_BODY_BYTES = 1 << 20
 WRITE_ROLE = "publisher"
+TITLE = "Carrara training"
+#: Descriptions of the path parameters, for the OpenAPI document.
+PATH_PARAMS = {"job_id": "the job's id", "name": "the trigger's name"}
 
 
 class SubmitRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -143,34 +152,25 @@ def _int_query(request: Request, name: str, default: int, low: int = 0) -> int:
     return check_int64(value, f"query parameter {name}")
 
 
-Method = Literal["GET", "POST", "DELETE"]
-
-
-class _Endpoint(msgspec.Struct, frozen=True):
-    method: Method
-    path: str
-    summary: str
-    response: Any
-    body: Any = None
-    status: int = 200
-    write: bool = False
-    query: tuple[str, ...] = ()
-
-
 def create_app(
     queue: JobQueue,
     features: FeatureService | None,
     *,
-    tokens: Mapping[str, Principal] | None = None,
+    tokens: Mapping[str, Principal] | Authenticator | None = None,
 ) -> list[Route]:
-    """Routes over ``queue`` (specs are checked against ``features``' catalog when given)."""
+    """Routes over ``queue`` (specs are checked against ``features``' catalog when given);
+    ``tokens`` (a table or an authenticator) guards the writes, None leaves them open."""
+    return build_routes(
+        endpoints(queue, features), None if tokens is None else authenticator(tokens)
+    )
+
+
+def endpoints(queue: JobQueue, features: FeatureService | None) -> list[Endpoint]:
+    """The training API's table, ``/training/openapi.json`` included."""
     store = TriggerStore(queue)
 
-    def authorize(request: Request, action: str) -> Principal | None:
-        return check_token(request, tokens, WRITE_ROLE, action)
-
     async def submit(request: Request) -> Response:
-        who = authorize(request, "submitting a training job")
+        who = principal_of(request)
         body: SubmitRequest = await _body(request, SubmitRequest)
         by = _submitter(who, body.submitted_by)
         job = await run_in_threadpool(queue.submit, body.spec, submitted_by=by, features=features)
@@ -192,7 +192,6 @@ def create_app(
         return _json(JobView.of(job))
 
     async def cancel(request: Request) -> Response:
-        authorize(request, "cancelling a training job")
         job = await run_in_threadpool(queue.cancel, request.path_params["job_id"])
         return _json(JobView.of(job))
 
@@ -202,7 +201,7 @@ def create_app(
         return _json(LogLines(lines))
 
     async def create_trigger(request: Request) -> Response:
-        who = authorize(request, "creating a training trigger")
+        who = principal_of(request)
         body: CreateTriggerRequest = await _body(request, CreateTriggerRequest)
         trigger = await run_in_threadpool(
             store.add,
@@ -220,141 +219,84 @@ def create_app(
         return _json(TriggerList(await run_in_threadpool(store.list)))
 
     async def remove_trigger(request: Request) -> Response:
-        authorize(request, "removing a training trigger")
         return _json(await run_in_threadpool(store.remove, request.path_params["name"]))
 
     async def run_trigger(request: Request) -> Response:
-        authorize(request, "running a training trigger")
         fire = await run_in_threadpool(
             store.fire, request.path_params["name"], reason="manual (API)", features=features
         )
         return _json(fire, 201 if fire.outcome == "submitted" else 200)
 
-    async def openapi(request: Request) -> Response:
-        return _json(spec)
-
     jobs, one = "/training-jobs", "/training-jobs/{job_id}"
     trig = "/training-triggers"
-    table: list[tuple[_Endpoint, Handler]] = [
-        (
-            _Endpoint("POST", jobs, "Submit a training job", JobView, SubmitRequest, 201, True),
+    w = WRITE_ROLE
+    table = [
+        Endpoint(
+            "POST",
+            jobs,
+            "Submit a training job",
+            JobView,
             submit,
+            SubmitRequest,
+            201,
+            w,
+            action="submitting a training job",
         ),
-        (
-            _Endpoint(
-                "GET", jobs, "List jobs, newest first", JobList, query=("state", "limit", "trigger")
-            ),
+        Endpoint(
+            "GET",
+            jobs,
+            "List jobs, newest first",
+            JobList,
             list_jobs,
+            query=("state", "limit", "trigger"),
         ),
-        (_Endpoint("GET", one, "Show a job", JobView), get_job),
-        (
-            _Endpoint(
-                "POST",
-                one + "/cancel",
-                "Cancel a job (a running one stops at its next heartbeat)",
-                JobView,
-                write=True,
-            ),
+        Endpoint("GET", one, "Show a job", JobView, get_job),
+        Endpoint(
+            "POST",
+            one + "/cancel",
+            "Cancel a job (a running one stops at its next heartbeat)",
+            JobView,
             cancel,
+            role=w,
+            action="cancelling a training job",
         ),
-        (
-            _Endpoint(
-                "GET",
-                one + "/logs",
-                "A job's log lines after seq 'after'",
-                LogLines,
-                query=("after",),
-            ),
+        Endpoint(
+            "GET",
+            one + "/logs",
+            "A job's log lines after seq 'after'",
+            LogLines,
             logs,
+            query=("after",),
         ),
-        (
-            _Endpoint("POST", trig, "Create a trigger", Trigger, CreateTriggerRequest, 201, True),
+        Endpoint(
+            "POST",
+            trig,
+            "Create a trigger",
+            Trigger,
             create_trigger,
+            CreateTriggerRequest,
+            201,
+            w,
+            action="creating a training trigger",
         ),
-        (_Endpoint("GET", trig, "List triggers", TriggerList), list_triggers),
-        (
-            _Endpoint("DELETE", trig + "/{name}", "Remove a trigger", Trigger, write=True),
+        Endpoint("GET", trig, "List triggers", TriggerList, list_triggers),
+        Endpoint(
+            "DELETE",
+            trig + "/{name}",
+            "Remove a trigger",
+            Trigger,
             remove_trigger,
+            role=w,
+            action="removing a training trigger",
         ),
-        (
-            _Endpoint(
-                "POST",
-                trig + "/{name}/run",
-                "Fire a trigger now (deferred while a run is active)",
-                Fire,
-                write=True,
-            ),
+        Endpoint(
+            "POST",
+            trig + "/{name}/run",
+            "Fire a trigger now (deferred while a run is active)",
+            Fire,
             run_trigger,
+            role=w,
+            action="running a training trigger",
         ),
     ]
-    spec = openapi_spec([e for e, _ in table])
-    routes = [Route(e.path, wrap(h), methods=[e.method]) for e, h in table]
-    routes.append(Route("/training/openapi.json", openapi, methods=["GET"]))
-    return routes
-
-
-_PATH_PARAMS = {"job_id": "the job's id", "name": "the trigger's name"}
-
-
-def openapi_spec(endpoints: list[_Endpoint]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document whose schemas come from the msgspec types themselves."""
-    types: list[Any] = [ErrorBody]
-    for e in endpoints:
-        types.append(e.response)
-        if e.body is not None:
-            types.append(e.body)
-    schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}"
-    )
-    by_type = dict(zip(types, schemas, strict=True))
-    paths: dict[str, dict[str, Any]] = {}
-    for e in endpoints:
-        params: list[dict[str, Any]] = [
-            {
-                "name": name,
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string"},
-                "description": text,
-            }
-            for name, text in _PATH_PARAMS.items()
-            if "{" + name + "}" in e.path
-        ]
-        params += [
-            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-            for q in e.query
-        ]
-        op: dict[str, Any] = {
-            "summary": e.summary,
-            "parameters": params,
-            "responses": {
-                str(e.status): {
-                    "description": "OK",
-                    "content": {"application/json": {"schema": by_type[e.response]}},
-                },
-                "default": {
-                    "description": "error",
-                    "content": {"application/json": {"schema": by_type[ErrorBody]}},
-                },
-            },
-        }
-        if e.body is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": by_type[e.body]}},
-            }
-        if e.write:
-            op["security"] = [{"bearer": []}]
-            op["description"] = (
-                f"Needs a bearer token with role '{WRITE_ROLE}' when tokens are set."
-            )
-        paths.setdefault(e.path, {})[e.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Carrara training", "version": "1"},
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-    }
+    return with_document("/training/openapi.json", TITLE, table, PATH_PARAMS)

@@ -1,6 +1,10 @@
 """``carrara train``: submit a job spec, watch, list, cancel, follow logs, run a worker, and
 manage and run triggers.
 
+``watch`` reads the ``training-events`` topic (every job state change the queue publishes)
+with its own offset, so it leaves nothing behind in the event log: ``carrara train watch JOB``
+prints a job's transitions and exits when it ends (0 when it succeeded, 1 otherwise).
+
 The queue lives in the registry database of the settings (``--config``); the worker opens the
 feature service and the registry from the same settings.
 """
@@ -116,6 +120,47 @@ def _cmd_logs(args: argparse.Namespace) -> int:
                 return 0
             if not lines:
                 time.sleep(args.poll)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from carrara.config import load_settings
+    from carrara.eventlog import open_event_log
+    from carrara.types import Topic
+
+    from .queue import TERMINAL, JobEvent
+
+    decoder = msgspec.json.Decoder(JobEvent)
+    after: str | None = None
+    with open_event_log(load_settings(args.config).resolved_event_log_url) as events:
+        while True:
+            batch = events.read_after(
+                Topic.TRAINING_EVENTS, after, count=100, block_ms=int(args.poll * 1000)
+            )
+            for event in batch:
+                after = event.id
+                try:
+                    change = decoder.decode(event.payload)
+                except msgspec.DecodeError:
+                    continue  # not a JobEvent: written by something else, skip it
+                if args.job_id and change.job_id != args.job_id:
+                    continue
+                at = datetime.fromtimestamp(change.at_us / 1e6, UTC).strftime("%H:%M:%S")
+                detail = f"  ({change.error})" if change.error else ""
+                if "version" in change.result:
+                    detail = f"  -> {change.model_name} v{change.result['version']}"
+                print(
+                    f"{at} {change.job_id}  {change.state:<9}  {change.model_name}"
+                    f"  attempt {change.attempt}{detail}",
+                    flush=True,
+                )
+                if args.job_id and change.state in TERMINAL:
+                    return 0 if change.state == "SUCCEEDED" else 1
+            if not batch and not (args.follow or args.job_id):
+                return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -263,7 +308,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common.add_argument("--config", help="TOML settings file (default: $CARRARA_CONFIG)")
 
     train = sub.add_parser(
-        "train", help="training jobs: submit, status, list, cancel, logs, worker, triggers"
+        "train", help="training jobs: submit, status, list, cancel, logs, watch, worker, triggers"
     )
     cmds = train.add_subparsers(dest="train_command", metavar="ACTION", required=True)
 
@@ -288,6 +333,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     p.add_argument("--after", type=int, default=0, help="only lines after this seq")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--follow)")
+    p = add("watch", _cmd_watch, "print job state changes from the training-events topic")
+    p.add_argument("job_id", nargs="?", default="", help="only this job; exit when it ends")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="keep waiting for changes (implied by JOB)"
+    )
+    p.add_argument("--poll", type=float, default=1.0, help="seconds each read waits for events")
     p = add("worker", _cmd_worker, "claim and run jobs")
     p.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between polls when idle")

@@ -29,6 +29,7 @@ import msgspec
 
 from carrara.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from carrara.sql import Database, Migration, Transaction, connect
+from carrara.types import Topic
 
 from .scheduler import DEFAULT_BACKFILL_WINDOW_S, Candidate, choose, inventory_problem
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from .spec import JobSpec
 
 __all__ = [
-    "EVENTS_TOPIC",
     "LOG_LEVELS",
     "MIGRATIONS",
     "STATES",
@@ -54,7 +54,6 @@ __all__ = [
 JobState = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 STATES: tuple[JobState, ...] = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL: frozenset[str] = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
-EVENTS_TOPIC = "training-events"
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Longer log messages are cut here (a runaway traceback must not bloat the queue database).
 MAX_LOG_MESSAGE = 16_384
@@ -307,7 +306,7 @@ class JobQueue:
             result=job.result,
             trigger=job.trigger,
         )
-        self.events.append(EVENTS_TOPIC, msgspec.json.encode(event))
+        self.events.append(Topic.TRAINING_EVENTS, msgspec.json.encode(event))
 
     # -- API --------------------------------------------------------------------------------
 

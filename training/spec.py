@@ -48,6 +48,7 @@ __all__ = [
     "Resources",
     "SearchSpec",
     "check_label_source",
+    "with_absolute_label_source",
     "label_file_problems",
     "load_spec",
     "param_problems",
@@ -315,14 +316,20 @@ def load_spec(path: str | Path) -> JobSpec:
     if not p.is_file():
         raise InvalidArgumentError(f"training job spec {p} does not exist")
     spec = parse_spec(p.read_bytes(), format="json" if p.suffix == ".json" else "yaml")
+    # Relative to the spec file, not the current folder.
+    return with_absolute_label_source(spec, p.resolve().parent)
+
+
+def with_absolute_label_source(spec: JobSpec, base: str | Path) -> JobSpec:
+    """``spec`` with a relative ``label_source`` path made absolute against ``base``: what
+    the data-roots check and a worker running in another folder (or process) need. The SDK
+    submits with ``base`` = the current folder, ``load_spec`` with the spec file's folder."""
     source = spec.dataset.label_source
-    if source and not _SCHEME.match(source) and not os.path.isabs(source):
-        # Relative to the spec file, not the current folder, and absolute: what the
-        # data-roots check (and a worker in another folder) needs.
-        absolute = os.path.normpath(os.path.join(p.resolve().parent, source))
-        dataset = msgspec.structs.replace(spec.dataset, label_source=absolute)
-        spec = msgspec.structs.replace(spec, dataset=dataset)
-    return spec
+    if not source or _SCHEME.match(source) or os.path.isabs(source):
+        return spec
+    absolute = os.path.normpath(os.path.join(os.path.abspath(base), source))
+    dataset = msgspec.structs.replace(spec.dataset, label_source=absolute)
+    return msgspec.structs.replace(spec, dataset=dataset)
 
 
 #: URL schemes a label source may use: the workers read local files only.

@@ -54,6 +54,7 @@ from carrara.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from carrara.types import Topic
 
 from .queue import Job, JobQueue
 from .spec import JobSpec
@@ -78,8 +79,6 @@ log = logging.getLogger(__name__)
 TriggerKind = Literal["manual", "schedule", "new_data", "alert"]
 KINDS: tuple[TriggerKind, ...] = ("manual", "schedule", "new_data", "alert")
 CONSUMER_GROUP = "training-triggers"
-FEATURE_UPDATES = "feature-updates"
-ALERTS = "alerts"
 #: A missed schedule tick older than this is not caught up after downtime.
 CATCH_UP_MINUTES = 24 * 60
 
@@ -535,9 +534,9 @@ class TriggerRunner:
         minute = int(now_s // 60)
         triggers = [t for t in self.store.list() if t.enabled]
         reasons: dict[str, list[str]] = {t.name: [] for t in triggers}
-        acks: list[tuple[str, list[str]]] = []
+        acks: list[tuple[Topic, list[str]]] = []
         if self.events is not None:
-            for topic in (FEATURE_UPDATES, ALERTS):
+            for topic in (Topic.FEATURE_UPDATES, Topic.ALERTS):
                 batch = self._read(topic)
                 if batch:
                     acks.append((topic, [e.id for e in batch]))
@@ -576,10 +575,14 @@ class TriggerRunner:
             for t in triggers:
                 if at_us + 1000 <= t.created_at_us:
                     continue  # older than the trigger
-                if topic == FEATURE_UPDATES and t.kind == "new_data" and head.group in t.groups:
+                if (
+                    topic == Topic.FEATURE_UPDATES
+                    and t.kind == "new_data"
+                    and head.group in t.groups
+                ):
                     reasons[t.name].append(f"feature-updates event for group {head.group!r}")
                 elif (
-                    topic == ALERTS
+                    topic == Topic.ALERTS
                     and t.kind == "alert"
                     and head.state == "firing"
                     and head.model == t.alert_model

@@ -342,8 +342,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run one job end to end; returns its result (registered version, metrics, lineage).
     ``data_roots``: the folders the label source must lie under (None: any)."""
-    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
-    from carrara.gateway.registry_source import serving_spec
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, serving_spec
 
     from .frameworks import get_trainer
     from .frameworks.parity import check_parity

@@ -12,16 +12,31 @@ import carrara
 __all__ = ["main"]
 
 # Each part adds its own commands: a module with ``register(subparsers) -> None`` whose
-# handlers import their heavy dependencies lazily, so ``carrara --help`` stays fast.
-PART_CLIS = (
-    "carrara.feature_cache.cli",
-    "carrara.registry.cli",
-    "carrara.training.cli",
-    "carrara.gateway.cli",
-    "carrara.monitoring.cli",
-    "carrara.loadgen.cli",
-    "carrara.up",  # `carrara up`: every service as local processes
+# handlers import their heavy dependencies lazily, so ``carrara --help`` stays fast. With the
+# commands it adds and the extra that installs what it needs: an image built for one role
+# (``pip install carrara[serving]``) still lists the other commands, which then say what to
+# install instead of failing with an ImportError.
+PART_CLIS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("carrara.feature_cache.cli", ("apply", "materialize"), "features"),
+    ("carrara.registry.cli", ("models",), "platform"),
+    ("carrara.training.cli", ("train",), "training"),
+    ("carrara.gateway.cli", ("serve", "predict"), "serving"),
+    ("carrara.monitoring.cli", ("monitor",), "monitoring"),
+    ("carrara.loadgen.cli", ("loadtest",), "serving"),
+    ("carrara.up", ("up",), "platform"),  # `carrara up`: every service as local processes
 )
+
+
+def _missing_extra(command: str, extra: str, module: str) -> Callable[[argparse.Namespace], int]:
+    def explain(args: argparse.Namespace) -> int:
+        print(
+            f"carrara: error: 'carrara {command}' needs the {extra!r} extra, which is not "
+            f"installed here (no module {module!r}): pip install 'carrara[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    return explain
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -105,13 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = db_sub.add_parser("upgrade", help="apply pending migrations (idempotent)")
     upgrade.add_argument("--url", help="database URL (default: the configured registry URL)")
     upgrade.set_defaults(func=_cmd_db_upgrade)
-    for name in PART_CLIS:
+    for name, commands, extra in PART_CLIS:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            # Skip a part that is not there; a part whose own imports fail is a real error.
-            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+            # A package of another role is missing: the commands say what to install. A
+            # missing module of Carrara itself is a real error.
+            if exc.name is None or exc.name.partition(".")[0] == "carrara":
                 raise
+            for command in commands:
+                stub = sub.add_parser(command, help=f"(needs: pip install 'carrara[{extra}]')")
+                stub.add_argument("rest", nargs=argparse.REMAINDER)
+                stub.set_defaults(func=_missing_extra(command, extra, exc.name))
             continue
         module.register(sub)
     return parser

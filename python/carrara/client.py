@@ -12,12 +12,14 @@ The same attributes and methods as ``Platform`` (``features``, ``training``, ``r
         c.deploy("churn", job.result["version"])
         c.predict("churn", ["rider-1", "rider-2"])
 
-Differences, by necessity: registry methods accept ``actor=`` and ignore it (the token is the
-actor; ``Client.actor`` is None so ``actor=c.actor`` reads as it does on a Platform); what
+Every method takes exactly the arguments of its embedded twin
+(``tests/unit/test_sdk_signatures.py`` compares the signatures). Differences, by necessity:
+registry methods accept ``actor=`` and do not send it (the bearer token is who acts;
+``Client.actor`` is a stand-in so ``actor=c.actor`` reads as it does on a Platform); what
 only makes sense in the process that holds the stores raises ``FailedPreconditionError``
-(``serve``, ``features.transform_rows``, ``features.stream_materializer``); the client has a
-few methods the embedded platform does not need (``training.list/cancel/logs/wait``,
-``monitor.report``). ``tests/unit/test_client.py`` keeps the two surfaces in step.
+(``serve``, ``features.transform_rows``, ``features.stream_materializer``,
+``registry.deploy(prepare=...)``). All of it goes through one
+:class:`~carrara.transport.Transport`, whose reverse error map raises the server's classes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import builtins
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -34,9 +37,11 @@ import msgspec
 import numpy as np
 
 from carrara import errors
-from carrara.registry.client import RegistryClient
+from carrara.registry.client import TOKEN_ACTOR, RegistryClient
+from carrara.transport import Transport, raise_for_error
 
 if TYPE_CHECKING:
+    import pyarrow as pa  # type: ignore[import-untyped]
     from numpy.typing import ArrayLike
 
     from carrara.feature_cache.catalog import Change, RegisteredGroup
@@ -45,37 +50,17 @@ if TYPE_CHECKING:
     from carrara.feature_cache.offline_store import CompactionResult
     from carrara.feature_cache.pit_join import TrainingSet
     from carrara.feature_cache.service import OnlineFeatures
+    from carrara.feature_cache.streaming import StreamingMaterializer
     from carrara.gateway.engine import PredictionResult
+    from carrara.gateway.server import GatewayServer
     from carrara.monitoring import Alert, ModelMonitorConfig
     from carrara.registry.auth import Principal
-    from carrara.registry.types import (
-        Approval,
-        Deployment,
-        Gate,
-        Model,
-        ModelVersion,
-        PromotionResult,
-        TrafficSplit,
-    )
+    from carrara.registry.types import Deployment, TrafficSplit
     from carrara.training.queue import Job, LogLine
     from carrara.training.spec import JobSpec
 
 __all__ = ["Client", "RemoteFeatures", "RemoteMonitor", "RemoteRegistry", "RemoteTraining"]
 
-T = TypeVar("T")
-
-_BY_CODE: dict[str, type[errors.CarraraError]] = {
-    "INVALID_ARGUMENT": errors.InvalidArgumentError,
-    "NOT_FOUND": errors.NotFoundError,
-    "ALREADY_EXISTS": errors.AlreadyExistsError,
-    "FAILED_PRECONDITION": errors.FailedPreconditionError,
-    "UNAUTHENTICATED": errors.UnauthenticatedError,
-    "PERMISSION_DENIED": errors.PermissionDeniedError,
-    "RESOURCE_EXHAUSTED": errors.ResourceExhaustedError,
-    "CANCELLED": errors.CancelledError,
-    "UNAVAILABLE": errors.UnavailableError,
-    "DEADLINE_EXCEEDED": errors.DeadlineExceededError,
-}
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
@@ -83,108 +68,13 @@ def _not_remote(what: str, instead: str) -> errors.FailedPreconditionError:
     return errors.FailedPreconditionError(f"{what} runs only in-process; {instead}")
 
 
-def raise_for_error(response: httpx.Response, service: str) -> None:
-    """The ``CarraraError`` a failed response stands for. Both error shapes of the parts are
-    read: ``{"error": CODE, "message": ...}`` and ``{"error": {"code": ..., "message": ...}}``."""
-    if response.status_code < 400:
-        return
-    code, message = "UNKNOWN", response.text
-    try:
-        body = msgspec.json.decode(response.content)
-        err = body.get("error")
-        if isinstance(err, dict):
-            code, message = str(err.get("code", code)), str(err.get("message", message))
-        elif isinstance(err, str):
-            code, message = err, str(body.get("message", message))
-    except (msgspec.DecodeError, AttributeError):
-        pass
-    if code == "UNKNOWN" and response.status_code == 404:
-        code = "NOT_FOUND"
-    raise _BY_CODE.get(code, errors.InternalError)(f"{service}: {message}")
-
-
-class _Http:
-    """One ``httpx.Client`` for every part of the control plane, with the bearer token."""
-
-    def __init__(self, http: httpx.Client, token: str | None) -> None:
-        self.http = http
-        self.headers = {"authorization": f"Bearer {token}"} if token else {}
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        kind: type[T] | Any,
-        *,
-        body: Any = None,
-        content: bytes | None = None,
-        content_type: str = "application/json",
-        params: Mapping[str, Any] | None = None,
-        service: str = "control-plane API",
-        msgpack: bool = False,
-    ) -> T:
-        if body is not None:
-            content = msgspec.msgpack.encode(body) if msgpack else msgspec.json.encode(body)
-            if msgpack:
-                content_type = "application/msgpack"
-        clean = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        try:
-            response = self.http.request(
-                method,
-                path,
-                content=content,
-                params=clean or None,
-                headers={**self.headers, "content-type": content_type},
-            )
-        except httpx.HTTPError as exc:
-            raise errors.UnavailableError(
-                f"{service} at {self.http.base_url} unreachable: {exc}"
-            ) from exc
-        raise_for_error(response, service)
-        if kind is None or response.status_code == 204:
-            return None  # type: ignore[return-value]
-        if kind is bytes:
-            return response.content  # type: ignore[return-value]
-        if kind is str:
-            return response.text  # type: ignore[return-value]
-        result: T = msgspec.json.decode(response.content, type=kind)
-        return result
-
-
 # -- features -------------------------------------------------------------------------------
-
-
-class _OnlineEntity(msgspec.Struct):
-    entity_id: str
-    found: bool
-    values: list[float | None]
-    missing: list[str] = []
-
-
-class _OnlineResponse(msgspec.Struct):
-    group: str
-    version: int
-    features: list[str]
-    results: list[_OnlineEntity]
-
-
-class _GroupSummary(msgspec.Struct):
-    name: str
-    version: int
-
-
-class _Rows(msgspec.Struct):
-    rows: int
-
-
-class _Ids(msgspec.Struct):
-    ids: list[str]
 
 
 class RemoteFeatures:
     """``Platform.features`` (a ``FeatureService``) over the feature API."""
 
-    def __init__(self, http: _Http) -> None:
+    def __init__(self, http: Transport) -> None:
         self._http = http
 
     def _call(self, method: str, path: str, kind: Any, **kw: Any) -> Any:
@@ -197,7 +87,7 @@ class RemoteFeatures:
             "POST",
             "/features/apply",
             list[Change],
-            body=definitions,
+            json=definitions,
             params={"dry_run": "true" if dry_run else None},
         )
 
@@ -212,24 +102,26 @@ class RemoteFeatures:
         )
 
     def list_groups(self) -> list[RegisteredGroup]:
-        summaries = self._call("GET", "/features/groups", list[_GroupSummary])
+        from carrara.feature_cache.api import GroupSummary
+
+        summaries = self._call("GET", "/features/groups", list[GroupSummary])
         return [self.group(s.name, s.version) for s in summaries]
 
     def _send_rows(self, path: str, data: Any, version: int | None) -> int:
-        from carrara.feature_cache.api_admin import ARROW_STREAM, arrow_to_ipc
+        from carrara.feature_cache.api_admin import ARROW_STREAM, RowsWritten, arrow_to_ipc
 
         params = {"version": version}
         if isinstance(data, list):
-            rows: _Rows = self._call("POST", path, _Rows, body=data, params=params)
+            rows: RowsWritten = self._call("POST", path, RowsWritten, json=data, params=params)
         else:
             from carrara.feature_cache.offline_store import to_arrow
 
             rows = self._call(
                 "POST",
                 path,
-                _Rows,
+                RowsWritten,
                 content=arrow_to_ipc(to_arrow(data)),
-                content_type=ARROW_STREAM,
+                headers={"content-type": ARROW_STREAM},
                 params=params,
             )
         return rows.rows
@@ -278,7 +170,7 @@ class RemoteFeatures:
             versions=versions,
         )
         out: TrainingSetResponse = self._call(
-            "POST", "/features/training-set", TrainingSetResponse, body=body
+            "POST", "/features/training-set", TrainingSetResponse, json=body
         )
         return TrainingSet(arrow_from_ipc(out.table), out.snapshot_ref, out.spec)
 
@@ -301,8 +193,10 @@ class RemoteFeatures:
             "version": version,
             "require_found": require_found,
         }
-        r: _OnlineResponse = self._call(
-            "POST", f"/features/groups/{group}/get-online", _OnlineResponse, body=body
+        from carrara.feature_cache.api import GetOnlineResponse
+
+        r: GetOnlineResponse = self._call(
+            "POST", f"/features/groups/{group}/get-online", GetOnlineResponse, json=body
         )
         d = len(r.features)
         raw = np.array(
@@ -329,19 +223,24 @@ class RemoteFeatures:
 
         body = MaterializeRequest(group=group, full=full, overlap_s=overlap_s)
         return self._call(  # type: ignore[no-any-return]
-            "POST", "/features/materialize", list[MaterializeResult], body=body
+            "POST", "/features/materialize", list[MaterializeResult], json=body
         )
 
     def publish(self, group: str, rows: Sequence[dict[str, Any]]) -> list[str]:
         """Send source rows for ``group`` to the ``feature-updates`` topic."""
-        out: _Ids = self._call("POST", f"/features/groups/{group}/publish", _Ids, body=list(rows))
+        from carrara.feature_cache.api_admin import PublishedIds
+
+        path = f"/features/groups/{group}/publish"
+        out: PublishedIds = self._call("POST", path, PublishedIds, json=list(rows))
         return out.ids
 
-    def transform_rows(self, group: RegisteredGroup, data: Any) -> Any:
+    def transform_rows(self, group: RegisteredGroup, data: Any) -> pa.Table:
         """Not remote: transforms run where the feature service runs; use :meth:`ingest`."""
         raise _not_remote("transform_rows", "ingest() sends rows through the server's transform")
 
-    def stream_materializer(self, **kwargs: Any) -> Any:
+    def stream_materializer(
+        self, *, consumer_group: str = "feature-materializer", consumer: str | None = None
+    ) -> StreamingMaterializer:
         """Not remote: the streaming materializer is a service; ``carrara up`` runs it."""
         raise _not_remote("stream_materializer", "publish() rows to the feature-updates topic")
 
@@ -352,119 +251,8 @@ class RemoteFeatures:
 # -- registry -------------------------------------------------------------------------------
 
 
-class RemoteRegistry(RegistryClient):
-    """``Platform.registry`` over the registry API: the same methods and keywords. ``actor``
-    is accepted so code written for the embedded registry runs unchanged, and ignored: the
-    bearer token is the actor, and the API checks its roles."""
-
-    def create_model(
-        self,
-        name: str,
-        *,
-        actor: Principal | None = None,
-        framework: str = "",
-        description: str = "",
-        high_stakes: bool = False,
-        gates: Sequence[Gate] = (),
-    ) -> Model:
-        return super().create_model(
-            name,
-            framework=framework,
-            description=description,
-            high_stakes=high_stakes,
-            gates=gates,
-        )
-
-    def update_model(
-        self,
-        name: str,
-        *,
-        actor: Principal | None = None,
-        description: str | None = None,
-        high_stakes: bool | None = None,
-        gates: Sequence[Gate] | None = None,
-    ) -> Model:
-        return super().update_model(
-            name, description=description, high_stakes=high_stakes, gates=gates
-        )
-
-    def record_evaluation(
-        self,
-        name: str,
-        version: int,
-        dataset: str,
-        metrics: Mapping[str, float],
-        *,
-        actor: Principal | None = None,
-    ) -> ModelVersion:
-        return super().record_evaluation(name, version, dataset, metrics)
-
-    def approve(
-        self, name: str, version: int, comment: str = "", *, actor: Principal | None = None
-    ) -> Approval:
-        return super().approve(name, version, comment)
-
-    def promote(
-        self, name: str, version: int, *, actor: Principal | None = None
-    ) -> PromotionResult:
-        return super().promote(name, version)
-
-    def archive(self, name: str, version: int, *, actor: Principal | None = None) -> ModelVersion:
-        return super().archive(name, version)
-
-    def deploy(
-        self,
-        name: str,
-        version: int,
-        split: TrafficSplit | None = None,
-        serving_endpoint: str = "",
-        *,
-        actor: Principal | None = None,
-    ) -> Deployment:
-        return super().deploy(name, version, split, serving_endpoint)
-
-    def rollback(self, name: str, *, actor: Principal | None = None) -> Deployment:
-        return super().rollback(name)
-
-    def production_version(self, name: str) -> ModelVersion | None:
-        found = self.list_versions(name, status="PRODUCTION")
-        return found[0] if found else None
-
-    def active_deployment(self, name: str) -> Deployment | None:
-        from carrara.registry.types import Deployment
-
-        try:
-            return self._call("GET", f"/models/{name}/deployments/active", Deployment)
-        except errors.NotFoundError:
-            self.get_model(name)  # an unknown model stays an error
-            return None
-
-    def version_for_run(self, name: str, run_id: str) -> ModelVersion | None:
-        """The first version of ``name`` registered by training run ``run_id``, or None
-        (also when the model does not exist)."""
-        if not run_id:
-            raise errors.InvalidArgumentError("version_for_run needs a run id")
-        try:
-            versions = self.list_versions(name)
-        except errors.NotFoundError:
-            return None
-        found = sorted((v for v in versions if v.run_id == run_id), key=lambda v: v.version)
-        return found[0] if found else None
-
-    def versions_from_dataset(self, training_dataset_ref: str) -> list[ModelVersion]:
-        """Versions trained on a dataset snapshot (one listing per model)."""
-        return [
-            v
-            for m in self.list_models()
-            for v in self.list_versions(m.name)
-            if v.training_dataset_ref == training_dataset_ref
-        ]
-
-    def publish_pending(self) -> int:
-        """Not remote: the API process publishes deployment events as it records them."""
-        raise _not_remote(
-            "publish_pending", "run `carrara models publish` where the registry database is"
-        )
+#: ``Platform.registry`` remotely: the registry client, ``ModelRegistry``'s signatures.
+RemoteRegistry = RegistryClient
 
 
 # -- training -------------------------------------------------------------------------------
@@ -495,30 +283,27 @@ def _job(raw: dict[str, Any]) -> Job:
     return msgspec.convert(values, Job)
 
 
-class _Jobs(msgspec.Struct):
-    jobs: list[dict[str, Any]]
-
-
-class _Lines(msgspec.Struct):
-    lines: list[dict[str, Any]]
-
-
 class RemoteTraining:
     """``Platform.training`` over the training API; the workers of ``carrara up`` run jobs."""
 
-    def __init__(self, http: _Http) -> None:
+    def __init__(self, http: Transport) -> None:
         self._http = http
 
     def _call(self, method: str, path: str, kind: Any, **kw: Any) -> Any:
         return self._http.call(method, path, kind, service="training API", **kw)
 
     def submit(self, spec: JobSpec, *, submitted_by: str = "") -> Job:
-        """Validate ``spec`` on the server (against its feature catalog) and queue it."""
+        """Validate ``spec`` on the server (against its feature catalog) and queue it. A
+        relative ``label_source`` is made absolute against the current folder first (the
+        services must see that path: the same machine, or storage they share)."""
+        from carrara.training.spec import with_absolute_label_source
+
+        spec = with_absolute_label_source(spec, Path.cwd())
         raw = self._call(
             "POST",
             "/training-jobs",
             dict[str, Any],
-            body={"spec": msgspec.to_builtins(spec), "submitted_by": submitted_by},
+            json={"spec": msgspec.to_builtins(spec), "submitted_by": submitted_by},
         )
         return _job(raw)
 
@@ -526,21 +311,23 @@ class RemoteTraining:
         return _job(self._call("GET", f"/training-jobs/{job_id}", dict[str, Any]))
 
     def list(self, *, state: str | None = None, limit: int = 100) -> builtins.list[Job]:
-        out: _Jobs = self._call(
-            "GET", "/training-jobs", _Jobs, params={"state": state, "limit": limit}
+        from carrara.training.api import JobList
+
+        out: JobList = self._call(
+            "GET", "/training-jobs", JobList, params={"state": state, "limit": limit}
         )
-        return [_job(j) for j in out.jobs]
+        return [_job(msgspec.to_builtins(j)) for j in out.jobs]
 
     def cancel(self, job_id: str) -> Job:
         return _job(self._call("POST", f"/training-jobs/{job_id}/cancel", dict[str, Any]))
 
     def logs(self, job_id: str, after: int = 0) -> builtins.list[LogLine]:
-        from carrara.training.queue import LogLine
+        from carrara.training.api import LogLines
 
-        out: _Lines = self._call(
-            "GET", f"/training-jobs/{job_id}/logs", _Lines, params={"after": after}
+        out: LogLines = self._call(
+            "GET", f"/training-jobs/{job_id}/logs", LogLines, params={"after": after}
         )
-        return [msgspec.convert(line, LogLine) for line in out.lines]
+        return out.lines
 
     def wait(self, job_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.5) -> Job:
         """The job once it is SUCCEEDED, FAILED or CANCELLED (DeadlineExceededError past
@@ -573,14 +360,14 @@ class RemoteTraining:
 # -- monitoring -----------------------------------------------------------------------------
 
 
-class _AlertList(msgspec.Struct):
-    alerts: list[Any]
+#: The gateway writes its prediction log every 50 ms: this long is that plus a margin.
+GATEWAY_LOG_FLUSH_S = 0.2
 
 
 class RemoteMonitor:
     """``Platform.monitor`` over the monitoring API; ``carrara up`` runs the consumer."""
 
-    def __init__(self, http: _Http) -> None:
+    def __init__(self, http: Transport) -> None:
         self._http = http
         self.alerts: list[Alert] = []
 
@@ -590,7 +377,7 @@ class RemoteMonitor:
     def configure(self, model: str, config: ModelMonitorConfig) -> None:
         from carrara.monitoring import ModelMonitorConfig
 
-        self._call("PUT", f"/monitoring/models/{model}/config", ModelMonitorConfig, body=config)
+        self._call("PUT", f"/monitoring/models/{model}/config", ModelMonitorConfig, json=config)
 
     def set_reference(
         self,
@@ -609,14 +396,18 @@ class RemoteMonitor:
             "PUT",
             f"/monitoring/models/{model}/versions/{version}/reference",
             None,
-            body=profile,
-            msgpack=True,
+            content=msgspec.msgpack.encode(profile),
+            headers={"content-type": "application/msgpack"},
         )
 
     def run(self, *, flush: bool = True) -> list[Alert]:
         """Have the server consume what the gateways logged and judge the windows (every
-        stored one when ``flush``); returns the alert transitions."""
+        stored one when ``flush``, after the gateways' prediction logs have been written);
+        returns the alert transitions."""
         from carrara.monitoring.api import MonitorRun
+
+        if flush:
+            time.sleep(GATEWAY_LOG_FLUSH_S)  # what was predicted so far is on the event log
 
         out: MonitorRun = self._call(
             "POST", "/monitoring/run", MonitorRun, params={"flush": "true" if flush else "false"}
@@ -641,22 +432,6 @@ class RemoteMonitor:
 # -- the client -----------------------------------------------------------------------------
 
 
-class _HttpPrediction(msgspec.Struct):
-    entity_id: str
-    values: list[float]
-    variant: str
-    model_version: int
-    degraded: bool
-
-
-class _HttpPredictResponse(msgspec.Struct):
-    model: str
-    request_id: str
-    predictions: list[_HttpPrediction]
-    latency_us: int
-    degraded: bool
-
-
 def _floats(value: Any) -> list[float]:
     """An override: one number (for every entity) or one per entity."""
     return [float(x) for x in np.ravel(np.asarray(value, dtype=np.float64))]
@@ -673,7 +448,8 @@ class Client:
     A gateway with auth on (``Settings.gateway_token`` / ``gateway_tls_cert``) wants
     ``gateway_token`` (sent as ``authorization: Bearer ...``) and, with TLS, a
     ``grpcs://`` or ``https://`` address; ``gateway_tls_ca`` is the PEM file of the
-    certificate(s) to trust for it (default: the system's roots).
+    certificate(s) to trust for it (default: the system's roots). ``deploy_wait_s`` bounds
+    how long :meth:`deploy` waits for the gateway to serve what was deployed (0: no wait).
     """
 
     def __init__(
@@ -685,6 +461,7 @@ class Client:
         gateway_token: str | None = None,
         gateway_tls_ca: str | None = None,
         timeout_s: float = 60.0,
+        deploy_wait_s: float = 60.0,
         http: httpx.Client | None = None,
     ) -> None:
         self.url = url.rstrip("/")
@@ -692,14 +469,13 @@ class Client:
         self._gateway_token = gateway_token or None
         self._gateway_tls_ca = gateway_tls_ca or None
         self.timeout_s = timeout_s
-        self._owns = http is None
-        self._client = http if http is not None else httpx.Client(base_url=url, timeout=timeout_s)
-        self._http = _Http(self._client, token)
+        self.deploy_wait_s = deploy_wait_s
+        self._http = Transport(url, token, timeout_s=timeout_s, http=http)
         self.features = RemoteFeatures(self._http)
-        self.registry = RemoteRegistry(token=token, http=self._client)
-        #: Always None: the bearer token is the actor. Here so ``actor=client.actor`` (as
-        #: written for ``Platform``) works; the remote registry ignores ``actor``.
-        self.actor: Principal | None = None
+        self.registry = RemoteRegistry(transport=self._http)
+        #: A stand-in, so ``actor=client.actor`` (as written for ``Platform``) works: the
+        #: bearer token is who acts, and the registry API checks its roles.
+        self.actor: Principal = TOKEN_ACTOR
         self.training = RemoteTraining(self._http)
         self.monitor = RemoteMonitor(self._http)
         self._gateway_http: httpx.Client | None = None
@@ -787,12 +563,12 @@ class Client:
         model: str,
         version: int,
         split: TrafficSplit | None = None,
-        *,
-        wait_s: float = 60.0,
     ) -> Deployment:
         """Make ``split`` (default: all traffic to ``version``) the model's active deployment,
-        then wait until the gateway serves it (its versions, over gRPC; the model, over HTTP)."""
-        deployment = self.registry.deploy(model, version, split)
+        then wait up to ``deploy_wait_s`` until the gateway serves it (its versions, over
+        gRPC; the model, over HTTP)."""
+        deployment = self.registry.deploy(model, version, split, actor=self.actor)
+        wait_s = self.deploy_wait_s
         if not self.gateway or wait_s <= 0:
             return deployment
         wanted = {v.version for v in deployment.variants}
@@ -816,6 +592,7 @@ class Client:
     ) -> PredictionResult:
         """Predictions from the gateway (the model's active deployment)."""
         from carrara.gateway.engine import PredictionResult
+        from carrara.gateway.http_front import HttpPrediction, HttpPredictResponse
 
         if isinstance(entity_ids, str):
             raise errors.InvalidArgumentError("entity_ids must be a list of ids, not one string")
@@ -839,10 +616,10 @@ class Client:
                     request, timeout=self.timeout_s, metadata=self._grpc_metadata()
                 )
             except grpc.RpcError as exc:
-                cls = _BY_CODE.get(exc.code().name, errors.InternalError)
+                cls = errors.GRPC_CODES.get(exc.code().name, errors.InternalError)
                 raise cls(f"gateway: {exc.details()}") from exc
             preds = [
-                _HttpPrediction(p.entity_id, list(p.values), p.variant, p.model_version, p.degraded)
+                HttpPrediction(p.entity_id, list(p.values), p.variant, p.model_version, p.degraded)
                 for p in r.predictions
             ]
             model_name, request_id, latency_us = r.model, r.request_id, r.latency_us
@@ -861,7 +638,7 @@ class Client:
             except httpx.HTTPError as exc:
                 raise errors.UnavailableError(f"gateway {target} unreachable: {exc}") from exc
             raise_for_error(response, "gateway")
-            out = msgspec.json.decode(response.content, type=_HttpPredictResponse)
+            out = msgspec.json.decode(response.content, type=HttpPredictResponse)
             preds = out.predictions
             model_name, request_id, latency_us = out.model, out.request_id, out.latency_us
         width = len(preds[0].values) if preds else 0
@@ -879,7 +656,7 @@ class Client:
         )
 
     @contextmanager
-    def serve(self, *, grpc_port: int = 0, http_port: int = 0) -> Iterator[Any]:
+    def serve(self, *, grpc_port: int = 0, http_port: int = 0) -> Iterator[GatewayServer]:
         """Not remote: the gateway of ``carrara up`` already serves; predict through it."""
         raise _not_remote(
             "serve", f"the running gateway ({self.gateway or 'see carrara up'}) serves"
@@ -889,7 +666,7 @@ class Client:
     def flush_predictions(self) -> None:
         """The gateway writes its prediction log continuously (every 50 ms): wait that long
         plus a margin, so what was predicted so far is on the event log."""
-        time.sleep(0.2)
+        time.sleep(GATEWAY_LOG_FLUSH_S)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -900,8 +677,7 @@ class Client:
         if self._gateway_http is not None:
             self._gateway_http.close()
             self._gateway_http = None
-        if self._owns:
-            self._client.close()
+        self._http.close()
 
     def __enter__(self) -> Client:
         return self

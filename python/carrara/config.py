@@ -26,13 +26,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     URLs select the backend: ``sqlite:///path`` or ``postgresql://...`` for the registry and
     catalog; ``memory://`` or ``redis://host:port/db`` for the online store; ``local:///path``
-    (SQLite-backed durable log) or ``redis://...`` (Redis Streams) for the event log.
+    (SQLite-backed durable log) or ``redis://...`` (Redis Streams) for the event log; and
+    ``offline_engine`` the engine over the offline store's Parquet files (``duckdb``). Any
+    other backend is a plug-in named by class path, ``package.module:ClassName``, in place of
+    the URL scheme or as the engine (see :mod:`carrara.plugins`).
     """
 
     home: str = ".carrara"
     registry_url: str = ""  # "" = sqlite:///{home}/registry.db
     online_store_url: str = "memory://"
     offline_store_path: str = ""  # "" = {home}/offline
+    offline_engine: str = "duckdb"  # or "package.module:ClassName" of an OfflineStore
     event_log_url: str = ""  # "" = local:///{home}/events.db
     artifact_path: str = ""  # "" = {home}/artifacts
     cache_capacity: int = 10_000
@@ -56,6 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"cache_ttl_seconds must be > 0, got {self.cache_ttl_seconds}")
         if bool(self.gateway_tls_cert) != bool(self.gateway_tls_key):
             raise ConfigError("gateway_tls_cert and gateway_tls_key go together")
+        if not self.offline_engine.strip():
+            raise ConfigError("offline_engine must name an engine (duckdb) or a class path")
         if self.training_gpus_per_node < 0:
             raise ConfigError(
                 f"training_gpus_per_node must be >= 0, got {self.training_gpus_per_node}"

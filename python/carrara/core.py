@@ -1,10 +1,15 @@
 """The native serving core, under its public names.
 
 Specs and policies are plain msgspec structs; they go once into a native object whose hot
-methods take strings/bytes and return numpy arrays (see DESIGN.md §2).
+methods take strings/bytes and return numpy arrays (docs/ARCHITECTURE.md draws the path).
+
+:func:`serving_spec` is the contract between training and serving: what a registered version
+carries so that a gateway can assemble its features and batch its calls.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 from numpy.typing import ArrayLike
@@ -22,6 +27,7 @@ from carrara._native import (
 __all__ = [
     "Assembler",
     "AssemblerSpec",
+    "Batching",
     "FeatureCache",
     "FeatureRef",
     "FeatureVector",
@@ -33,6 +39,7 @@ __all__ = [
     "Variant",
     "decode_feature_vector",
     "encode_feature_vector",
+    "serving_spec",
     "stable_hash",
 ]
 
@@ -101,3 +108,20 @@ def encode_feature_vector(
 def decode_feature_vector(data: bytes) -> FeatureVector:
     """Parse ``FeatureVector`` bytes; raises ``carrara.DecodeError`` on malformed input."""
     return FeatureVector.decode(data)
+
+
+class Batching(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Dynamic batching of an in-process model (Triton's ``dynamic_batching``)."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+
+
+def serving_spec(
+    spec: AssemblerSpec, *, max_batch_size: int = 64, max_queue_delay_us: int = 0
+) -> dict[str, Any]:
+    """What to register as a version's ``serving_spec``: the features it reads, in order, and
+    how the gateway batches its calls."""
+    out: dict[str, Any] = msgspec.to_builtins(spec)
+    out["batching"] = msgspec.to_builtins(Batching(max_batch_size, max_queue_delay_us))
+    return out

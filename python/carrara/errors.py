@@ -2,7 +2,8 @@
 
 Each class also inherits the builtin it resembles, so ``except ValueError`` keeps working.
 ``CODES`` pairs the native core's numeric error codes with these classes; the binding
-(``cpp/_native.cpp``) raises through the same table.
+(``cpp/_native.cpp``) raises through the same table. ``GRPC_CODES`` is the reverse of each
+class's ``grpc_code``: what a client raises for a service's ``{"error": CODE, "message"}``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeadlineExceededError",
+    "GRPC_CODES",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
@@ -25,6 +27,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "error_for_code",
+    "error_for_response",
 ]
 
 
@@ -145,3 +148,41 @@ CODES: dict[int, type[CarraraError]] = {
 def error_for_code(code: int) -> type[CarraraError]:
     """The exception class for a native error code; unknown codes are internal errors."""
     return CODES.get(code, InternalError)
+
+
+def _hierarchy(root: type[CarraraError]) -> list[type[CarraraError]]:
+    """Every class under ``root`` defined so far (this module's), parents before children."""
+    out: list[type[CarraraError]] = []
+    for cls in root.__subclasses__():
+        out += [cls, *_hierarchy(cls)]
+    return out
+
+
+#: gRPC code name -> the class that declares it (``DecodeError`` and ``ConfigError`` only
+#: inherit ``INVALID_ARGUMENT``, so a remote one comes back as ``InvalidArgumentError``).
+GRPC_CODES: dict[str, type[CarraraError]] = {
+    cls.grpc_code: cls for cls in _hierarchy(CarraraError) if "grpc_code" in vars(cls)
+}
+#: (gRPC code, HTTP status) -> a subclass that answers with a status of its own
+#: (``PayloadTooLargeError``: ``RESOURCE_EXHAUSTED`` with 413, not 429).
+_BY_CODE_AND_STATUS: dict[tuple[str, int], type[CarraraError]] = {
+    (cls.grpc_code, cls.http_status): cls
+    for cls in _hierarchy(CarraraError)
+    if "http_status" in vars(cls) and "grpc_code" not in vars(cls)
+}
+_statuses = [cls.http_status for cls in GRPC_CODES.values()]
+#: HTTP status -> class, for bodies without a known code (a proxy's HTML page, KServe's
+#: ``{"error": "message"}``); statuses two classes share (409) are left out.
+_BY_STATUS: dict[int, type[CarraraError]] = {
+    cls.http_status: cls for cls in GRPC_CODES.values() if _statuses.count(cls.http_status) == 1
+}
+_BY_STATUS.update({status: cls for (_, status), cls in _BY_CODE_AND_STATUS.items()})
+del _statuses
+
+
+def error_for_response(code: str | None, status: int) -> type[CarraraError]:
+    """The class a service's error answer stands for: by its gRPC ``code`` (refined by the
+    HTTP ``status``), else by the status alone; anything else is an internal error."""
+    if code in GRPC_CODES:
+        return _BY_CODE_AND_STATUS.get((code, status), GRPC_CODES[code])
+    return _BY_STATUS.get(status, InternalError)

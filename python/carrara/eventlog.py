@@ -13,7 +13,8 @@ start of the retained log; each event goes to one consumer of the group; an even
 acked within the visibility timeout (``?visibility_timeout_ms=``, default 30 s) is handed out
 again, possibly to another consumer. Event ids are opaque strings, increasing per topic.
 
-Topics used by the platform are listed in :data:`TOPICS`; any name of ``[A-Za-z0-9._-]`` works.
+Topics used by the platform are listed in :data:`carrara.types.TOPICS`; any name of
+``[A-Za-z0-9._-]`` works.
 
 Retention: a topic keeps every event unless it has a length cap. The ``predictions`` topic is
 capped by default (:data:`DEFAULT_TOPIC_MAXLEN`, about the newest 1,000,000 events), so an
@@ -33,29 +34,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
 from carrara.errors import ConfigError, InvalidArgumentError, UnavailableError
+from carrara.plugins import StoreKind
+from carrara.types import TOPICS
 
 __all__ = [
     "DEFAULT_TOPIC_MAXLEN",
-    "TOPICS",
     "Event",
+    "EVENT_LOGS",
     "EventLog",
     "LocalEventLog",
     "RedisEventLog",
     "open_event_log",
 ]
 
-#: Topics the platform itself publishes to.
-TOPICS = ("predictions", "training-events", "feature-updates", "alerts", "deployments")
-
 DEFAULT_VISIBILITY_TIMEOUT_MS = 30_000
 #: Length caps applied unless configured otherwise: the high-volume prediction log only
 #: (events the platform must not lose, such as deployments and alerts, are never trimmed).
-DEFAULT_TOPIC_MAXLEN: Mapping[str, int] = {"predictions": 1_000_000}
+DEFAULT_TOPIC_MAXLEN: Mapping[str, int] = {
+    str(topic): info.maxlen for topic, info in TOPICS.items() if info.maxlen is not None
+}
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -94,6 +96,11 @@ class EventLog(ABC):
     _maxlen: int | None = None
     _caps: Mapping[str, int] = DEFAULT_TOPIC_MAXLEN
 
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str) -> EventLog:
+        """Open the log ``url`` names (see :func:`open_event_log` for the common options)."""
+
     def maxlen(self, topic: str) -> int | None:
         """About how many events ``topic`` keeps (None: all of them)."""
         cap = self._caps.get(topic, self._maxlen)
@@ -127,6 +134,10 @@ class EventLog(ABC):
         of the retained log), oldest first, with no consumer group: for a reader that keeps its
         own offset (a gateway following deployments leaves nothing behind in the log). Waits
         up to ``block_ms`` when there are none."""
+
+    @abstractmethod
+    def pending_count(self, topic: str, group: str) -> int:
+        """Events delivered to ``group`` and not acked yet (what its consumers still hold)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -209,6 +220,13 @@ class LocalEventLog(EventLog):
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.executescript(_LOCAL_SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: str) -> LocalEventLog:
+        """``local:///path/events.db`` or ``local://`` (in memory)."""
+        parts, _, visibility, maxlen, topic_maxlen = parse_log_url(url)
+        path = (parts.netloc + parts.path) or None
+        return cls(path, visibility_timeout_ms=visibility, maxlen=maxlen, topic_maxlen=topic_maxlen)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -415,6 +433,23 @@ class RedisEventLog(EventLog):
         self._caps = _topic_caps(maxlen, topic_maxlen)
         self._groups: set[tuple[str, str]] = set()
 
+    @classmethod
+    def from_url(cls, url: str) -> RedisEventLog:
+        """``redis://host:port/db?prefix=...`` (``rediss://``, ``unix://``); other query
+        options go to redis-py."""
+        import redis
+
+        parts, options, visibility, maxlen, topic_maxlen = parse_log_url(url)
+        prefix = options.pop("prefix", ["carrara:events"])[-1]
+        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
+        return cls(
+            redis.Redis.from_url(client_url),
+            prefix=prefix,
+            visibility_timeout_ms=visibility,
+            maxlen=maxlen,
+            topic_maxlen=topic_maxlen,
+        )
+
     def _key(self, topic: str) -> str:
         _check_name("topic", topic)
         return f"{self._prefix}:{topic}"
@@ -555,24 +590,20 @@ def _int_option(options: dict[str, list[str]], name: str, default: int | None) -
         raise ConfigError(f"event log option {name} must be an integer") from exc
 
 
-def open_event_log(url: str) -> EventLog:
-    """Open an event log by URL.
-
-    ``local:///path/events.db`` (durable SQLite), ``local://`` (in memory), or
-    ``redis://host:port/db?prefix=...``. Options for both: ``visibility_timeout_ms``,
-    ``maxlen`` (keep about the newest N events of every topic without a cap of its own) and
-    ``maxlen.TOPIC`` (the cap of one topic; 0: none). Without them only ``predictions`` is
-    capped (:data:`DEFAULT_TOPIC_MAXLEN`). Caps are approximate: Redis trims whole stream
-    nodes, the local log trims every tenth of the cap; trimmed events are gone even if a
-    group has not acked them.
-    """
+def parse_log_url(
+    url: str,
+) -> tuple[SplitResult, dict[str, list[str]], int, int | None, dict[str, int]]:
+    """A log URL's parts, its other query options, and the common ones: the visibility
+    timeout, ``maxlen`` and the ``maxlen.TOPIC`` caps."""
     parts = urlsplit(url)
     options = parse_qs(parts.query)
     visibility = _int_option(options, "visibility_timeout_ms", DEFAULT_VISIBILITY_TIMEOUT_MS)
     assert visibility is not None
+    options.pop("visibility_timeout_ms", None)
     maxlen = _int_option(options, "maxlen", None)
     if maxlen is not None and maxlen <= 0:
         raise ConfigError(f"event log option maxlen must be > 0, got {maxlen}")
+    options.pop("maxlen", None)
     topic_maxlen: dict[str, int] = {}
     for name in [k for k in options if k.startswith("maxlen.")]:
         cap = _int_option(options, name, None)
@@ -584,27 +615,31 @@ def open_event_log(url: str) -> EventLog:
             )
         topic_maxlen[topic] = cap
         del options[name]
-    if parts.scheme == "local":
-        path = (parts.netloc + parts.path) or None
-        return LocalEventLog(
-            path, visibility_timeout_ms=visibility, maxlen=maxlen, topic_maxlen=topic_maxlen
-        )
-    if parts.scheme in ("redis", "rediss", "unix"):
-        import redis
+    return parts, options, visibility, maxlen, topic_maxlen
 
-        prefix = options.pop("prefix", ["carrara:events"])[-1]
-        options.pop("maxlen", None)
-        options.pop("visibility_timeout_ms", None)
-        client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
-        client = redis.Redis.from_url(client_url)
-        return RedisEventLog(
-            client,
-            prefix=prefix,
-            visibility_timeout_ms=visibility,
-            maxlen=maxlen,
-            topic_maxlen=topic_maxlen,
-        )
-    raise ConfigError(
-        f"unsupported event log URL {url!r}; use local:///path/events.db, local:// or "
-        "redis://host:port/db?prefix=..."
-    )
+
+#: Event log backends by URL scheme; any other is a class path in place of the scheme.
+EVENT_LOGS: StoreKind[EventLog] = StoreKind(
+    "event log",
+    EventLog,
+    examples="local:///path/events.db, local:// or redis://host:port/db?prefix=...",
+)
+EVENT_LOGS.register("local", LocalEventLog.from_url)
+EVENT_LOGS.register("redis", RedisEventLog.from_url)
+EVENT_LOGS.register("rediss", RedisEventLog.from_url)
+EVENT_LOGS.register("unix", RedisEventLog.from_url)
+
+
+def open_event_log(url: str) -> EventLog:
+    """Open an event log by URL.
+
+    ``local:///path/events.db`` (durable SQLite), ``local://`` (in memory),
+    ``redis://host:port/db?prefix=...`` or a plug-in (``package.module:ClassName://...``,
+    built by its ``from_url``). Options for the built-in logs: ``visibility_timeout_ms``,
+    ``maxlen`` (keep about the newest N events of every topic without a cap of its own) and
+    ``maxlen.TOPIC`` (the cap of one topic; 0: none). Without them only ``predictions`` is
+    capped (:data:`DEFAULT_TOPIC_MAXLEN`). Caps are approximate: Redis trims whole stream
+    nodes, the local log trims every tenth of the cap; trimmed events are gone even if a
+    group has not acked them.
+    """
+    return EVENT_LOGS.open(url)

@@ -1,8 +1,15 @@
-"""What every part's HTTP API shares: the error body, JSON responses, the handler wrapper that
-maps :class:`CarraraError` to its status, and bearer-token authorization.
+"""What every part's HTTP API shares: the endpoint table that mounts its routes and produces its
+OpenAPI document, the error body, JSON responses, the handler wrapper that maps
+:class:`CarraraError` to its status, the bearer/role guard, and bounded input.
 
 Every error is ``{"error": <gRPC code name>, "message": ...}`` with the error's
-``http_status``, so one client (``carrara.Client``) reads errors from every part the same way.
+``http_status``, so one client (``carrara.Client``) reads errors from every part the same way;
+Starlette's own 404/405 answer that shape too (:func:`http_error`).
+
+One table per API: each part lists its :class:`Endpoint` s (method, path, types, status, role,
+handler); :func:`build_routes` mounts them behind :func:`wrap` and, for endpoints with a role,
+behind the token check (before any of the body is read); :func:`openapi_spec` documents the
+same table, so a route cannot be served without being documented.
 
 Bounded input, the same in every API (registry, features, feature admin, monitoring, training,
 the control plane, the gateway's HTTP front and KServe REST):
@@ -25,43 +32,53 @@ from __future__ import annotations
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import msgspec
 import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from carrara.auth import Authenticator, Principal, bearer_token, require_role
 from carrara.errors import (
     CarraraError,
     InternalError,
     InvalidArgumentError,
     PayloadTooLargeError,
-    UnauthenticatedError,
 )
 
-if TYPE_CHECKING:
-    from carrara.registry.auth import Principal
-
 __all__ = [
+    "JSON",
     "MAX_JSON_DEPTH",
     "MAX_PATH_PARAM_CHARS",
+    "Endpoint",
     "ErrorBody",
     "ErrorRenderer",
     "Handler",
+    "Health",
     "InputGuard",
-    "authorize",
+    "api_app",
+    "build_routes",
     "check_int64",
     "check_json",
     "check_path_params",
     "decode_json",
     "decode_msgpack",
     "error_response",
+    "http_error",
     "json_response",
+    "openapi_spec",
+    "principal_of",
     "read_body",
+    "with_document",
     "wrap",
 ]
 
@@ -90,6 +107,12 @@ class ErrorBody(msgspec.Struct, frozen=True):
     message: str
 
 
+class Health(msgspec.Struct, frozen=True):
+    """What ``/healthz`` and ``/readyz`` answer."""
+
+    status: str
+
+
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -114,29 +137,6 @@ def wrap(handler: Handler) -> Handler:
 
     run.__name__ = handler.__name__
     return run
-
-
-def authorize(
-    request: Request, tokens: Mapping[str, Principal] | None, role: str, action: str
-) -> Principal | None:
-    """The caller's principal when it may do ``action`` (None when ``tokens`` is None: open).
-
-    ``tokens`` is looked up, never listed, so a mapping that resolves tokens stored in the
-    registry database serves as well as a dict."""
-    from carrara.registry.auth import require_role  # roles are the registry's
-
-    if tokens is None:
-        return None
-    header = request.headers.get("authorization", "")
-    principal = None
-    if header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
-        principal = tokens.get(token.strip())
-        if principal is None:
-            raise UnauthenticatedError("unknown bearer token; ask an admin for a valid one")
-    return require_role(principal, role, action)
 
 
 # -- bounded input ------------------------------------------------------------------------------
@@ -386,3 +386,195 @@ class InputGuard:
             log.exception("unexpected error answering %s %r", scope.get("method"), path)
             error = InternalError("internal error; the server log has the details")
             await self.render(path, error)(scope, receive, send)
+
+
+# -- one endpoint table: routes, the bearer/role guard, the OpenAPI document ---------------------
+
+#: The content type of every JSON body and response.
+JSON = "application/json"
+Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    """One route of an API: what its OpenAPI document says and the handler that answers it.
+
+    ``path`` is Starlette's, convertors included (``{version_id:int}``); ``response`` and
+    ``body`` are msgspec types (``response=None``: no content; ``body=None``: no body);
+    ``role``: the bearer token's role a call needs (when the API has an authenticator);
+    ``consumes`` / ``produces``: content types of the body / the response (non-JSON ones, such
+    as Arrow streams, msgpack or an artifact's bytes, are documented as binary); ``action``
+    names the call in 401/403 messages (default: the summary); ``open_if`` exempts requests
+    from the role (a dry run); ``errors``: error statuses worth listing besides those every
+    body (400, 413) and every role (401, 403) brings."""
+
+    method: Method
+    path: str
+    summary: str
+    response: Any
+    handler: Handler
+    body: Any = None
+    status: int = 200
+    role: str | None = None
+    query: tuple[str, ...] = ()
+    consumes: tuple[str, ...] = (JSON,)
+    produces: str = JSON
+    action: str = ""
+    open_if: Callable[[Request], bool] | None = None
+    errors: tuple[int, ...] = ()
+
+
+def principal_of(request: Request) -> Principal | None:
+    """The caller :func:`build_routes` authenticated (None on open routes and open APIs)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal
+
+
+def _guarded(endpoint: Endpoint, auth: Authenticator | None) -> Handler:
+    role, handler, open_if = endpoint.role, endpoint.handler, endpoint.open_if
+    if role is None or auth is None:
+        return handler
+    action = endpoint.action or f"'{endpoint.summary}'"
+    resolve = auth
+
+    async def guard(request: Request) -> Response:
+        if open_if is None or not open_if(request):
+            token = bearer_token(request.headers.get("authorization", ""))
+            # The authenticator may look the token up in a database: off the event loop.
+            who = None if token is None else await run_in_threadpool(resolve, token)
+            request.state.principal = require_role(who, role, action)
+        return await handler(request)
+
+    guard.__name__ = handler.__name__
+    return guard
+
+
+def build_routes(endpoints: Sequence[Endpoint], auth: Authenticator | None = None) -> list[Route]:
+    """Starlette routes of ``endpoints``, each handler behind :func:`wrap`. With ``auth``, an
+    endpoint with a role checks the bearer token before any of the body is read (a caller
+    without the role never makes the server read a large body) and leaves the principal on
+    ``request.state`` (:func:`principal_of`); without ``auth`` the API is open."""
+    return [Route(e.path, wrap(_guarded(e, auth)), methods=[e.method]) for e in endpoints]
+
+
+_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
+_PARAM_TYPES = {"int": "integer", "float": "number"}
+
+
+def _content(types: Sequence[str], schema: dict[str, Any]) -> dict[str, Any]:
+    def of(kind: str) -> dict[str, Any]:
+        if kind == JSON or kind.endswith("+json"):
+            return schema
+        if kind.startswith("text/"):
+            return {"type": "string"}
+        return {"type": "string", "format": "binary"}
+
+    return {kind: {"schema": of(kind)} for kind in types}
+
+
+def _parameters(e: Endpoint, path_params: Mapping[str, str]) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = []
+    for name, convertor in _PARAM.findall(e.path):
+        if name not in path_params:
+            raise ValueError(f"path parameter {name!r} of {e.path} has no description")
+        params.append(
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": _PARAM_TYPES.get(convertor, "string")},
+                "description": path_params[name],
+            }
+        )
+    params += [
+        {"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in e.query
+    ]
+    return params
+
+
+def openapi_spec(
+    title: str, endpoints: Sequence[Endpoint], path_params: Mapping[str, str]
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``endpoints``: schemas from the msgspec types themselves,
+    :class:`ErrorBody` as every operation's default response, bearer security (and the role)
+    on endpoints with a role. ``path_params`` describes every path parameter by name."""
+    types: list[Any] = [ErrorBody]
+    for e in endpoints:
+        types += [t for t in (e.response, e.body) if t is not None]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for e in endpoints:
+        ok: dict[str, Any] = {"description": "No content"}
+        if e.response is not None:
+            ok = {"description": "OK", "content": _content([e.produces], by_type[e.response])}
+        error = {"description": "error", "content": _content([JSON], schemas[0])}
+        codes = set(e.errors)
+        codes |= {400, 413} if e.body is not None else set()
+        codes |= {401, 403} if e.role is not None else set()
+        op: dict[str, Any] = {
+            "summary": e.summary,
+            "parameters": _parameters(e, path_params),
+            "responses": {
+                str(e.status): ok,
+                **{str(code): error for code in sorted(codes)},
+                "default": error,
+            },
+        }
+        if e.body is not None:
+            op["requestBody"] = {"required": True, "content": _content(e.consumes, by_type[e.body])}
+        if e.role is not None:
+            op["security"] = [{"bearer": []}]
+            op["x-role"] = e.role
+            unless = " (not for a dry run)" if e.open_if is not None else ""
+            op["description"] = f"Needs a bearer token with role '{e.role}'{unless}."
+        paths.setdefault(_PARAM.sub(r"{\1}", e.path), {})[e.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def with_document(
+    path: str, title: str, endpoints: Sequence[Endpoint], path_params: Mapping[str, str]
+) -> list[Endpoint]:
+    """``endpoints`` and, at ``path``, their OpenAPI document (which does not list itself)."""
+    document = _ENCODER.encode(openapi_spec(title, endpoints, path_params))
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type=JSON)
+
+    summary = f"The OpenAPI document of the {title} API"
+    return [*endpoints, Endpoint("GET", path, summary, dict[str, Any], openapi)]
+
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, a method the route does not take) in the common
+    shape; ``exception_handlers={HTTPException: http_error}``."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status in _HTTP_CODES:
+        message = f"no route {request.method} {request.url.path}; see /openapi.json"
+    else:
+        message = str(getattr(exc, "detail", "")) or "HTTP error"
+    body = _ENCODER.encode(ErrorBody(_HTTP_CODES.get(status, "UNKNOWN"), message))
+    headers = getattr(exc, "headers", None)  # 405 names the allowed methods
+    return Response(body, status_code=status, headers=headers, media_type=JSON)
+
+
+def api_app(routes: Sequence[BaseRoute], *, render: ErrorRenderer = _default_render) -> Starlette:
+    """A Starlette app of ``routes`` as every Carrara API is: behind :class:`InputGuard` (errors
+    rendered by ``render``), with Starlette's own 404/405 in the common shape."""
+    return Starlette(
+        routes=list(routes),
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(InputGuard, render=render)],
+    )

@@ -25,6 +25,7 @@ wrapper that wires parts together (``training``, ``monitor``, the embedded gatew
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from carrara.registry.registry import ModelRegistry
     from carrara.registry.types import Deployment, TrafficSplit
     from carrara.sql import Database
-    from carrara.training.queue import Job, JobQueue
+    from carrara.training.queue import Job, JobQueue, LogLine
     from carrara.training.spec import JobSpec
 
 __all__ = ["Monitor", "Platform", "Training"]
@@ -61,15 +62,25 @@ class Training:
         self.queue = queue
 
     def submit(self, spec: JobSpec, *, submitted_by: str = "") -> Job:
-        """Validate ``spec`` against the feature catalog and queue it."""
+        """Validate ``spec`` against the feature catalog and queue it. A relative
+        ``label_source`` is made absolute against the current folder first."""
+        from carrara.training.spec import with_absolute_label_source
+
         return self.queue.submit(
-            spec,
+            with_absolute_label_source(spec, Path.cwd()),
             submitted_by=submitted_by or self._platform.actor.subject,
             features=self._platform.features,
         )
 
-    def run_pending(self, *, heartbeat_interval_s: float = 1.0) -> list[Job]:
-        """Run queued jobs in this process until the queue is empty; returns them finished."""
+    def run_pending(
+        self, *, heartbeat_interval_s: float = 1.0, timeout_s: float = 600.0
+    ) -> builtins.list[Job]:
+        """Run queued jobs in this process until the queue is empty; returns them finished.
+        No job starts after ``timeout_s`` (one running then finishes first); jobs still
+        queued then are a ``DeadlineExceededError``."""
+        import threading
+
+        from carrara.errors import DeadlineExceededError
         from carrara.training.worker import Worker
 
         worker = Worker(
@@ -79,10 +90,58 @@ class Training:
             actor=self._platform.actor,
             heartbeat_interval_s=heartbeat_interval_s,
         )
-        return worker.run(until_idle=True)
+        stop = threading.Event()
+        timer = threading.Timer(timeout_s, stop.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            finished = worker.run(until_idle=True, stop=stop)
+        finally:
+            timer.cancel()
+        if stop.is_set() and self.queue.list(state="QUEUED", limit=1):
+            raise DeadlineExceededError(
+                f"jobs are still queued after {timeout_s:.0f} s ({len(finished)} finished); "
+                "call run_pending again or give it a longer timeout_s"
+            )
+        return finished
 
     def get(self, job_id: str) -> Job:
         return self.queue.get(job_id)
+
+    def list(self, *, state: str | None = None, limit: int = 100) -> builtins.list[Job]:
+        """Jobs, newest first, optionally in one ``state``."""
+        return self.queue.list(state=state, limit=limit)
+
+    def cancel(self, job_id: str) -> Job:
+        return self.queue.cancel(job_id)
+
+    def logs(self, job_id: str, after: int = 0) -> builtins.list[LogLine]:
+        """The job's log lines after line number ``after``."""
+        return self.queue.logs(job_id, after)
+
+    def wait(self, job_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.5) -> Job:
+        """The job once it is SUCCEEDED, FAILED or CANCELLED: queued jobs run in this process
+        (as :meth:`run_pending`); one another worker runs is polled (DeadlineExceededError
+        past ``timeout_s``)."""
+        import time
+
+        from carrara.errors import DeadlineExceededError
+        from carrara.training.queue import TERMINAL
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job.state in TERMINAL:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceededError(
+                    f"job {job_id} is still {job.state} after {timeout_s:.0f} s; "
+                    "is another worker holding it?"
+                )
+            # A queued job runs here; one no worker here can take (or another holds) is polled.
+            if job.state != "QUEUED" or not self.run_pending(timeout_s=left):
+                time.sleep(poll_s)
 
 
 class Monitor:
@@ -153,6 +212,13 @@ class Monitor:
 
         return active_alerts(self.db, model)
 
+    def report(self, model: str, version: int | None = None) -> str:
+        """The self-contained HTML report of ``model``."""
+        from carrara.monitoring.report import render_report
+
+        self.consumer  # noqa: B018 - creates the monitoring tables
+        return render_report(self.db, model, version)
+
 
 class Platform:
     """Features, training, registry, serving and monitoring behind one object."""
@@ -217,6 +283,7 @@ class Platform:
                 catalog_url=url,
                 offline_path=settings.resolved_offline_store_path,
                 online_url=settings.online_store_url,
+                offline_engine=settings.offline_engine,
             )
             # The platform's one event log, shared so features.publish and the stream
             # materializer write where every other part reads (closing it twice is harmless).
@@ -301,10 +368,14 @@ class Platform:
     @contextmanager
     def serve(self, *, grpc_port: int = 0, http_port: int = 0) -> Iterator[GatewayServer]:
         """The gateway's gRPC and HTTP fronts on loopback, over the embedded engine (port 0
-        picks a free port; ``server.grpc_port`` says which). Stopped on exit."""
+        picks a free port; ``server.grpc_port`` says which), serving every model with an
+        active deployment in the registry. Stopped on exit."""
         from carrara.gateway.server import GatewayServer, ServerThread
         from carrara.gateway.service import Gateway
 
+        for m in self.registry.list_models():
+            if m.name not in self._served:
+                self._load(m.name)
         gateway = Gateway(self._embedded().engine)
         thread = ServerThread(
             lambda: GatewayServer(gateway, grpc_port=grpc_port, http_port=http_port)

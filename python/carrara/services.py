@@ -4,68 +4,46 @@ monitoring API, each with its own paths unchanged, behind the same bearer tokens
 
 Paths by part: ``/models/...`` and ``/lineage/...`` (registry), ``/features/...`` (features),
 ``/training-jobs/...`` and ``/training-triggers/...`` (training), ``/monitoring/...``
-(monitoring). ``/healthz``, ``/readyz`` and ``/openapi.json`` (the parts' specs merged) are the
-app's own; :func:`check_routes` refuses two parts claiming the same path and method.
+(monitoring). ``/healthz``, ``/readyz`` and ``/openapi.json`` are the app's own; the document
+is built from the parts' endpoint tables (the kernel's HTTP kit), so it lists every route the
+app serves, writes with their bearer security and role. :func:`check_routes` refuses two parts
+claiming the same path and method.
 """
 
 from __future__ import annotations
 
-import hmac
 import importlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
-from carrara.errors import CarraraError, ConfigError, UnauthenticatedError, UnavailableError
-from carrara.http import InputGuard
+from carrara.errors import ConfigError, UnavailableError
+from carrara.http import Endpoint, Health, api_app, build_routes, with_document
+from carrara.http import json_response as _json
 
 if TYPE_CHECKING:
     from carrara.config import Settings
-    from carrara.registry.auth import Principal
-    from carrara.registry.registry import ModelRegistry
 
-__all__ = ["ControlPlane", "RegistryTokens", "check_routes"]
+__all__ = ["OWN_PATHS", "ControlPlane", "Readiness", "check_routes"]
 
 log = logging.getLogger(__name__)
 
 #: Paths the composed app answers itself (each part also defines some of them).
 OWN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
-_encoder = msgspec.json.Encoder()
+TITLE = "Carrara control plane"
 
 
-class RegistryTokens(Mapping[str, "Principal"]):
-    """Bearer token -> principal, as the registry API checks them: the bootstrap token
-    (``Settings.api_token``, an admin) and the tokens stored hashed in the registry database.
-    Iteration lists only the bootstrap token (stored tokens are never kept in plaintext)."""
+class Readiness(msgspec.Struct, frozen=True):
+    """What the control plane's ``/readyz`` answers."""
 
-    def __init__(self, registry: ModelRegistry, bootstrap_token: str = "") -> None:
-        self._registry = registry
-        self._bootstrap = bootstrap_token
-
-    def __getitem__(self, token: str) -> Principal:
-        from carrara.registry.auth import Principal
-
-        if self._bootstrap and hmac.compare_digest(token.encode(), self._bootstrap.encode()):
-            return Principal("bootstrap", frozenset({"admin"}))
-        try:
-            return self._registry.tokens.authenticate(token)
-        except UnauthenticatedError as exc:
-            raise KeyError(token) from exc
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([self._bootstrap] if self._bootstrap else [])
-
-    def __len__(self) -> int:
-        return 1 if self._bootstrap else 0
+    status: str
+    training_api: bool
 
 
 def _methods(route: BaseRoute) -> set[str]:
@@ -95,13 +73,6 @@ def check_routes(parts: Sequence[tuple[str, Sequence[BaseRoute]]]) -> list[BaseR
     return out
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(status, "UNKNOWN")
-    body = {"error": code, "message": f"no route {request.method} {request.url.path}"}
-    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
-
-
 class ControlPlane:
     """The stores and the composed app of the API process; ``close()`` closes the stores."""
 
@@ -112,6 +83,7 @@ class ControlPlane:
         from carrara.feature_cache.service import FeatureService
         from carrara.monitoring import api as monitoring_api
         from carrara.registry import api as registry_api
+        from carrara.registry.auth import registry_authenticator
         from carrara.registry.registry import ModelRegistry
         from carrara.sql import connect
         from carrara.training.queue import JobQueue
@@ -138,16 +110,16 @@ class ControlPlane:
         except BaseException:
             self.close()
             raise
-        self.tokens = RegistryTokens(self.registry, settings.api_token)
-        registry_app = registry_api.create_app(
-            self.registry, bootstrap_token=settings.api_token or None
-        )
-        features_app = features_api.create_app(self.features)
-        parts: list[tuple[str, Sequence[BaseRoute]]] = [
-            ("registry", registry_app.routes),
-            ("features", features_app.routes),
-            ("feature admin", api_admin.create_routes(self.features, tokens=self.tokens)),
-            ("monitoring", monitoring_api.create_routes(self.db, self.events, tokens=self.tokens)),
+        self.auth = registry_authenticator(self.registry.tokens, settings.api_token or None)
+        parts: list[tuple[str, list[Endpoint], dict[str, str]]] = [
+            ("registry", registry_api.endpoints(self.registry), registry_api.PATH_PARAMS),
+            ("features", features_api.endpoints(self.features), features_api.PATH_PARAMS),
+            ("feature admin", api_admin.endpoints(self.features), api_admin.PATH_PARAMS),
+            (
+                "monitoring",
+                monitoring_api.endpoints(self.db, self.events),
+                monitoring_api.PATH_PARAMS,
+            ),
         ]
         self.training_api = False
         if training_api:
@@ -158,37 +130,30 @@ class ControlPlane:
                     raise
                 log.warning("carrara.training.api is not installed: no /training-jobs routes")
             else:
-                parts.append(
-                    ("training", training.create_app(self.queue, self.features, tokens=self.tokens))
-                )
+                table = training.endpoints(self.queue, self.features)
+                parts.append(("training", table, training.PATH_PARAMS))
                 self.training_api = True
-        # Each part's OpenAPI document (registry and features at /openapi.json, training at
-        # /training/openapi.json), merged into the app's own /openapi.json.
-        self._specs = [
-            r
-            for _, routes in parts
-            for r in routes
-            if isinstance(r, Route) and r.path.endswith("openapi.json")
+        # One table: the app's own endpoints and every part's (less the paths the app answers
+        # itself); routes and /openapi.json both come from it.
+        own = [
+            Endpoint("GET", "/healthz", "Liveness", Health, self._healthz),
+            Endpoint("GET", "/readyz", "Readiness (registry database up)", Readiness, self._readyz),
         ]
-        self._openapi: bytes | None = None
-        routes = [
-            Route("/healthz", self._healthz, methods=["GET"]),
-            Route("/readyz", self._readyz, methods=["GET"]),
-            Route("/openapi.json", self._openapi_json, methods=["GET"]),
-            *check_routes(parts),
-        ]
-        # InputGuard: 400 for control characters in paths and queries, JSON 500s that keep the
-        # connection; every part's body reader is the kernel's bounded one (413).
-        self.app = Starlette(
-            routes=routes,
-            exception_handlers={HTTPException: _http_error},
-            middleware=[Middleware(InputGuard)],
+        served = [(part, [e for e in table if e.path not in OWN_PATHS]) for part, table, _ in parts]
+        mounted = check_routes([(part, build_routes(table, self.auth)) for part, table in served])
+        path_params = {name: text for *_, params in parts for name, text in params.items()}
+        # Every endpoint the app serves, its own first and /openapi.json (their document) last.
+        self.endpoints = with_document(
+            "/openapi.json", TITLE, own + [e for _, table in served for e in table], path_params
         )
+        # InputGuard (api_app): 400 for control characters in paths and queries, JSON 500s that
+        # keep the connection; every part's body reader is the kernel's bounded one (413).
+        self.app = api_app([*build_routes([*own, self.endpoints[-1]]), *mounted])
         # The registry's routes read their body limit from the app they run in.
-        self.app.state.max_body_bytes = registry_app.state.max_body_bytes
+        self.app.state.max_body_bytes = registry_api.MAX_BODY_BYTES
 
     async def _healthz(self, request: Request) -> Response:
-        return Response(_encoder.encode({"status": "ok"}), media_type="application/json")
+        return _json(Health("ok"))
 
     async def _readyz(self, request: Request) -> Response:
         def ping() -> None:
@@ -196,33 +161,10 @@ class ControlPlane:
                 tx.fetchone("SELECT 1")
 
         try:
-            try:
-                await run_in_threadpool(ping)
-            except Exception as exc:
-                raise UnavailableError(f"registry database unreachable: {exc}") from exc
-        except CarraraError as exc:
-            body = {"error": exc.grpc_code, "message": str(exc)}
-            return Response(_encoder.encode(body), exc.http_status, media_type="application/json")
-        ready = {"status": "ready", "training_api": self.training_api}
-        return Response(_encoder.encode(ready), media_type="application/json")
-
-    async def _openapi_json(self, request: Request) -> Response:
-        if self._openapi is None:
-            merged: dict[str, Any] = {
-                "openapi": "3.1.0",
-                "info": {"title": "Carrara control plane", "version": "1"},
-                "paths": {},
-                "components": {"schemas": {}},
-            }
-            for route in self._specs:
-                response = await route.endpoint(request)
-                spec = msgspec.json.decode(response.body)
-                merged["paths"].update(spec.get("paths", {}))
-                merged["components"]["schemas"].update(
-                    spec.get("components", {}).get("schemas", {})
-                )
-            self._openapi = _encoder.encode(merged)
-        return Response(self._openapi, media_type="application/json")
+            await run_in_threadpool(ping)
+        except Exception as exc:
+            raise UnavailableError(f"registry database unreachable: {exc}") from exc
+        return _json(Readiness("ready", self.training_api))
 
     def close(self) -> None:
         closers, self._closers = self._closers, []

@@ -1,6 +1,7 @@
 """A narrow SQL connector shared by the registry and the feature catalog.
 
-One interface over SQLite (embedded default) and PostgreSQL (psycopg 3 with a pool), plus a
+One interface (:class:`Database`) over SQLite (embedded default) and PostgreSQL (psycopg 3
+with a pool), chosen by URL scheme (:data:`DATABASES`; a plug-in by class path), plus a
 numbered-migration runner. Callers write SQL with ``?`` placeholders; on PostgreSQL they are
 turned into ``%s``. Dialect-specific DDL goes in a :class:`Migration` per dialect.
 """
@@ -10,16 +11,28 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
 
 from carrara.errors import ConfigError, UnavailableError
+from carrara.plugins import StoreKind
 
-__all__ = ["Cursor", "Database", "Dialect", "Migration", "connect"]
+__all__ = [
+    "DATABASES",
+    "Cursor",
+    "Database",
+    "Dialect",
+    "Migration",
+    "PostgresDatabase",
+    "SQLiteDatabase",
+    "Transaction",
+    "connect",
+]
 
 Dialect = Literal["sqlite", "postgresql"]
 Row = tuple[Any, ...]
@@ -81,118 +94,24 @@ class Transaction:
         return self.execute(sql, params).fetchall()
 
 
-class Database:
-    """A SQLite file or a PostgreSQL pool behind one transaction API."""
+class Database(ABC):
+    """A database behind one transaction API (the interface the registry, catalog, queue and
+    monitoring stores use). Plug-ins speak one of the two SQL dialects the parts know."""
 
-    def __init__(self, url: str, *, pool_size: int = 8) -> None:
-        self.url = url
-        if url.startswith("sqlite://"):
-            self.dialect: Dialect = "sqlite"
-            path = url.removeprefix("sqlite://").removeprefix("/") if url != "sqlite://" else ""
-            # sqlite:///relative.db -> "relative.db"; sqlite:////abs/path.db -> "/abs/path.db";
-            # sqlite:// or sqlite:///:memory: -> an in-memory database (one shared connection).
-            self._path = path or ":memory:"
-            if self._path != ":memory:":
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            self._local = threading.local()
-            self._memory_conn: sqlite3.Connection | None = None
-            self._memory_lock = threading.RLock()
-            self._pool: Any = None
-        elif url.startswith(("postgresql://", "postgres://")):
-            self.dialect = "postgresql"
-            try:
-                from psycopg_pool import ConnectionPool
-            except ImportError as exc:  # pragma: no cover - the platform extra installs it
-                raise ConfigError(
-                    "PostgreSQL needs psycopg[pool]: pip install carrara[platform]"
-                ) from exc
-            # Each checkout is checked (a session killed by pg_terminate_backend or a server
-            # restart is replaced, not handed out), and waiting for one is bounded.
-            check = getattr(ConnectionPool, "check_connection", None)
-            extra: dict[str, Any] = {"check": check} if check is not None else {}
-            self._pool = ConnectionPool(
-                url,
-                min_size=1,
-                max_size=pool_size,
-                open=False,
-                timeout=5.0,
-                kwargs={"autocommit": False},
-                **extra,
-            )
-            try:
-                self._pool.open(wait=True, timeout=10)
-            except Exception as exc:
-                self._pool.close()
-                raise UnavailableError(f"cannot connect to PostgreSQL at {url}: {exc}") from exc
-        else:
-            raise ConfigError(
-                f"unsupported database URL {url!r}; use sqlite:///path or postgresql://..."
-            )
+    url: str
+    dialect: Dialect
 
-    # -- connections ----------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, *, pool_size: int = 8) -> Database:
+        """Open the database ``url`` names (``pool_size``: most connections held)."""
 
-    def _sqlite_conn(self) -> sqlite3.Connection:
-        if self._path == ":memory:":
-            if self._memory_conn is None:
-                self._memory_conn = sqlite3.connect(
-                    ":memory:", check_same_thread=False, isolation_level=None
-                )
-            return self._memory_conn
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE, which
-            # takes the write lock up front so concurrent writers queue instead of deadlocking.
-            conn = sqlite3.connect(
-                self._path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Transaction]:
         """One transaction: committed when the block ends, rolled back if it raises."""
-        if self.dialect == "sqlite":
-            lock = self._memory_lock if self._path == ":memory:" else None
-            if lock is not None:
-                lock.acquire()
-            try:
-                conn = self._sqlite_conn()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Transaction(conn, "sqlite")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            finally:
-                if lock is not None:
-                    lock.release()
-        else:
-            import psycopg
-            from psycopg_pool import PoolTimeout
 
-            try:
-                with self._pool.connection() as conn, conn.transaction():
-                    yield Transaction(conn, "postgresql")
-            except (PoolTimeout, psycopg.OperationalError) as exc:
-                # A dropped session or a server restart: retryable (503), and the pool replaces
-                # the connection on its next checkout.
-                raise UnavailableError(f"the database is unreachable: {exc}") from exc
-
-    def close(self) -> None:
-        if self.dialect == "postgresql":
-            self._pool.close()
-        else:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
-            if self._memory_conn is not None:
-                self._memory_conn.close()
-                self._memory_conn = None
+    @abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Database:
         return self
@@ -256,10 +175,142 @@ class Database:
         return [r[0] for r in rows]
 
 
+class SQLiteDatabase(Database):
+    """A SQLite file (one connection per thread) or an in-memory database (one shared
+    connection)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dialect = "sqlite"
+        path = url.removeprefix("sqlite://").removeprefix("/") if url != "sqlite://" else ""
+        # sqlite:///relative.db -> "relative.db"; sqlite:////abs/path.db -> "/abs/path.db";
+        # sqlite:// or sqlite:///:memory: -> an in-memory database (one shared connection).
+        self._path = path or ":memory:"
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._memory_conn: sqlite3.Connection | None = None
+        self._memory_lock = threading.RLock()
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 8) -> SQLiteDatabase:
+        return cls(url)
+
+    def _sqlite_conn(self) -> sqlite3.Connection:
+        if self._path == ":memory:":
+            if self._memory_conn is None:
+                self._memory_conn = sqlite3.connect(
+                    ":memory:", check_same_thread=False, isolation_level=None
+                )
+            return self._memory_conn
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE, which
+            # takes the write lock up front so concurrent writers queue instead of deadlocking.
+            conn = sqlite3.connect(
+                self._path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        lock = self._memory_lock if self._path == ":memory:" else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            conn = self._sqlite_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(conn, "sqlite")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._memory_conn is not None:
+            self._memory_conn.close()
+            self._memory_conn = None
+
+
+class PostgresDatabase(Database):
+    """A PostgreSQL connection pool (psycopg 3)."""
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        self.url = url
+        self.dialect = "postgresql"
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:  # pragma: no cover - the platform extra installs it
+            raise ConfigError(
+                "PostgreSQL needs psycopg[pool]: pip install carrara[platform]"
+            ) from exc
+        # Each checkout is checked (a session killed by pg_terminate_backend or a server
+        # restart is replaced, not handed out), and waiting for one is bounded.
+        check = getattr(ConnectionPool, "check_connection", None)
+        extra: dict[str, Any] = {"check": check} if check is not None else {}
+        self._pool: Any = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=5.0,
+            kwargs={"autocommit": False},
+            **extra,
+        )
+        try:
+            self._pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            self._pool.close()
+            raise UnavailableError(f"cannot connect to PostgreSQL at {url}: {exc}") from exc
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 8) -> PostgresDatabase:
+        return cls(url, pool_size=pool_size)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield Transaction(conn, "postgresql")
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            # A dropped session or a server restart: retryable (503), and the pool replaces
+            # the connection on its next checkout.
+            raise UnavailableError(f"the database is unreachable: {exc}") from exc
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 def _split_statements(sql: str) -> list[str]:
     return [s.strip() for s in re.split(r";\s*\n", sql.strip() + "\n") if s.strip().rstrip(";")]
 
 
+#: Database backends by URL scheme; any other is a class path in place of the scheme.
+DATABASES: StoreKind[Database] = StoreKind(
+    "database", Database, examples="sqlite:///path or postgresql://..."
+)
+DATABASES.register("sqlite", SQLiteDatabase.from_url)
+DATABASES.register("postgresql", PostgresDatabase.from_url)
+DATABASES.register("postgres", PostgresDatabase.from_url)
+
+
 def connect(url: str, *, pool_size: int = 8) -> Database:
-    """Open a database by URL: ``sqlite:///path``, ``sqlite://`` (memory) or ``postgresql://...``."""
-    return Database(url, pool_size=pool_size)
+    """Open a database by URL: ``sqlite:///path``, ``sqlite://`` (memory),
+    ``postgresql://...`` or a plug-in (``package.module:ClassName://...``, built by its
+    ``from_url``)."""
+    return DATABASES.open(url, pool_size=pool_size)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ import grpc
 import yaml
 
 from tests.chaos.record import ROOT, rss_mb
+from tests.servers import free_port
 
-__all__ = ["GatewayProcess", "PrivateRedis", "free_port", "grpc_healthy"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["GatewayProcess", "PrivateRedis", "grpc_healthy"]
 
 
 class PrivateRedis:

@@ -26,12 +26,12 @@ from carrara.core import (
     GroupSchema,
     RoutingPolicy,
     Variant,
-    encode_feature_vector,
 )
 from carrara.gateway.backends import BackendInfo
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.server import GatewayServer
 from carrara.gateway.service import Gateway
+from tests.servers import DictStore
 
 SPEC = AssemblerSpec(
     groups=(GroupSchema("u", 1, ("x", "y")),),
@@ -64,17 +64,6 @@ class SlowBackend:
         pass
 
 
-class DictStore:
-    def __init__(self, n: int) -> None:
-        self.data = {
-            f"u:1:e{i}": encode_feature_vector(f"e{i}", "u", 1, [float(i), float(i % 3)])
-            for i in range(n)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--grpc-port", type=int, required=True)
@@ -84,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=16)
     args = p.parse_args(argv)
     engine = ServingEngine(
-        DictStore(100),
+        DictStore("u", 1, {f"e{i}": (float(i), float(i % 3)) for i in range(100)}),
         cache=FeatureCache(capacity=1_000, ttl_seconds=3_600.0),
         max_in_flight=args.max_in_flight,
         workers=args.workers,

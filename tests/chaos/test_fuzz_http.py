@@ -35,21 +35,15 @@ from starlette.routing import Route
 from carrara.config import Settings
 from carrara.core import (
     AssemblerSpec,
-    FeatureCache,
     FeatureRef,
     GroupSchema,
-    RoutingPolicy,
-    Variant,
     encode_feature_vector,
 )
-from carrara.gateway.backends import OnnxBackend
-from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.http_front import create_app as gateway_app
-from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.service import Gateway
 from carrara.services import ControlPlane
 from tests.chaos.record import FULL, CaseRecord, rss_mb
-from tests.servers import serve_app
+from tests.servers import scorer_engine, serve_app
 
 pytestmark = [pytest.mark.chaos]
 
@@ -245,17 +239,15 @@ def plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlPla
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     refs = (FeatureRef("user", "a"), FeatureRef("user", "b"))
     spec = AssemblerSpec(groups=(GroupSchema("user", 1, ("a", "b")),), features=refs)
-    path = write_linear_model(
-        tmp_path_factory.mktemp("fuzz-model") / "m.onnx", np.eye(2, dtype=np.float32), [0, 0]
-    )
-    engine = ServingEngine(_Store(), cache=FeatureCache(capacity=1_000))
-    engine.deploy(
-        ModelDeployment(
-            model=MODEL,
-            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
-            variants=(VariantSpec(name="v1", version=1, features=spec),),
-        ),
-        {"v1": OnnxBackend(path)},
+    engine = scorer_engine(
+        tmp_path_factory.mktemp("fuzz-model"),
+        spec,
+        np.eye(2, dtype=np.float32),
+        [0, 0],
+        store=_Store(),
+        model=MODEL,
+        version=1,
+        variant="v1",
     )
     gw = Gateway(engine)
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from carrara.eventlog import open_event_log
 from carrara.gateway.grpc_client import predict_stub
-from carrara.types import TOPIC_PREDICTIONS, decode_prediction
+from carrara.types import Topic, decode_prediction
 from carrara.v1 import predict_pb2
 from tests.chaos.load import ClosedLoop, Outcome, codes
 from tests.chaos.models import MODEL, NAMESPACE, gateway_config, seed_redis, value
@@ -51,14 +51,14 @@ def read_predictions(url: str) -> list[tuple[str, int, float]]:
     out: list[tuple[str, int, float]] = []
     try:
         while True:
-            events = log.read(TOPIC_PREDICTIONS, "chaos-audit", "auditor", count=1000)
+            events = log.read(Topic.PREDICTIONS, "chaos-audit", "auditor", count=1000)
             if not events:
                 return out
             for e in events:
                 record = decode_prediction(e.payload)
                 request_id, _, row = record.request_id.rpartition(":")
                 out.append((request_id, int(row), float(record.prediction[0])))
-            log.ack(TOPIC_PREDICTIONS, "chaos-audit", [e.id for e in events])
+            log.ack(Topic.PREDICTIONS, "chaos-audit", [e.id for e in events])
     finally:
         log.close()
 

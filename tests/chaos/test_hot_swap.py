@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -20,17 +20,16 @@ from carrara.core import (
     GroupSchema,
     RoutingPolicy,
     Variant,
-    encode_feature_vector,
 )
 from carrara.gateway.backends import OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
+from carrara.gateway.server import GatewayServer
 from carrara.v1 import predict_pb2
 from tests.chaos.load import ClosedLoop, codes
 from tests.chaos.record import FULL, CaseRecord, p99_ms, rss_mb
+from tests.servers import DictStore, running_gateway
 
 pytestmark = [
     pytest.mark.chaos,
@@ -59,17 +58,6 @@ def expected(version: int, i: int) -> float:
     return float((x @ w + np.float32(b))[0, 0])
 
 
-class DictStore:
-    def __init__(self) -> None:
-        self.data = {
-            f"u:1:e{i}": encode_feature_vector(f"e{i}", "u", 1, [float(i), float(i % 3)])
-            for i in range(ENTITIES)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
-
-
 def deploy(engine: ServingEngine, directory: Path, version: int) -> None:
     w, b = weights(version)
     path = write_linear_model(directory / f"m{version}.onnx", w, b)
@@ -86,18 +74,13 @@ def deploy(engine: ServingEngine, directory: Path, version: int) -> None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[ServingEngine, GatewayServer]]:
+    store = DictStore("u", 1, {f"e{i}": (float(i), float(i % 3)) for i in range(ENTITIES)})
     engine = ServingEngine(
-        DictStore(), cache=FeatureCache(capacity=1_000, ttl_seconds=60.0), max_in_flight=256
+        store, cache=FeatureCache(capacity=1_000, ttl_seconds=60.0), max_in_flight=256
     )
     deploy(engine, tmp_path, 1)
-    gateway = Gateway(engine)
-    thread = ServerThread(lambda: GatewayServer(gateway))
-    server = thread.start()
-    try:
+    with running_gateway(engine) as server:
         yield engine, server
-    finally:
-        thread.stop()
-        gateway.close()
 
 
 def test_deploy_under_load(

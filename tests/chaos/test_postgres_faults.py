@@ -13,7 +13,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,13 +25,13 @@ import grpc
 import numpy as np
 import pytest
 
-from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, encode_feature_vector
+from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, encode_feature_vector, serving_spec
 from carrara.errors import UnavailableError
 from carrara.eventlog import open_event_log
 from carrara.gateway.engine import ServingEngine
 from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.registry_source import DeploymentFollower, serving_spec
+from carrara.gateway.registry_source import DeploymentFollower
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
 from carrara.registry.artifacts import ArtifactStore
@@ -41,6 +40,7 @@ from carrara.registry.registry import ModelRegistry
 from carrara.v1 import predict_pb2
 from tests.chaos.load import ClosedLoop, Outcome, codes
 from tests.chaos.record import FULL, CaseRecord, p99_ms, rss_mb
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -48,12 +48,6 @@ SPEC = AssemblerSpec(groups=(GroupSchema("u", 1, ("x",)),), features=(FeatureRef
 ACTOR = Principal("ci", frozenset({"publisher", "deployer"}))
 ENTITIES = 100
 WORKERS = 8 if FULL else 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivatePostgres:
@@ -66,7 +60,7 @@ class PrivatePostgres:
         self.bin = Path(found[-1]).parent
         self.dir = Path(tempfile.mkdtemp(prefix="carrara-chaos-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._as_postgres = os.geteuid() == 0  # initdb refuses to run as root
         if self._as_postgres:

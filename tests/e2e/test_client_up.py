@@ -214,7 +214,10 @@ def test_client_drives_every_service_started_by_up(
 
         # 2. Two versions trained by the worker of `up`.
         client.registry.create_model(
-            MODEL, framework="sklearn", gates=[Gate(metric="auc", dataset="holdout", threshold=0.6)]
+            MODEL,
+            actor=client.actor,
+            framework="sklearn",
+            gates=[Gate(metric="auc", dataset="holdout", threshold=0.6)],
         )
         dataset = DatasetSpec(
             features=REFS,
@@ -240,10 +243,12 @@ def test_client_drives_every_service_started_by_up(
 
         # 3. Gate, promote, deploy 90/10.
         for v, value in auc.items():
-            client.registry.record_evaluation(MODEL, v, "holdout", {"auc": value})
+            client.registry.record_evaluation(
+                MODEL, v, "holdout", {"auc": value}, actor=client.actor
+            )
         champion = max(auc, key=lambda v: auc[v])
         challenger = 3 - champion
-        promoted = client.registry.promote(MODEL, champion)
+        promoted = client.registry.promote(MODEL, champion, actor=client.actor)
         assert promoted.version.status == "PRODUCTION"
         assert [(g.metric, g.passed) for g in promoted.gate_results] == [("auc", True)]
         assert client.registry.production_version(MODEL).version == champion  # type: ignore[union-attr]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ import yaml
 from carrara.core import encode_feature_vector
 from carrara.gateway.backends import file_sha256
 from carrara.gateway.onnx_models import write_linear_model
+from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def carrara(*args: str) -> subprocess.CompletedProcess[str]:
@@ -190,9 +184,8 @@ def _ready_body(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> dic
 def test_serve_survives_a_bad_model_and_restarts_without_the_registry(tmp_path: Path) -> None:
     """A model that does not load is unavailable while the others serve; a restart with the
     registry's event log and artifact store gone serves the last good state."""
-    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, serving_spec
     from carrara.eventlog import open_event_log
-    from carrara.gateway.registry_source import serving_spec
     from carrara.registry.auth import Principal
     from carrara.registry.registry import ModelRegistry
 

@@ -14,14 +14,14 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from carrara.core import AssemblerSpec, FeatureCache, FeatureRef, GroupSchema
+from carrara.core import AssemblerSpec, FeatureCache, FeatureRef, GroupSchema, serving_spec
 from carrara.eventlog import open_event_log
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
 from carrara.gateway.embedded import StoreReader
 from carrara.gateway.engine import ServingEngine
 from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.registry_source import load_active, serving_spec
+from carrara.gateway.registry_source import load_active
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
 from carrara.registry.auth import Principal

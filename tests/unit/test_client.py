@@ -1,9 +1,9 @@
 """``carrara.Client`` against the composed control-plane app in-process (embedded stores), the
-surface parity with ``carrara.Platform``, and ``carrara up``'s configuration and routes."""
+transport's error map, and ``carrara up``'s configuration and routes (the signatures shared
+with ``carrara.Platform``: ``test_sdk_signatures.py``)."""
 
 from __future__ import annotations
 
-import inspect
 import signal
 import time
 from collections.abc import Iterator
@@ -19,14 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from carrara.client import (
-    Client,
-    RemoteFeatures,
-    RemoteMonitor,
-    RemoteRegistry,
-    RemoteTraining,
-    raise_for_error,
-)
+from carrara.client import Client
 from carrara.config import Settings
 from carrara.errors import (
     ConfigError,
@@ -38,80 +31,16 @@ from carrara.errors import (
     UnauthenticatedError,
 )
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup
-from carrara.feature_cache.service import FeatureService
 from carrara.monitoring import DriftThresholds, ModelMonitorConfig
-from carrara.platform import Monitor, Platform, Training
-from carrara.registry.registry import ModelRegistry
+from carrara.platform import Platform
+from carrara.registry.client import TOKEN_ACTOR
 from carrara.services import ControlPlane, check_routes
+from carrara.transport import raise_for_error
 from carrara.up import ChildExitedError, Services, UpConfig, load_up_config, settings_env
 from tests.servers import serve_app
 
 TOKEN = "unit-bootstrap"
 T0_US = 1_780_000_000_000_000
-
-# -- surface parity ----------------------------------------------------------------------------
-
-#: Names one side has and the other cannot: each with the reason. Adding a public method to
-#: Platform (or a part) without its Client twin fails ``test_surfaces_match`` until it is either
-#: implemented remotely or listed here.
-ONLY_EMBEDDED: dict[type, dict[str, str]] = {
-    Platform: {
-        "local": "constructor of the embedded platform; Client(url, token) is the remote one",
-        "open": "constructor of the embedded platform from Settings",
-    },
-    Monitor: {"consumer": "the in-process consumer; `carrara up` runs it as a process"},
-    FeatureService: {
-        "open": "constructor over store URLs",
-        "from_settings": "constructor over Settings",
-    },
-    ModelRegistry: {"open": "constructor over a database URL"},
-}
-ONLY_REMOTE: dict[type, dict[str, str]] = {
-    RemoteTraining: {
-        "list": "the embedded platform reads its queue directly (platform.training.queue)",
-        "cancel": "idem",
-        "logs": "idem",
-        "wait": "run_pending finishes jobs in-process; a remote caller waits for the workers",
-    },
-    RemoteMonitor: {"report": "embedded: carrara.monitoring.report.render_report(db, ...)"},
-}
-PAIRS = [
-    (Platform, Client),
-    (Training, RemoteTraining),
-    (Monitor, RemoteMonitor),
-    (FeatureService, RemoteFeatures),
-    (ModelRegistry, RemoteRegistry),
-]
-
-
-def _public(cls: type) -> set[str]:
-    return {
-        name
-        for name, value in inspect.getmembers(cls)
-        if not name.startswith("_") and (callable(value) or isinstance(value, property))
-    }
-
-
-@pytest.mark.parametrize(("embedded", "remote"), PAIRS, ids=lambda c: c.__name__)
-def test_surfaces_match(embedded: type, remote: type) -> None:
-    only_embedded = _public(embedded) - _public(remote)
-    only_remote = _public(remote) - _public(embedded)
-    assert only_embedded == set(ONLY_EMBEDDED.get(embedded, {})), (
-        f"{embedded.__name__} has public methods that {remote.__name__} lacks: implement them "
-        "remotely or list them in ONLY_EMBEDDED with the reason"
-    )
-    assert only_remote == set(ONLY_REMOTE.get(remote, {})), (
-        f"{remote.__name__} has methods {embedded.__name__} lacks: list them in ONLY_REMOTE"
-    )
-
-
-def test_platform_attributes_have_remote_twins() -> None:
-    with Client("http://127.0.0.1:9") as client:
-        assert isinstance(client.features, RemoteFeatures)
-        assert isinstance(client.training, RemoteTraining)
-        assert isinstance(client.registry, RemoteRegistry)
-        assert isinstance(client.monitor, RemoteMonitor)
-
 
 # -- the control plane in-process ----------------------------------------------------------------
 
@@ -220,7 +149,7 @@ def test_writes_need_a_token_with_the_role(url: str, plane: ControlPlane) -> Non
         with pytest.raises(UnauthenticatedError, match="Bearer"):
             anonymous.features.apply(_definitions())
         with pytest.raises(UnauthenticatedError):
-            anonymous.registry.create_model("m")
+            anonymous.registry.create_model("m", actor=anonymous.actor)
         assert anonymous.features.apply(_definitions(), dry_run=True)  # a read
     reader = plane.registry.tokens.create("ro", ["reader"])
     with Client(url, reader) as ro:
@@ -233,7 +162,7 @@ def test_writes_need_a_token_with_the_role(url: str, plane: ControlPlane) -> Non
 
 
 def test_registry_and_monitoring_through_the_client(client: Client) -> None:
-    model = client.registry.create_model("churn", framework="sklearn")
+    model = client.registry.create_model("churn", actor=client.actor, framework="sklearn")
     assert model.name == "churn"
     assert client.registry.production_version("churn") is None
     assert client.registry.active_deployment("churn") is None
@@ -241,8 +170,6 @@ def test_registry_and_monitoring_through_the_client(client: Client) -> None:
     assert client.registry.version_for_run("nope", "run-1") is None
     with pytest.raises(NotFoundError):
         client.registry.active_deployment("nope")
-    with pytest.raises(FailedPreconditionError):
-        client.registry.publish_pending()
 
     rng = np.random.default_rng(3)
     frame = pd.DataFrame({"x": rng.normal(0, 1, 500), "y": rng.normal(5, 2, 500)})
@@ -254,8 +181,10 @@ def test_registry_and_monitoring_through_the_client(client: Client) -> None:
     assert "churn" in client.monitor.report("churn", 1)
 
 
-def test_errors_of_both_shapes_map_to_classes() -> None:
+def test_error_answers_map_to_classes() -> None:
     import httpx
+
+    from carrara.errors import PayloadTooLargeError, ResourceExhaustedError
 
     def response(status: int, body: object) -> httpx.Response:
         return httpx.Response(status, content=msgspec.json.encode(body))
@@ -263,12 +192,27 @@ def test_errors_of_both_shapes_map_to_classes() -> None:
     with pytest.raises(NotFoundError, match="x: gone"):
         raise_for_error(response(404, {"error": "NOT_FOUND", "message": "gone"}), "x")
     with pytest.raises(InvalidArgumentError, match="bad"):
-        raise_for_error(
-            response(400, {"error": {"code": "INVALID_ARGUMENT", "message": "bad"}}), "x"
-        )
-    with pytest.raises(NotFoundError):
+        raise_for_error(response(400, {"error": "INVALID_ARGUMENT", "message": "bad"}), "x")
+    with pytest.raises(PayloadTooLargeError):  # RESOURCE_EXHAUSTED refined by its 413
+        raise_for_error(response(413, {"error": "RESOURCE_EXHAUSTED", "message": "big"}), "x")
+    with pytest.raises(ResourceExhaustedError) as shed:
+        raise_for_error(response(429, {"error": "RESOURCE_EXHAUSTED", "message": "shed"}), "x")
+    assert not isinstance(shed.value, PayloadTooLargeError)
+    with pytest.raises(NotFoundError):  # no body of ours: the status says which
         raise_for_error(httpx.Response(404, content=b"<html>"), "x")
+    with pytest.raises(NotFoundError, match="x: unknown model"):  # KServe's shape
+        raise_for_error(response(404, {"error": "unknown model"}), "x")
     raise_for_error(response(200, {}), "x")
+    # Every class a service answers with comes back as itself (the map is derived from each
+    # class's grpc_code and http_status, so a new class needs no second list).
+    from carrara.errors import GRPC_CODES
+
+    for cls in [*GRPC_CODES.values(), PayloadTooLargeError]:
+        with pytest.raises(cls) as caught:
+            raise_for_error(
+                response(cls.http_status, {"error": cls.grpc_code, "message": "m"}), "x"
+            )
+        assert type(caught.value) is cls
 
 
 def test_predict_and_serve_need_a_gateway(client: Client) -> None:
@@ -281,19 +225,40 @@ def test_predict_and_serve_need_a_gateway(client: Client) -> None:
 # -- training, against the training API contract ------------------------------------------------
 
 
+def _job_spec() -> Any:
+    from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
+
+    return JobSpec(
+        model_name="churn",
+        dataset=DatasetSpec(
+            features=["t:a"], label_source="/data/l", label_column="y", entity_column="e"
+        ),
+        model=ModelSpec(estimator="logistic_regression"),
+    )
+
+
 def _fake_training_api() -> Starlette:
-    """The contract of ``training/api.py`` (JobQueue JSON with ``spec`` as an object)."""
+    """The contract of ``training/api.py``: ``JobView`` JSON (the spec as an object)."""
     state = {"polls": 0}
     job = {
         "job_id": "j1",
         "model_name": "churn",
-        "spec": {"model_name": "churn"},
         "state": "QUEUED",
+        "spec": msgspec.to_builtins(_job_spec()),
         "submitted_by": "me",
         "submitted_at_us": 1,
+        "started_at_us": None,
+        "finished_at_us": None,
+        "heartbeat_at_us": None,
+        "worker": None,
         "attempts": 0,
+        "cancel_requested": False,
         "error": "",
         "result": {},
+        "gpus_requested": 0,
+        "node": None,
+        "gpus": [],
+        "trigger": "",
     }
 
     async def submit(request: Request) -> Response:
@@ -335,19 +300,11 @@ def _fake_training_api() -> Starlette:
 
 
 def test_training_client_follows_the_contract() -> None:
-    from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
-
-    spec = JobSpec(
-        model_name="churn",
-        dataset=DatasetSpec(
-            features=["t:a"], label_source="l", label_column="y", entity_column="e"
-        ),
-        model=ModelSpec(estimator="logistic_regression"),
-    )
+    spec = _job_spec()
     with _serve(_fake_training_api()) as base, Client(base, TOKEN) as c:
         job = c.training.submit(spec, submitted_by="me")
         assert (job.job_id, job.state) == ("j1", "QUEUED")
-        assert msgspec.json.decode(job.spec_json) == {"model_name": "churn"}
+        assert job.spec() == spec
         assert [line.seq for line in c.training.logs("j1", after=1)] == [2, 3]
         done = c.training.wait("j1", poll_s=0.01)
         assert (done.state, done.result) == ("SUCCEEDED", {"version": 1})
@@ -468,15 +425,19 @@ def test_deploy_waits_for_the_exact_versions_over_http(monkeypatch: pytest.Monke
         created_at="now",
         is_active=True,
     )
-    with _serve(gateway) as gw, Client("http://127.0.0.1:9", TOKEN, gateway=gw) as client:
+    with (
+        _serve(gateway) as gw,
+        Client("http://127.0.0.1:9", TOKEN, gateway=gw, deploy_wait_s=10) as client,
+    ):
         monkeypatch.setattr(client.registry, "deploy", lambda *a, **k: deployment)
-        assert client.deploy("m", 2, wait_s=10) is deployment
+        assert client.deploy("m", 2) is deployment
         assert polls["n"] == 4  # it waited through three polls of the old versions
         # A model the gateway never lists: a clear deadline error, not an early return.
         other = msgspec.structs.replace(deployment, model="other")
         monkeypatch.setattr(client.registry, "deploy", lambda *a, **k: other)
+        client.deploy_wait_s = 0.5
         with pytest.raises(DeadlineExceededError, match=r"does not serve other versions \[1, 2\]"):
-            client.deploy("other", 2, wait_s=0.5)
+            client.deploy("other", 2)
 
 
 def _tour_registry_calls(p: Any, register: Any) -> list[str]:
@@ -509,7 +470,7 @@ def test_the_tours_registry_calls_run_alike_embedded_and_remote(
                 "churn", actor=admin, serving_artifact=b"onnx", framework="sklearn"
             ),
         )
-    assert client.actor is None  # the token is the actor: actor= is accepted and ignored
+    assert client.actor == TOKEN_ACTOR  # a stand-in: the token is who acts
     remote = _tour_registry_calls(
         client,
         lambda: plane.registry.register(
@@ -517,24 +478,3 @@ def test_the_tours_registry_calls_run_alike_embedded_and_remote(
         ),
     )
     assert embedded == remote == ["PRODUCTION", "auc@holdout = 0.8, must be at least 0.7"]
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        "create_model",
-        "update_model",
-        "record_evaluation",
-        "approve",
-        "promote",
-        "archive",
-        "deploy",
-        "rollback",
-    ],
-)
-def test_remote_registry_methods_take_the_embedded_keywords(method: str) -> None:
-    """Every keyword the embedded method takes (but ``prepare``, an in-process hook) is one
-    the remote method takes, ``actor`` included."""
-    embedded = inspect.signature(getattr(ModelRegistry, method)).parameters
-    remote = inspect.signature(getattr(RemoteRegistry, method)).parameters
-    assert set(embedded) - {"prepare"} <= set(remote)

@@ -32,6 +32,23 @@ DEPLOY = ROOT / "deploy"
 ENTRY_POINTS = (DEPLOY, DEPLOY / "gpu")
 WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
 IMAGE = "ghcr.io/carrara-ml/carrara"
+#: The image of each role (deploy/Dockerfile's ROLE): the package extra it installs.
+ROLE_IMAGES = {
+    IMAGE: "platform",
+    f"{IMAGE}-serving": "serving",
+    f"{IMAGE}-features": "features",
+    f"{IMAGE}-monitoring": "monitoring",
+    f"{IMAGE}-training": "training",
+}
+#: Which role runs each command: a workload's image must be that role's (or platform's).
+COMMAND_ROLES = {
+    "serve": "serving",
+    "materialize": "features",
+    "monitor": "monitoring",
+    "train": "training",
+    "db": "platform",
+    "_api": "platform",
+}
 
 Doc = dict[str, Any]
 
@@ -203,7 +220,7 @@ def test_http_probes_hit_routes_the_services_serve() -> None:
     }
     checked = 0
     for workload, _, c in _containers(ALL["deploy/gpu"]):
-        if c["image"].split(":")[0] != IMAGE:
+        if c["image"].split(":")[0] not in ROLE_IMAGES:
             continue
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             http = c.get(probe, {}).get("httpGet")
@@ -228,7 +245,7 @@ def test_carrara_commands_parse_with_the_real_cli(
     monkeypatch.setattr(carrara.up, "_run_gateway", lambda args: started.append("gw") or 0)
     for workload, _, c in _containers(ALL[entry]):
         argv = [*c.get("command", []), *c.get("args", [])]
-        if c["image"].split(":")[0] != IMAGE or not argv:
+        if c["image"].split(":")[0] not in ROLE_IMAGES or not argv:
             continue
         try:
             if argv[0] == "carrara":
@@ -248,11 +265,47 @@ def test_image_tag_is_the_package_version() -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     images = {c["image"] for docs in ALL.values() for _, _, c in _containers(docs)}
     ours = {i for i in images if i.startswith(IMAGE)}
-    assert ours == {f"{IMAGE}:{version}"}
-    assert f'newTag: "{version}"' in (DEPLOY / "kustomization.yaml").read_text()
+    assert ours == {f"{name}:{version}" for name in ROLE_IMAGES}
+    for folder in ENTRY_POINTS:
+        listed = {i["name"]: i["newTag"] for i in _kustomization(folder)["images"]}
+        assert listed == dict.fromkeys(ROLE_IMAGES, version), folder
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:\$\{PYTHON\}-slim-bookworm", dockerfile, re.M)
-    assert "libprotobuf32" in dockerfile  # the native module's runtime library
+    # One Dockerfile, the role's extra installed from the self-contained wheel (auditwheel):
+    # no system protobuf at run time.
+    assert 'pip install --no-cache-dir "${wheel}[${ROLE}]"' in dockerfile
+    assert "scripts/build-wheel.sh" in dockerfile and "libprotobuf32" not in dockerfile
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for name, role in ROLE_IMAGES.items():
+        assert role in extras
+        assert f"--build-arg ROLE={role}" in dockerfile or role == "platform", name
+        assert f"{name}:" in dockerfile, name
+
+
+def test_each_workload_runs_its_roles_image() -> None:
+    """The gateway runs the serving image (no training frameworks), workers the training
+    image, and so on: each command in the image of the role that has its packages."""
+    checked = set()
+    for entry in ENTRY_POINTS:
+        for workload, _, c in _containers(ALL[str(entry.relative_to(ROOT))]):
+            name = c["image"].split(":")[0]
+            argv = [*c.get("command", []), *c.get("args", [])]
+            if name not in ROLE_IMAGES or not argv:
+                continue
+            command = (
+                argv[1]
+                if argv[0] == "carrara"
+                else argv[3]
+                if argv[:3] == ["python", "-m", "carrara.up"]
+                else None
+            )
+            if command not in COMMAND_ROLES:
+                continue
+            assert ROLE_IMAGES[name] == COMMAND_ROLES[command], (workload, command, name)
+            checked.add(command)
+    assert checked == set(COMMAND_ROLES)
 
 
 def test_settings_in_the_configmap_load(tmp_path: Path) -> None:
@@ -323,7 +376,7 @@ def test_environment_and_references_resolve(entry: str) -> None:
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["key"] in secrets[ref["name"]], (workload, name)
-        if c["image"].split(":")[0] != IMAGE:
+        if c["image"].split(":")[0] not in ROLE_IMAGES:
             continue
         # Settings refuses unknown CARRARA_* variables, and service links would add some
         # (CARRARA_GATEWAY_PORT, ...) for every Service named carrara-*.

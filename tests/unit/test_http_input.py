@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,18 +30,11 @@ from starlette.routing import Route
 from carrara.config import Settings
 from carrara.core import (
     AssemblerSpec,
-    FeatureCache,
     FeatureRef,
     GroupSchema,
-    RoutingPolicy,
-    Variant,
-    encode_feature_vector,
 )
 from carrara.errors import PayloadTooLargeError, ResourceExhaustedError
-from carrara.gateway.backends import OnnxBackend
-from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.http_front import create_app as gateway_app
-from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.service import Gateway
 from carrara.http import (
     MAX_JSON_DEPTH,
@@ -53,7 +46,7 @@ from carrara.http import (
     wrap,
 )
 from carrara.services import ControlPlane
-from tests.servers import serve_app
+from tests.servers import DictStore, scorer_engine, serve_app
 
 TOKEN = "input-test-admin-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -115,34 +108,21 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         cp.close()
 
 
-class _Store:
-    def __init__(self) -> None:
-        self.data = {
-            f"user:1:u{i}": encode_feature_vector(f"u{i}", "user", 1, [float(i), float(-i)])
-            for i in range(10)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Starlette]:
     group = GroupSchema("user", 1, ("a", "b"))
     spec = AssemblerSpec(
         groups=(group,), features=(FeatureRef("user", "a"), FeatureRef("user", "b"))
     )
-    path = write_linear_model(
-        tmp_path_factory.mktemp("m") / "m.onnx", np.eye(2, dtype=np.float32), [0.0, 0.0]
-    )
-    engine = ServingEngine(_Store(), cache=FeatureCache(capacity=100))
-    engine.deploy(
-        ModelDeployment(
-            model="scorer",
-            policy=RoutingPolicy(variants=(Variant("v1", 10_000),)),
-            variants=(VariantSpec(name="v1", version=1, features=spec),),
-        ),
-        {"v1": OnnxBackend(path)},
+    engine = scorer_engine(
+        tmp_path_factory.mktemp("m"),
+        spec,
+        np.eye(2, dtype=np.float32),
+        [0.0, 0.0],
+        store=DictStore.users(10),
+        version=1,
+        variant="v1",
+        cache_capacity=100,
     )
     gw = Gateway(engine)
     try:

@@ -212,9 +212,8 @@ def test_platform_open_closes_what_it_opened_on_a_bad_url(tmp_path: Path) -> Non
 def test_platform_deploy_that_cannot_load_records_nothing(tmp_path: Path) -> None:
     """A version whose artifact passes its sha256 but is no model: the embedded gateway cannot
     load it, so the deploy raises and the registry keeps the deployment it had."""
-    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema
+    from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, serving_spec
     from carrara.gateway.onnx_models import write_linear_model
-    from carrara.gateway.registry_source import serving_spec
 
     spec = AssemblerSpec(groups=(GroupSchema("u", 1, ("x",)),), features=(FeatureRef("u", "x"),))
     with carrara.Platform.local(tmp_path) as p:
@@ -248,3 +247,22 @@ def test_platform_open_gives_the_features_service_the_event_log(tmp_path: Path) 
     settings = Settings(home=str(tmp_path / "file-log"))  # the default local:/// file log
     with carrara.Platform.open(settings) as p:
         assert p.features.event_log is p.events
+
+
+def test_embedded_training_and_monitor_take_the_clients_calls(tmp_path: Path) -> None:
+    """``list``/``cancel``/``logs``/``wait`` and ``monitor.report`` exist embedded too (the
+    signatures match the client's: ``test_sdk_signatures``)."""
+    from carrara.errors import NotFoundError
+
+    label_path = tmp_path / "labels.parquet"
+    pd.DataFrame({"user_id": ["u1"], "event_timestamp": [0], "churned": [1]}).to_parquet(label_path)
+    with carrara.Platform.local(tmp_path / "platform") as p:
+        p.features.apply(_definitions())
+        job = p.training.submit(_spec(label_path, "logistic_regression", {"C": 1.0}))
+        assert [j.job_id for j in p.training.list(state="QUEUED")] == [job.job_id]
+        assert p.training.cancel(job.job_id).state == "CANCELLED"
+        assert p.training.wait(job.job_id, timeout_s=5).state == "CANCELLED"
+        assert isinstance(p.training.logs(job.job_id), list)
+        assert p.training.run_pending(timeout_s=5) == []
+        with pytest.raises(NotFoundError, match="no monitored model"):
+            p.monitor.report("churn")

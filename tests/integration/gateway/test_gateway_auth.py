@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
@@ -32,23 +32,17 @@ from carrara import errors
 from carrara.config import load_settings
 from carrara.core import (
     AssemblerSpec,
-    FeatureCache,
     FeatureRef,
     GroupSchema,
-    RoutingPolicy,
-    Variant,
-    encode_feature_vector,
 )
 from carrara.gateway.auth import FrontAuth
-from carrara.gateway.backends import OnnxBackend
 from carrara.gateway.config import load_gateway_config
-from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.grpc_client import bearer_metadata, open_channel, predict_stub
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
+from carrara.gateway.server import GatewayServer
 from carrara.up import Services, UpConfig, settings_env
 from carrara.v1 import predict_pb2
+from tests.servers import DictStore, free_port, running_gateway, scorer_engine
 
 pytestmark = pytest.mark.integration
 
@@ -63,17 +57,6 @@ BIAS = [0.5, -0.5]
 
 def expected(i: int) -> list[float]:
     return (np.array([i, -i], np.float32) @ W + np.array(BIAS, np.float32)).tolist()
-
-
-class Store:
-    def __init__(self) -> None:
-        self.data = {
-            f"user:1:u{i}": encode_feature_vector(f"u{i}", "user", 1, [float(i), float(-i)])
-            for i in range(10)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -136,40 +119,23 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 # -- servers --------------------------------------------------------------------------------
 
 
-def _serve(tmp: Path, auth: FrontAuth | None) -> Iterator[GatewayServer]:
-    path = write_linear_model(tmp / "m.onnx", W, BIAS)
-    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
-    engine.deploy(
-        ModelDeployment(
-            model="scorer",
-            policy=RoutingPolicy(variants=(Variant("v3", 10_000),)),
-            variants=(VariantSpec(name="v3", version=3, features=SPEC),),
-        ),
-        {"v3": OnnxBackend(path)},
-    )
-    gateway = Gateway(engine)
-    thread = ServerThread(lambda: GatewayServer(gateway, auth=auth))
-    try:
-        server = thread.start()
-    except BaseException:
-        gateway.close()
-        raise
-    try:
-        yield server
-    finally:
-        thread.stop()
-        gateway.close()
+def _serve(tmp: Path, auth: FrontAuth | None) -> AbstractContextManager[GatewayServer]:
+    """Model "scorer" (entities u0 … u9 in the store) on both fronts, with ``auth``."""
+    engine = scorer_engine(tmp, SPEC, W, BIAS, store=DictStore.users(10))
+    return running_gateway(engine, auth=auth)
 
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    yield from _serve(tmp_path_factory.mktemp("tok"), FrontAuth(tokens=(TOKEN, OTHER_TOKEN)))
+    with _serve(tmp_path_factory.mktemp("tok"), FrontAuth(tokens=(TOKEN, OTHER_TOKEN))) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[GatewayServer]:
     auth = FrontAuth(tokens=(TOKEN,), tls_cert=certs["server.pem"], tls_key=certs["server.key"])
-    yield from _serve(tmp_path_factory.mktemp("tls"), auth)
+    with _serve(tmp_path_factory.mktemp("tls"), auth) as server:
+        yield server
 
 
 def grpc_addr(server: GatewayServer) -> str:
@@ -373,7 +339,7 @@ def test_mutual_tls(tmp_path: Path, certs: Certs) -> None:
     auth = FrontAuth(
         tls_cert=certs["server.pem"], tls_key=certs["server.key"], tls_client_ca=certs["ca.pem"]
     )
-    for server in _serve(tmp_path, auth):
+    with _serve(tmp_path, auth) as server:
         target = f"localhost:{server.grpc_port}"
         ca = Path(certs["ca.pem"]).read_bytes()
         with_cert = grpc.ssl_channel_credentials(
@@ -413,15 +379,15 @@ def test_bad_tls_files_fail_at_start(tmp_path: Path, certs: Certs) -> None:
     with pytest.raises(errors.ConfigError):
         FrontAuth(tokens=(TOKEN,), tls_client_ca=certs["ca.pem"])  # client CA without TLS
     mismatched = FrontAuth(tls_cert=certs["server.pem"], tls_key=certs["other.key"])
-    with pytest.raises(errors.UnavailableError, match="TLS"):
-        next(_serve(tmp_path, mismatched))
+    with pytest.raises(errors.UnavailableError, match="TLS"), _serve(tmp_path, mismatched):
+        pass
 
 
 # -- default, configuration and plumbing ----------------------------------------------------
 
 
 def test_default_gateway_is_open(tmp_path: Path) -> None:
-    for server in _serve(tmp_path, None):
+    with _serve(tmp_path, None) as server:
         assert not server.auth.enabled
         with grpc.insecure_channel(grpc_addr(server)) as channel:
             assert list(predict_u3(channel, None).predictions[0].values) == pytest.approx(
@@ -478,12 +444,6 @@ def test_settings_and_up_urls(tmp_path: Path) -> None:
         load_settings(None, env={"CARRARA_GATEWAY_TLS_CERT": "/c.pem"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_carrara_serve_with_auth_from_yaml(tmp_path: Path, certs: Certs) -> None:
     """The real command: auth from the YAML (token from an environment variable, TLS files)
     reaches both fronts. Its store is memory:// and empty: u3 gets the defaults (0, 0)."""
@@ -516,7 +476,7 @@ def test_carrara_serve_with_auth_from_yaml(tmp_path: Path, certs: Certs) -> None
         },
     }
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")}
     with log.open("wb") as out:
@@ -587,7 +547,7 @@ def test_up_gateway_child_takes_auth_from_settings(tmp_path: Path, certs: Certs)
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")}
     env.update(settings_env(settings))
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "gateway.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -16,17 +16,18 @@ import numpy as np
 import pytest
 import redis
 
-from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, encode_feature_vector
+from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, encode_feature_vector, serving_spec
 from carrara.errors import NotFoundError
 from carrara.eventlog import EventLog, open_event_log
 from carrara.gateway.engine import ServingEngine
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.registry_source import DeploymentFollower, load_active, serving_spec
+from carrara.gateway.registry_source import DeploymentFollower, load_active
 from carrara.gateway.service import Gateway
 from carrara.registry.artifacts import ArtifactStore
 from carrara.registry.auth import Principal
-from carrara.registry.registry import DEPLOYMENTS_TOPIC, ModelRegistry
+from carrara.registry.registry import ModelRegistry
 from carrara.registry.types import TrafficSplit, VariantSplit
+from carrara.types import Topic
 
 from .conftest import PrivateRedis
 
@@ -163,14 +164,14 @@ def test_follow_the_registry(setup: tuple[ModelRegistry, EventLog], tmp_path: Pa
             variants=[msgspec.structs.replace(active.variants[0], artifact_sha256="0" * 64)],
         )
         failed = f.failed
-        log.append(DEPLOYMENTS_TOPIC, msgspec.json.encode(forged))
+        log.append(Topic.DEPLOYMENTS, msgspec.json.encode(forged))
         wait_until(lambda: f.failed > failed, "forged deployment not refused")
         assert [v.version for v in engine.deployment("scorer").variants] == [v1]
         status = f.status().models["scorer"]
         assert status.state == "serving" and status.failed_deployment_id == forged.deployment_id
         assert "integrity" in (status.error or "")
         # An older event arriving late (a replay) never undoes the newer deployment.
-        log.append(DEPLOYMENTS_TOPIC, msgspec.json.encode(registry.deployments("scorer")[1]))
+        log.append(Topic.DEPLOYMENTS, msgspec.json.encode(registry.deployments("scorer")[1]))
         time.sleep(0.5)
         assert [v.version for v in engine.deployment("scorer").variants] == [v1]
     finally:
@@ -298,7 +299,7 @@ def test_follower_outlives_event_log_and_database_faults(
         assert f.status().connected and f.alive
         assert engine.predict("scorer", ["a"]).outputs[0, 0] == 3.0
         client = redis.Redis(port=private_redis.port)
-        groups = client.xinfo_groups(f"carrara:events:{DEPLOYMENTS_TOPIC}")
+        groups = client.xinfo_groups(f"carrara:events:{Topic.DEPLOYMENTS}")
         client.close()
         assert groups == []  # following leaves no consumer group behind
     finally:

@@ -24,7 +24,7 @@ from carrara.monitoring.store import windows_of
 from carrara.monitoring.traffic import SyntheticModel, phased_records, publish, register_synthetic
 from carrara.monitoring.windows import Binner
 from carrara.sql import Database, connect
-from carrara.types import TOPIC_PREDICTIONS
+from carrara.types import Topic
 
 pytestmark = pytest.mark.integration
 
@@ -86,8 +86,8 @@ def test_restart_on_postgres_and_redis(
     publish(log, recs[:250])  # retried appends
     first = MonitoringConsumer(pg, log, consumer="a", batch_size=300)
     first.poll()
-    first.handle_predictions(log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=300))  # no ack
-    log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=300)  # lost before the commit
+    first.handle_predictions(log.read(Topic.PREDICTIONS, "monitoring", "a", count=300))  # no ack
+    log.read(Topic.PREDICTIONS, "monitoring", "a", count=300)  # lost before the commit
     log.close()
 
     db = connect(postgres_url)
@@ -97,7 +97,7 @@ def test_restart_on_postgres_and_redis(
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         second.run(stop_when_idle=True, block_ms=0)
-        if log.pending_count(TOPIC_PREDICTIONS, "monitoring") == 0 and second.poll().idle:
+        if log.pending_count(Topic.PREDICTIONS, "monitoring") == 0 and second.poll().idle:
             break
         time.sleep(0.1)
     expected = Binner(load_profile(db, MODEL, 1), WINDOW_MS).bin(recs)

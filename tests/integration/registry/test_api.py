@@ -13,7 +13,8 @@ import pytest
 
 from carrara import errors
 from carrara.registry import Gate, ModelRegistry, TrafficSplit, VariantSplit
-from carrara.registry.api import RegisterRequest, create_app
+from carrara.registry.api import create_app
+from carrara.registry.client import TOKEN_ACTOR as ACTOR
 from carrara.registry.client import RegistryClient
 
 from .conftest import ONNX_BYTES, serve, snapshot
@@ -38,8 +39,10 @@ def env(registry: ModelRegistry) -> Iterator[Env]:
         yield Env(registry, http, tokens)
 
 
-def _register(env: Env, name: str = "fraud", **kw: Any) -> Any:
-    req = RegisterRequest(
+def _register(env: Env, name: str = "fraud") -> Any:
+    return env.client("publisher").register(
+        name,
+        actor=ACTOR,
         framework="sklearn",
         serving_artifact=ONNX_BYTES,
         evaluations={"holdout": {"auc": 0.9}},
@@ -47,24 +50,26 @@ def _register(env: Env, name: str = "fraud", **kw: Any) -> Any:
         training_dataset_ref="snap-7",
         run_id="job-1",
     )
-    return env.client("publisher").register(name, msgspec.structs.replace(req, **kw))
 
 
 def test_full_flow_over_http(env: Env) -> None:
     admin = env.client("admin")
     admin.create_model(
-        "fraud", high_stakes=True, gates=[Gate(metric="auc", dataset="holdout", threshold=0.8)]
+        "fraud",
+        actor=ACTOR,
+        high_stakes=True,
+        gates=[Gate(metric="auc", dataset="holdout", threshold=0.8)],
     )
     v1 = _register(env)
     assert (v1.version, v1.status, v1.feature_store_version) == (1, "STAGING", ["trips:3"])
     assert admin.load_artifact("fraud", 1) == ONNX_BYTES
     with pytest.raises(errors.FailedPreconditionError, match="needs an approval"):
-        env.client("deployer").promote("fraud", 1)
-    env.client("approver").approve("fraud", 1, comment="ok")
-    result = env.client("deployer").promote("fraud", 1)
+        env.client("deployer").promote("fraud", 1, actor=ACTOR)
+    env.client("approver").approve("fraud", 1, actor=ACTOR, comment="ok")
+    result = env.client("deployer").promote("fraud", 1, actor=ACTOR)
     assert result.version.status == "PRODUCTION"
     assert [(g.gate, g.passed) for g in result.gate_results] == [("threshold", True)]
-    dep = env.client("deployer").deploy("fraud", 1)
+    dep = env.client("deployer").deploy("fraud", 1, actor=ACTOR)
     assert dep.variants[0].artifact_sha256 == v1.artifact_sha256
     _register(env)
     split = TrafficSplit(
@@ -75,10 +80,10 @@ def test_full_flow_over_http(env: Env) -> None:
     )
     # A canary is live traffic: on a high-stakes model it needs the version approved.
     with pytest.raises(errors.FailedPreconditionError, match="no approval"):
-        env.client("deployer").deploy("fraud", 2, split)
-    env.client("approver").approve("fraud", 2, comment="canary ok")
-    env.client("deployer").deploy("fraud", 2, split)
-    back = env.client("deployer").rollback("fraud")
+        env.client("deployer").deploy("fraud", 2, split, actor=ACTOR)
+    env.client("approver").approve("fraud", 2, actor=ACTOR, comment="canary ok")
+    env.client("deployer").deploy("fraud", 2, split, actor=ACTOR)
+    back = env.client("deployer").rollback("fraud", actor=ACTOR)
     assert back.traffic_split == dep.traffic_split
     approvals = env.client(None).approvals("fraud", 1)
     assert [(a.approver, a.comment) for a in approvals] == [("user-approver", "ok")]
@@ -260,7 +265,7 @@ def test_bad_and_revoked_tokens(env: Env) -> None:
     env.registry.tokens.revoke(info.token_id)
     after_revoke = snapshot(env.registry)
     with pytest.raises(errors.UnauthenticatedError, match="revoked"):
-        env.client("deployer").promote("fraud", 1)
+        env.client("deployer").promote("fraud", 1, actor=ACTOR)
     assert snapshot(env.registry) == after_revoke
     assert before["model_versions"] == after_revoke["model_versions"]
 
@@ -269,9 +274,9 @@ def test_bootstrap_token_is_admin(registry: ModelRegistry) -> None:
     app = create_app(registry, bootstrap_token="s3cret")
     with serve(app) as url, httpx.Client(base_url=url) as http:
         client = RegistryClient(token="s3cret", http=http)
-        assert client.create_model("churn").created_by == "bootstrap"
+        assert client.create_model("churn", actor=ACTOR).created_by == "bootstrap"
         with pytest.raises(errors.UnauthenticatedError):
-            RegistryClient(token="s3cret-not", http=http).create_model("other")
+            RegistryClient(token="s3cret-not", http=http).create_model("other", actor=ACTOR)
 
 
 def test_oversized_body_is_refused(registry: ModelRegistry) -> None:
@@ -280,9 +285,10 @@ def test_oversized_body_is_refused(registry: ModelRegistry) -> None:
     app = create_app(registry, max_body_bytes=1_000)
     with serve(app) as url, httpx.Client(base_url=url) as http:
         client = RegistryClient(token=token, http=http)
-        request = RegisterRequest(framework="sklearn", serving_artifact=b"x" * 2_000)
-        with pytest.raises(errors.ResourceExhaustedError, match="over the limit of 1000"):
-            client.register("fraud", request)
+        with pytest.raises(errors.PayloadTooLargeError, match="over the limit of 1000"):
+            client.register(
+                "fraud", actor=ACTOR, serving_artifact=b"x" * 2_000, framework="sklearn"
+            )
         r = http.post(
             "/models/fraud/versions",
             content=b"{" * 2_000,
@@ -327,3 +333,37 @@ def test_control_characters_and_huge_path_params_are_400_on_every_route(env: Env
     assert checked >= 76  # 19 routes x 4 values
     assert snapshot(env.registry) == before
     assert env.http.get("/models/fraud").status_code == 200  # the connection still works
+
+
+def test_models_cli_against_the_server(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``carrara models --server`` calls the same registry methods through the REST client;
+    the token, not ``actor=``, decides who acts."""
+    from carrara.cli import main
+
+    config = tmp_path / "carrara.toml"
+    config.write_text(f'[carrara]\nhome = "{tmp_path / "cli-home"}"\n')
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(ONNX_BYTES)
+    server = ["--config", str(config), "--server", str(env.http.base_url)]
+
+    def run(*argv: str, who: str | None = None) -> tuple[int, str, str]:
+        token = ["--token", env.tokens[who]] if who else []
+        code = main(["models", *argv, *server, *token])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, _, err = run("create", "churn", "--framework", "sklearn")
+    assert code == 2 and "bearer token" in err
+    assert run("create", "churn", "--framework", "sklearn", who="admin")[0] == 0
+    code, out, err = run(
+        "register", "churn", "--serving", str(onnx), "--framework", "sklearn", who="publisher"
+    )
+    assert code == 0, err
+    assert msgspec.json.decode(out)["created_by"] == "user-publisher"
+    assert run("promote", "churn", "1", who="deployer")[0] == 0
+    assert run("deploy", "churn", "1", who="deployer")[0] == 0
+    code, out, _ = run("audit", "churn")
+    actors = [line.split("\t")[1] for line in out.splitlines()]
+    assert actors[:2] == ["user-admin", "user-publisher"]

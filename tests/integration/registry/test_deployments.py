@@ -16,7 +16,6 @@ from carrara.errors import (
 )
 from carrara.eventlog import EventLog, open_event_log
 from carrara.registry import (
-    DEPLOYMENTS_TOPIC,
     Deployment,
     ModelRegistry,
     TrafficSplit,
@@ -24,6 +23,7 @@ from carrara.registry import (
     VersionRef,
 )
 from carrara.registry.deployments import decode_deployment
+from carrara.types import Topic
 
 from .conftest import DEPLOYER, PUBLISHER, register, snapshot
 
@@ -60,8 +60,8 @@ def _canary(stable: int, canary: int, canary_bp: int = 1_000) -> TrafficSplit:
 
 
 def _read_all(log: EventLog) -> list[Deployment]:
-    events = log.read(DEPLOYMENTS_TOPIC, "gateways", "gw-1", count=100)
-    log.ack(DEPLOYMENTS_TOPIC, "gateways", [e.id for e in events])
+    events = log.read(Topic.DEPLOYMENTS, "gateways", "gw-1", count=100)
+    log.ack(Topic.DEPLOYMENTS, "gateways", [e.id for e in events])
     return [decode_deployment(e.payload) for e in events]
 
 
@@ -231,7 +231,7 @@ def test_event_log_outage_keeps_the_event_in_the_outbox(registry: ModelRegistry)
     assert registry.active_deployment("fraud") is not None
     log.up = True
     assert registry.publish_pending() == 1
-    assert [t for t, _ in log.sent] == [DEPLOYMENTS_TOPIC]
+    assert [t for t, _ in log.sent] == [Topic.DEPLOYMENTS]
     assert registry.publish_pending() == 0
 
 

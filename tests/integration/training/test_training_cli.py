@@ -84,6 +84,18 @@ def test_train_cli(
     assert "SUCCEEDED  score  -> score v1" in capsys.readouterr().out
     assert main(["train", "status", job_id]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
+    # `watch` reads the training-events topic: a job's transitions, exit 0 when it succeeded,
+    # 1 when it ended otherwise; without a job, every retained change once.
+    assert main(["train", "watch", job_id, "--poll", "0.05"]) == 0
+    states = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    assert main(["train", "watch", other, "--poll", "0.05"]) == 1
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()] == [
+        "QUEUED",
+        "CANCELLED",
+    ]
+    assert main(["train", "watch", "--poll", "0.05"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
 
     settings = load_settings()
     with ModelRegistry.open(settings.resolved_registry_url, settings.resolved_artifact_path) as r:

@@ -24,9 +24,10 @@ from carrara.gateway.engine import ServingEngine
 from carrara.gateway.registry_source import load_active
 from carrara.registry.auth import Principal
 from carrara.registry.registry import ModelRegistry
-from carrara.training.queue import EVENTS_TOPIC, JobEvent, JobQueue
+from carrara.training.queue import JobEvent, JobQueue
 from carrara.training.spec import load_spec
 from carrara.training.worker import Worker
+from carrara.types import Topic
 
 DAY_US = 86_400_000_000
 DEPLOYER = Principal("ci", frozenset({"deployer"}))
@@ -215,7 +216,7 @@ def test_job_trains_exports_and_registers(
 
     states = [
         msgspec.json.decode(e.payload, type=JobEvent).state
-        for e in events.read(EVENTS_TOPIC, "t", "c", count=10)
+        for e in events.read(Topic.TRAINING_EVENTS, "t", "c", count=10)
     ]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
 

@@ -192,7 +192,8 @@ def test_stream_sets_aside_events_it_can_never_write(service: FeatureService, fc
     service.apply(_defs(fc))
     log = service.event_log
     assert log is not None
-    from carrara.feature_cache.streaming import DEAD_LETTER, publish_rows
+    from carrara.feature_cache.streaming import publish_rows
+    from carrara.types import Topic
 
     log.append("feature-updates", b"\xff not msgpack")
     publish_rows(log, "nope", [{"driver_id": "x"}])
@@ -204,7 +205,7 @@ def test_stream_sets_aside_events_it_can_never_write(service: FeatureService, fc
     r = service.stream_materializer().run(stop_when_idle=True)
     # bad events share a batch with good ones: only the bad ones are set aside
     assert (r.events, r.skipped_events, r.rows) == (6, 4, 2)
-    dead = log.read(DEAD_LETTER, "inspect", "me", count=10)
+    dead = log.read(Topic.FEATURE_UPDATES_DEAD, "inspect", "me", count=10)
     assert len(dead) == 4 and dead[0].payload == b"\xff not msgpack"
     publish_rows(log, "trips", [good])
     r = service.stream_materializer().run(stop_when_idle=True, count=1)

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from carrara.errors import InvalidArgumentError
-from carrara.feature_cache import Definitions, OfflineStore
+from carrara.feature_cache import Definitions
+from carrara.feature_cache.offline_store import DuckDBOfflineStore
 
 
 def _rows(fc: Any, n: int, start: float = 0.0) -> pd.DataFrame:
@@ -127,7 +128,7 @@ def test_fsspec_object_store_paths(definitions: Definitions, fc: Any, tmp_path: 
     try:
         catalog.apply(definitions)
         g = catalog.get_group("trips")
-        store = OfflineStore(root)
+        store = DuckDBOfflineStore(root)
         store.append(g, _rows(fc, 6))
         assert all(f.startswith("/carrara-") for f in store.files("trips", 1))
         assert store.read(g).num_rows == 6

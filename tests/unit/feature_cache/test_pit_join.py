@@ -317,7 +317,8 @@ def _pit_case(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[str, in
 def test_property_matches_brute_force(case: Any) -> None:
     import tempfile
 
-    from carrara.feature_cache import Catalog, Entity, Feature, FeatureGroup, OfflineStore
+    from carrara.feature_cache import Catalog, Entity, Feature, FeatureGroup
+    from carrara.feature_cache.offline_store import DuckDBOfflineStore
     from carrara.feature_cache.pit_join import FeatureRequest, point_in_time_join
 
     rows, labels, ttl_s = case
@@ -336,7 +337,7 @@ def test_property_matches_brute_force(case: Any) -> None:
         try:
             catalog.apply(Definitions(entities=(Entity(name="driver"),), groups=(group,)))
             g = catalog.get_group("trips")
-            offline = OfflineStore(f"{tmp}/offline")
+            offline = DuckDBOfflineStore(f"{tmp}/offline")
             half = len(rows) // 2  # two appends: the second holds "late" rows
             for part in (rows[half:], rows[:half]):
                 if part:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,6 @@ from carrara.core import (
     GroupSchema,
     RoutingPolicy,
     Variant,
-    encode_feature_vector,
 )
 from carrara.gateway.backends import BackendInfo, OnnxBackend
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
@@ -34,41 +33,18 @@ from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
 from carrara.v1 import predict_pb2
+from tests.servers import DictStore, running_gateway, scorer_engine
 
 GROUP = GroupSchema("user", 1, ("a", "b"))
 SPEC = AssemblerSpec(groups=(GROUP,), features=(FeatureRef("user", "a"), FeatureRef("user", "b")))
 W = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)[:2]  # [2, 2]: two outputs
 
 
-class Store:
-    def __init__(self) -> None:
-        self.data = {
-            f"user:1:u{i}": encode_feature_vector(f"u{i}", "user", 1, [float(i), float(-i)])
-            for i in range(100)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    path = write_linear_model(tmp_path_factory.mktemp("m") / "m.onnx", W, [0.5, -0.5])
-    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
-    engine.deploy(
-        ModelDeployment(
-            model="scorer",
-            policy=RoutingPolicy(variants=(Variant("v3", 10_000),)),
-            variants=(VariantSpec(name="v3", version=3, features=SPEC),),
-        ),
-        {"v3": OnnxBackend(path)},
-    )
-    gateway = Gateway(engine)
-    thread = ServerThread(lambda: GatewayServer(gateway))
-    srv = thread.start()
-    yield srv
-    thread.stop()
-    gateway.close()
+    engine = scorer_engine(tmp_path_factory.mktemp("m"), SPEC, W, [0.5, -0.5])
+    with running_gateway(engine) as srv:
+        yield srv
 
 
 def expected(i: int) -> list[float]:
@@ -190,7 +166,7 @@ def test_split_over_100k_entities_through_the_gateway(tmp_path: Path) -> None:
     from scipy import stats
 
     path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
-    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
+    engine = ServingEngine(DictStore.users(100), cache=FeatureCache(capacity=1_000))
     engine.deploy(
         ModelDeployment(
             model="ab",
@@ -244,7 +220,7 @@ def slow_engine(tmp_path: Path, *, max_in_flight: int) -> tuple[ServingEngine, B
     """An engine serving model "slow" whose backend holds each call until released."""
     path = write_linear_model(tmp_path / "m.onnx", W, [0.5, -0.5])
     backend = BlockingBackend(OnnxBackend(path))
-    engine = ServingEngine(Store(), max_in_flight=max_in_flight)
+    engine = ServingEngine(DictStore.users(100), max_in_flight=max_in_flight)
     engine.deploy(
         ModelDeployment(
             model="slow",

@@ -20,12 +20,8 @@ from starlette.applications import Starlette
 
 from carrara.core import (
     AssemblerSpec,
-    FeatureCache,
     FeatureRef,
     GroupSchema,
-    RoutingPolicy,
-    Variant,
-    encode_feature_vector,
 )
 from carrara.errors import (
     CarraraError,
@@ -33,13 +29,10 @@ from carrara.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from carrara.gateway.backends import OnnxBackend
-from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.kserve_http import HEADER_LENGTH, MAX_BODY_BYTES, kserve_routes
 from carrara.gateway.kserve_types import ModelInfo, ModelStatistics
-from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
+from carrara.gateway.server import GatewayServer
+from tests.servers import running_gateway, scorer_engine
 
 # tritonclient's HTTP client needs the `http` extra (geventhttpclient).
 triton = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
@@ -51,35 +44,11 @@ W = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)  # [2, 2]: two outputs
 BIAS = [0.5, -0.5]
 
 
-class Store:
-    def __init__(self) -> None:
-        self.data = {
-            f"user:1:u{i}": encode_feature_vector(f"u{i}", "user", 1, [float(i), float(-i)])
-            for i in range(100)
-        }
-
-    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [self.data.get(k) for k in keys]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    path = write_linear_model(tmp_path_factory.mktemp("m") / "m.onnx", W, BIAS)
-    engine = ServingEngine(Store(), cache=FeatureCache(capacity=1_000))
-    engine.deploy(
-        ModelDeployment(
-            model="scorer",
-            policy=RoutingPolicy(variants=(Variant("v3", 10_000),)),
-            variants=(VariantSpec(name="v3", version=3, features=SPEC),),
-        ),
-        {"v3": OnnxBackend(path)},
-    )
-    gateway = Gateway(engine)
-    thread = ServerThread(lambda: GatewayServer(gateway))
-    srv = thread.start()
-    yield srv
-    thread.stop()
-    gateway.close()
+    engine = scorer_engine(tmp_path_factory.mktemp("m"), SPEC, W, BIAS)
+    with running_gateway(engine) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from carrara.monitoring.store import drift_history, performance_history, windows
 from carrara.monitoring.traffic import SyntheticModel
 from carrara.monitoring.windows import Binner, WindowState
 from carrara.sql import Database, connect
-from carrara.types import TOPIC_PREDICTIONS
+from carrara.types import Topic
 
 from .helpers import MODEL, WINDOW_MS, publish, register, traffic
 
@@ -118,10 +118,10 @@ def test_restart_neither_loses_nor_double_counts(tmp_path: object) -> None:
     first.poll()
     first.poll()
     # Crash after the commit, before the ack: these events come back and must be skipped.
-    batch = log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=400)
+    batch = log.read(Topic.PREDICTIONS, "monitoring", "a", count=400)
     first.handle_predictions(batch)
     # Crash before the commit: read, never applied, never acked.
-    log.read(TOPIC_PREDICTIONS, "monitoring", "a", count=400)
+    log.read(Topic.PREDICTIONS, "monitoring", "a", count=400)
     db.close()
     log.close()
 
@@ -132,7 +132,7 @@ def test_restart_neither_loses_nor_double_counts(tmp_path: object) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         drain(second)
-        if log.pending_count(TOPIC_PREDICTIONS, "monitoring") == 0 and second.poll().idle:
+        if log.pending_count(Topic.PREDICTIONS, "monitoring") == 0 and second.poll().idle:
             break
         time.sleep(0.1)
     second.judge(flush=True)
@@ -219,7 +219,7 @@ def test_unprofiled_and_malformed_events_are_skipped(db: Database, event_log: Ev
     register(db, sm)
     records = traffic(sm, [(1, {})], per_window=100, version=9)  # no profile for v9
     publish(event_log, records)
-    event_log.append(TOPIC_PREDICTIONS, b"\x00not msgpack")
+    event_log.append(Topic.PREDICTIONS, b"\x00not msgpack")
     consumer = MonitoringConsumer(db, event_log)
     result = consumer.run(stop_when_idle=True, block_ms=0)
     assert result.predictions_new == 100

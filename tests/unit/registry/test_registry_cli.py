@@ -10,7 +10,8 @@ import pytest
 
 from carrara.cli import main
 from carrara.eventlog import open_event_log
-from carrara.registry import DEPLOYMENTS_TOPIC, Deployment
+from carrara.registry import Deployment
+from carrara.types import Topic
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_models_cli_end_to_end(
     code, out, _ = run(capsys, "models", "list", *c)
     assert out == "fraud\tlatest=2\tproduction=1\n"
     with open_event_log(f"local:///{tmp_path / 'home' / 'events.db'}") as log:
-        events = log.read(DEPLOYMENTS_TOPIC, "gw", "gw-1")
+        events = log.read(Topic.DEPLOYMENTS, "gw", "gw-1")
     deployed = [msgspec.json.decode(e.payload, type=Deployment) for e in events]
     assert [[v.weight_bp for v in d.variants] for d in deployed] == [[9000, 1000]]
 

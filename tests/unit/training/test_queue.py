@@ -12,8 +12,9 @@ import pytest
 from carrara.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from carrara.eventlog import open_event_log
 from carrara.training import upgrade
-from carrara.training.queue import EVENTS_TOPIC, JobEvent, JobQueue
+from carrara.training.queue import JobEvent, JobQueue
 from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
+from carrara.types import Topic
 
 
 def make_spec(name: str = "churn") -> JobSpec:
@@ -66,7 +67,7 @@ def test_state_machine_and_events(tmp_path: Path) -> None:
         with pytest.raises(NotFoundError):
             q.get("nope")
 
-    got = events.read(EVENTS_TOPIC, "t", "c", count=100, block_ms=0)
+    got = events.read(Topic.TRAINING_EVENTS, "t", "c", count=100, block_ms=0)
     states = [msgspec.json.decode(e.payload, type=JobEvent).state for e in got]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED", "QUEUED", "RUNNING", "FAILED"]
 
