@@ -46,13 +46,11 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
 
     from carrara.gateway.config import build_backends, load_gateway_config
     from carrara.gateway.embedded import serving_store
     from carrara.gateway.engine import ServingEngine
-    from carrara.gateway.server import GatewayServer
+    from carrara.gateway.server import GatewayServer, serve_until_signalled
     from carrara.gateway.service import Gateway
 
     config = load_gateway_config(args.config)
@@ -112,25 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
         gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, auth=auth
     )
 
-    async def main() -> None:
-        await server.start()
-        print(
-            f"carrara gateway: gRPC {args.host}:{server.grpc_port}, "
-            f"HTTP {args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}, "
-            f"auth: {server.auth.describe()}",
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop()
-
     try:
-        import uvloop
-
-        uvloop.run(main())
+        serve_until_signalled(server, engine.models)
     finally:
         if follower is not None:
             follower.stop()

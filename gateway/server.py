@@ -4,6 +4,7 @@ request) and the HTTP front (Starlette on uvicorn), over one native engine."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,7 +16,7 @@ from carrara.gateway.auth import FrontAuth
 from carrara.gateway.http_front import create_app
 from carrara.gateway.service import Gateway
 
-__all__ = ["GatewayServer", "ServerThread"]
+__all__ = ["GatewayServer", "ServerThread", "serve_until_signalled"]
 
 
 class GatewayServer:
@@ -119,3 +120,27 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
         self._loop.close()
+
+
+def serve_until_signalled(server: GatewayServer, models: Callable[[], list[str]]) -> None:
+    """Run ``server`` (uvloop) until SIGINT or SIGTERM, then drain and stop it: what
+    ``carrara serve`` and ``carrara up``'s gateway process do. Prints one line once serving
+    (ports, the models ``models()`` names, auth)."""
+    import uvloop
+
+    async def main() -> None:
+        await server.start()
+        print(
+            f"carrara gateway: gRPC {server.host}:{server.grpc_port}, "
+            f"HTTP {server.host}:{server.http_port}, models: {', '.join(models()) or 'none'}, "
+            f"auth: {server.auth.describe()}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    uvloop.run(main())

@@ -16,7 +16,7 @@ import msgspec
 
 from carrara.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "read_config_file"]
 
 ENV_PREFIX = "CARRARA_"
 
@@ -110,6 +110,18 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def read_config_file(file: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML settings file as a dict; a missing or malformed file is a ConfigError that
+    names it."""
+    try:
+        with open(file, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {file} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+
+
 def load_settings(
     path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
@@ -119,13 +131,7 @@ def load_settings(
     values: dict[str, Any] = {}
     file = path if path is not None else env.get(f"{ENV_PREFIX}CONFIG")
     if file:
-        try:
-            with open(file, "rb") as fh:
-                doc = tomllib.load(fh)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {file} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+        doc = read_config_file(file)
         values.update(doc.get("carrara", doc))
     values.update(_from_env(env))
     values.update(overrides)

@@ -49,14 +49,13 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 import msgspec
 
-from carrara.config import ENV_PREFIX, Settings, load_settings
+from carrara.config import ENV_PREFIX, Settings, load_settings, read_config_file
 from carrara.errors import ConfigError, FailedPreconditionError, UnavailableError
 
 __all__ = [
@@ -137,15 +136,7 @@ def load_up_config(path: str | Path | None, **overrides: Any) -> tuple[Settings,
     """Settings and the ``[up]`` table from one TOML file (``$CARRARA_CONFIG`` when None);
     ``overrides`` replace ``[up]`` values (the command-line flags)."""
     file = path if path is not None else os.environ.get(f"{ENV_PREFIX}CONFIG")
-    doc: dict[str, Any] = {}
-    if file:
-        try:
-            with open(file, "rb") as fh:
-                doc = tomllib.load(fh)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {file} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+    doc: dict[str, Any] = read_config_file(file) if file else {}
     up_values = dict(doc.get("up", {}))
     up_values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -588,7 +579,6 @@ def _run_gateway(args: argparse.Namespace) -> int:
     """The gateway over every model the registry deploys (``carrara serve`` with a registry
     source that is not limited to named models). It reads deployments from the event log and
     artifacts from the artifact store; it never opens the registry database."""
-    import asyncio
 
     from carrara.core import FeatureCache
     from carrara.eventlog import open_event_log
@@ -598,7 +588,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from carrara.gateway.engine import ServingEngine
     from carrara.gateway.prediction_log import PredictionLogger
     from carrara.gateway.registry_source import DeploymentFollower
-    from carrara.gateway.server import GatewayServer
+    from carrara.gateway.server import GatewayServer, serve_until_signalled
     from carrara.gateway.service import Gateway
     from carrara.registry.artifacts import ArtifactStore
 
@@ -633,22 +623,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
             gateway, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, auth=auth
         )
 
-        async def serve() -> None:
-            await server.start()
-            print(
-                f"carrara gateway: gRPC {args.host}:{server.grpc_port}, HTTP "
-                f"{args.host}:{server.http_port}, models: {', '.join(engine.models()) or 'none'}, "
-                f"auth: {server.auth.describe()}",
-                flush=True,
-            )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            await server.stop()
-
-        asyncio.run(serve())
+        serve_until_signalled(server, engine.models)
     finally:
         follower.stop()
         gateway.close()
