@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from carrara.feature_cache.catalog import Catalog, Change, RegisteredGroup, upgrade
     from carrara.feature_cache.definitions import (
+        Aggregation,
         Definitions,
         Entity,
         Feature,
@@ -42,6 +43,7 @@ _WHERE = {
     "Change": "catalog",
     "RegisteredGroup": "catalog",
     "upgrade": "catalog",
+    "Aggregation": "definitions",
     "Definitions": "definitions",
     "Entity": "definitions",
     "Feature": "definitions",
@@ -61,6 +63,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "Aggregation",
     "Catalog",
     "Change",
     "Definitions",

@@ -22,12 +22,20 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import msgspec
 
 from carrara.errors import InvalidArgumentError, NotFoundError
+from carrara.feature_cache.aggregations import (
+    Aggregation,
+    Output,
+    check_tiles,
+    event_columns,
+    outputs,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
     "DTYPES",
+    "Aggregation",
     "Definitions",
     "Entity",
     "Feature",
@@ -101,11 +109,17 @@ class FeatureGroup(msgspec.Struct, frozen=True, kw_only=True):
     ``ttl_days``: a value older than this (relative to the label time offline, to now online)
     is treated as missing; 0 means it never expires. ``source`` is free-form provenance (a
     table, a topic); ``transform`` names the function that produces the features.
+
+    With ``aggregations`` (:mod:`carrara.feature_cache.aggregations`) the group stores raw
+    events and its features are the aggregations' outputs, generated (leave ``features``
+    empty): one per aggregation, bucket and window, over tiles of ``tile``.
     """
 
     name: str
     entity: str
-    features: tuple[Feature, ...]
+    features: tuple[Feature, ...] = ()
+    aggregations: tuple[Aggregation, ...] = ()
+    tile: str = "1m"
     ttl_days: float = 0.0
     online: bool = True
     offline: bool = True
@@ -116,6 +130,8 @@ class FeatureGroup(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_name("feature group", self.name)
+        if self.aggregations:
+            self._generate_features()
         if not self.features:
             raise InvalidArgumentError(f"feature group {self.name!r} declares no features")
         names = [f.name for f in self.features]
@@ -128,6 +144,43 @@ class FeatureGroup(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidArgumentError(
                 f"feature group {self.name!r}: ttl_days must be >= 0 (0 = no expiry)"
             )
+
+    def _generate_features(self) -> None:
+        if self.ttl_days:
+            raise InvalidArgumentError(
+                f"feature group {self.name!r} aggregates over windows: ttl_days does not apply"
+            )
+        check_tiles(self.aggregations, self.tile)
+        event_columns(self.aggregations)  # checks a column is not both a value and a bucket
+        generated = tuple(
+            Feature(name=o.name, dtype="int64" if o.dtype == "int64" else "float64")
+            for o in outputs(self.aggregations)
+        )
+        if self.features and self.features != generated:
+            raise InvalidArgumentError(
+                f"feature group {self.name!r}: the features of an aggregated group are its "
+                "aggregations' outputs; leave 'features' empty"
+            )
+        msgspec.structs.force_setattr(self, "features", generated)
+
+    @property
+    def is_aggregated(self) -> bool:
+        """Whether the group stores events and serves windowed aggregations of them."""
+        return bool(self.aggregations)
+
+    @property
+    def outputs(self) -> list[Output]:
+        """The aggregations' output features (empty for a row group)."""
+        return outputs(self.aggregations)
+
+    @property
+    def event_columns(self) -> dict[str, str]:
+        """The event columns an aggregated group stores (name -> "float64" | "string")."""
+        return event_columns(self.aggregations)
+
+    @property
+    def tile_us(self) -> int:
+        return check_tiles(self.aggregations, self.tile)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -143,6 +196,8 @@ class FeatureGroup(msgspec.Struct, frozen=True, kw_only=True):
         source, transform). A change here needs a new group version."""
         parts = [self.entity, self.source, self.transform]
         parts += [f"{f.name}:{f.dtype}" for f in self.features]
+        if self.aggregations:  # the windows' semantics depend on the tile and the functions
+            parts += [self.tile, msgspec.json.encode(self.aggregations).decode()]
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
     def feature(self, name: str) -> Feature:
