@@ -1,6 +1,6 @@
 """pytest wrappers of the load-harness scenarios (``bench.gateway_sla``), run tiny and once.
 
-They keep the scenarios from rotting: every DESIGN.md §5 gateway cell (embedded / gRPC / HTTP,
+They keep the scenarios from rotting: every gateway cell of BENCHMARKS.md (embedded / gRPC / HTTP,
 cache hit / miss, batch 1 / 100) and its baseline peer runs a few hundred requests, and the
 baseline is checked to do the same work as Carrara (same predictions from the same features).
 Latency figures from these runs are not judged: the tiny settings are for coverage.

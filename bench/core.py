@@ -1,4 +1,4 @@
-"""Native microbenchmarks of the serving core (DESIGN.md §5), through Google Benchmark.
+"""Native microbenchmarks of the serving core (targets in BENCHMARKS.md), via Google Benchmark.
 
 Run ``python -m bench.core [--quick] [--repetitions N] [--json PATH]`` from the repository root.
 It configures and builds ``carrara_core_bench`` in Release under ``build/bench`` (reusing that
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / "build" / "bench"
 BINARY = BUILD_DIR / "bench" / "native" / "carrara_core_bench"
 
-# DESIGN.md §5 targets, nanoseconds per operation.
+# Targets (as in BENCHMARKS.md), nanoseconds per operation.
 TARGETS_NS: dict[str, float] = {
     "BM_CacheHit": 100.0,
     "BM_Decode32": 200.0,

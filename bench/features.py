@@ -5,7 +5,7 @@ Run ``python -m bench.features [--json PATH] [--redis URL] [--full]``.
 - online read of 1 / 100 / 1,000 entities x 32 features through ``FeatureService.get_online``
   (key building, one MGET, decode + layout in C++), on the in-process store and on Redis; on
   Redis a bare ``client.mget`` of the same prebuilt keys runs interleaved in the same loop, and
-  the SDK/bare ratio of p99s is printed (DESIGN.md §5: within 1.5x).
+  the SDK/bare ratio of p99s is printed (the targets in BENCHMARKS.md: within 1.5x).
 - ``POST /features/groups/{g}/get-online`` for 1 / 100 entities through uvicorn in its own
   process (Redis store), from a raw keep-alive socket client.
 - point-in-time join of 100k label rows x 1 group (1M feature rows), wall time of

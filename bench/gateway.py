@@ -1,7 +1,7 @@
 """Gateway benchmarks: the embedded path, and gRPC / HTTP predict on loopback.
 
 Run ``python -m bench.gateway [--json PATH] [--requests N]``. Each case serves one entity per
-request with all features cached (the DESIGN.md §5 "cache hit" rows) through a small ONNX
+request with all features cached (the "cache hit" rows of BENCHMARKS.md) through a small ONNX
 model (96 features from 3 groups -> 1 score). Latencies are per request, measured by a closed-
 loop client on the same machine (the open-loop SLA harness is `bench.loadtest`, issue 8);
 figures are medians and p99 over N requests.

@@ -1,4 +1,4 @@
-"""DESIGN.md §5's gateway rows, measured by the load harness, Carrara beside the baseline.
+"""The gateway rows of BENCHMARKS.md, measured by the load harness, Carrara beside the baseline.
 
 ``python -m bench.gateway_sla [--tiny] [--rate R] [--repeat N] [--only FRONT:CACHE:BATCH ...]
 [--out PATH]``
@@ -55,7 +55,7 @@ MODEL = "bench"
 FRONTS = ("embedded", "grpc", "http")
 CACHES = ("hit", "miss")
 BATCHES = (1, 100)
-# DESIGN.md §5 targets the rows are held to (others are reported, not judged).
+# Targets the rows are held to, as in BENCHMARKS.md (others are reported, not judged).
 TARGETS: dict[tuple[str, str, int], str] = {
     ("embedded", "hit", 1): "p99=100us",
     ("grpc", "hit", 1): "p99=2ms",
@@ -244,7 +244,7 @@ def child(args: Sequence[str]) -> Iterator[dict[str, int]]:
 class Settings(msgspec.Struct, kw_only=True):
     """Rates and durations of each cell (``TINY``: the pytest smoke run)."""
 
-    rate_single: float = 2_000.0  # req/s, batch 1 (DESIGN.md §5's gRPC row)
+    rate_single: float = 2_000.0  # req/s, batch 1 (BENCHMARKS.md's gRPC row)
     rate_batch: float = 100.0  # req/s, batch 100
     duration_s: float = 3.0
     warmup_s: float = 1.0
@@ -307,7 +307,7 @@ def _measure(
                 make_target=make_target,
             )
         )
-    # The median repeat (by p99 / by throughput) stands for the cell, as DESIGN.md §5 asks.
+    # The median repeat (by p99 / by throughput) stands for the cell.
     opened = sorted(opens, key=lambda r: r.latency.p99_ms)[len(opens) // 2]
     closed = sorted(closes, key=lambda r: r.achieved_rate)[len(closes) // 2]
     errors: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Registry benchmark: register + promote latency on PostgreSQL (DESIGN.md §5: p99 <= 10 ms).
+"""Registry benchmark: register + promote latency on PostgreSQL (target: p99 <= 10 ms).
 
 Run ``python -m bench.registry [--postgres ADMIN_URL] [-n N] [--json PATH]``. It creates a fresh
 database on the server, registers N versions of one model (4 KiB ONNX artifact, metrics,

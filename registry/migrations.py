@@ -1,4 +1,4 @@
-"""The registry schema (DESIGN.md §3) as numbered migrations for SQLite and PostgreSQL.
+"""The registry schema as numbered migrations for SQLite and PostgreSQL.
 
 Timestamps are ISO-8601 UTC text and JSON documents are text on both dialects, so the same
 queries run everywhere; ids are integer surrogate keys. ``upgrade(url)`` applies what is missing.
