@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES := g++ cmake protobuf-compiler libprotobuf-dev libbenchmark-dev libgtest-dev \
                 libgrpc++-dev protobuf-compiler-grpc libhiredis-dev \
-                postgresql redis-server postgresql-client redis-tools chromium
+                postgresql redis-server postgresql-client redis-tools chromium \
+                openjdk-17-jre-headless
 STAMP := $(VENV)/.installed
 NATIVE_BUILD := build/native-asan
 

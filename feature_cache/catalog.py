@@ -1,7 +1,7 @@
 """The feature catalog: applied definitions, their versions, materialization watermarks and
 training-set snapshots, in SQLite or PostgreSQL (``carrara.sql``).
 
-Tables (DESIGN.md §3): ``feature_groups(group_id, name, version, entity_type, online_enabled,
+Tables: ``feature_groups(group_id, name, version, entity_type, online_enabled,
 offline_enabled, ttl_days, source, transform, ...)`` and ``features(feature_id, group_id, name,
 dtype, description, owner_team, ...)``, plus ``feature_entities``,
 ``feature_materializations`` and ``feature_snapshots``.
@@ -139,9 +139,12 @@ def _describe_diff(old: FeatureGroup, new: FeatureGroup) -> str:
         out.append("retyped " + ", ".join(retyped))
     if not (added or removed or retyped) and old.feature_names != new.feature_names:
         out.append("reordered features")
-    for attr in ("entity", "source", "transform", "ttl_days", "online", "offline"):
+    for attr in ("entity", "source", "transform", "ttl_days", "online", "offline", "tile"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(f"{attr} {getattr(old, attr)!r}->{getattr(new, attr)!r}")
+    if old.aggregations != new.aggregations and not (added or removed):
+        # Same output names, other semantics (a renamed function, another bucket column...).
+        out.append("aggregations")
     if old.description != new.description or old.owner_team != new.owner_team:
         out.append("metadata")
     if [(f.description, f.owner_team) for f in old.features] != [
@@ -170,7 +173,8 @@ class Catalog:
 
     def apply(self, definitions: Definitions, *, dry_run: bool = False) -> list[Change]:
         """Store ``definitions``: a group whose data-shaping parts (features, dtypes, order,
-        entity, source, transform) changed gets a new version — old versions and their data
+        entity, source, transform; an aggregated group's aggregations and tile) changed gets
+        a new version — old versions and their data
         stay as they were; metadata-only changes (descriptions, owners, TTL, online/offline
         flags) update the latest version in place. With ``dry_run`` nothing is written."""
         changes: list[Change] = []

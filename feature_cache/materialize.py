@@ -5,6 +5,10 @@ Incremental: only entities with rows created since the last run's watermark are 
 but for those the latest row over *all* their rows is taken, so late-arriving rows (an old
 event time written late) are handled. Re-running writes nothing new (values at least as
 recent are kept), so it is idempotent.
+
+An aggregated group's values depend on the time they are read at (its windows slide), so
+each run writes every entity's aggregates at the run's time, computed by the engine's
+point-in-time join (the query training sets use): one label per entity, at now.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import numpy as np
 from carrara.core import FeatureVector
 from carrara.errors import InvalidArgumentError
 from carrara.feature_cache.catalog import Catalog, RegisteredGroup
-from carrara.feature_cache.offline_store import OfflineStore
+from carrara.feature_cache.offline_store import AsOfJoin, OfflineStore
 from carrara.feature_cache.online_store import OnlineStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["MaterializeResult", "materialize_batch", "table_to_vectors"]
+__all__ = ["MaterializeResult", "aggregates_at", "materialize_batch", "table_to_vectors"]
 
 
 class MaterializeResult(msgspec.Struct, frozen=True):
@@ -87,6 +91,46 @@ def table_to_vectors(
         ]
 
 
+def aggregates_at(
+    offline: OfflineStore,
+    group: RegisteredGroup,
+    entity_ids: Any,
+    at_us: int,
+    *,
+    files: list[str] | None = None,
+) -> pa.Table:
+    """An aggregated group's values at ``at_us`` for ``entity_ids`` (strings; an Arrow array
+    or a sequence), as rows for :func:`table_to_vectors` (event and write time ``at_us``).
+    Computed by the engine's point-in-time join with one label per entity, so online values
+    are the ones a training set at that time gets."""
+    import pyarrow as pa
+
+    ids = entity_ids if isinstance(entity_ids, pa.Array | pa.ChunkedArray) else pa.array(entity_ids)
+    ids = ids.cast(pa.string())
+    n = len(ids)
+    names = group.definition.feature_names
+    if files is None:
+        files = offline.files(group.name, group.version)
+    labels = pa.table(
+        {
+            "entity_id": ids,
+            "__k0": ids,
+            "__row": pa.array(np.arange(n, dtype=np.int64)),
+            "__ts": pa.array(np.full(n, at_us, dtype=np.int64)),
+        }
+    )
+    joined = offline.as_of_join(labels, [AsOfJoin(group, names, "__k0", tuple(files))])
+    stamp = pa.array(np.full(n, at_us, dtype=np.int64))
+    columns: dict[str, Any] = {
+        "entity_id": joined.column("entity_id"),
+        "event_timestamp": stamp,
+        "created_timestamp": stamp,
+    }
+    for f in names:
+        columns[f] = joined.column(f"{group.name}__{f}")
+    return pa.table(columns)
+
+
 def _micros(col: Any) -> np.ndarray[Any, np.dtype[np.int64]]:
     import pyarrow as pa
 
@@ -106,8 +150,10 @@ def materialize_batch(
     progress: bool = False,
     chunk: int = 50_000,
     overlap_s: float = 60.0,
+    now_us: int | None = None,
 ) -> MaterializeResult:
-    """Write the latest value of each entity touched since the last run (all with ``full``).
+    """Write the latest value of each entity touched since the last run (all with ``full``);
+    for an aggregated group, every entity's windowed aggregates at ``now_us`` (default: now).
 
     The stored watermark stays ``overlap_s`` behind the run's start, so rows another process
     was appending while this run read (their write time is earlier than rows already seen) are
@@ -125,7 +171,10 @@ def materialize_batch(
             group.name, group.version, 0, 0, watermark, 0.0, ttl_days=group.definition.ttl_days
         )
     # The engine's query (DuckDB, or whichever offline engine the settings name).
-    rows = offline.latest_rows(group, created_after_us=watermark, files=files)
+    aggregated = group.definition.is_aggregated
+    # An aggregated group's values move with time even without new events (windows slide),
+    # so every entity with events is recomputed, at now.
+    rows = offline.latest_rows(group, created_after_us=0 if aggregated else watermark, files=files)
     latest = rows.table
     high = int(rows.max_created_us or watermark)
     start_us = time.time_ns() // 1000
@@ -137,7 +186,10 @@ def materialize_batch(
     if latest.num_rows:
         event_us = _micros(latest.column("event_timestamp"))
         newest = int(event_us.max())
-        if ttl:
+        if aggregated:
+            at = start_us if now_us is None else now_us
+            latest = aggregates_at(offline, group, latest.column("entity_id"), at, files=files)
+        elif ttl:
             # The online store's rule (OnlineStore.write_vectors): expired at event time + TTL.
             expired = int(((event_us + ttl) // 1000 <= online.now_ms()).sum())
     if progress:

@@ -2,7 +2,9 @@
 """The offline store: one Parquet dataset per feature-group version, partitioned by date.
 
 Layout: ``{root}/{group}/v{version}/date=YYYY-MM-DD/part-*.parquet`` with columns
-``entity_id, event_timestamp, created_timestamp, <features>`` (timestamps in µs, UTC).
+``entity_id, event_timestamp, created_timestamp, <features>`` (timestamps in µs, UTC); an
+aggregated group stores its raw events there instead, ``<features>`` being its event columns
+(:func:`group_schema`).
 ``root`` is a local folder or any fsspec URL (``s3://bucket/prefix``, ``memory://x``). Appends
 only add files, so a reader never sees a half-written dataset; ``compact`` merges a date's
 files into one.
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
+    from carrara.config import Settings
+
 __all__ = [
     "OFFLINE_ENGINES",
     "AsOfJoin",
@@ -43,7 +47,9 @@ __all__ = [
     "LatestRows",
     "OfflineStore",
     "duckdb_cursor",
+    "group_schema",
     "open_offline_store",
+    "stored_columns",
     "to_arrow",
 ]
 
@@ -119,10 +125,23 @@ def arrow_type(dtype: str) -> pa.DataType:
         "int32": pa.int32(),
         "int64": pa.int64(),
         "bool": pa.bool_(),
+        "string": pa.string(),
     }[dtype]
 
 
+def stored_columns(group: RegisteredGroup) -> dict[str, str]:
+    """The value columns the group's dataset stores after the three key columns, with their
+    dtypes: the features of a row group, the event columns of an aggregated group (value
+    columns ``"float64"``, bucket columns ``"string"``)."""
+    d = group.definition
+    if d.is_aggregated:
+        return d.event_columns
+    return {f.name: f.dtype for f in d.features}
+
+
 def group_schema(group: RegisteredGroup) -> pa.Schema:
+    """The Arrow schema of the group version's dataset: ``entity_id``, ``event_timestamp``,
+    ``created_timestamp``, then :func:`stored_columns`."""
     import pyarrow as pa
 
     ts = pa.timestamp("us", tz="UTC")
@@ -131,7 +150,7 @@ def group_schema(group: RegisteredGroup) -> pa.Schema:
         pa.field("event_timestamp", ts),
         pa.field("created_timestamp", ts),
     ]
-    fields += [pa.field(f.name, arrow_type(f.dtype)) for f in group.definition.features]
+    fields += [pa.field(n, arrow_type(t)) for n, t in stored_columns(group).items()]
     return pa.schema(fields)
 
 
@@ -198,9 +217,10 @@ class OfflineStore(ABC):
     def prepare(
         self, group: RegisteredGroup, data: Any, *, created_us: int | None = None
     ) -> pa.Table:
-        """Validate and cast rows to the group version's schema. Without a
-        ``created_timestamp`` column the rows get increasing write times from now (see
-        :func:`_allocate_created`)."""
+        """Validate and cast rows to the group version's schema (:func:`group_schema`: an
+        aggregated group's rows are its events, their event columns required, NaN values
+        stored as null). Other columns are dropped. Without a ``created_timestamp`` column the
+        rows get increasing write times from now (see :func:`_allocate_created`)."""
         import pyarrow as pa
 
         table = to_arrow(data)
@@ -216,7 +236,13 @@ class OfflineStore(ABC):
                 f"{what} have no {key!r} (join key) or 'entity_id' column; columns: "
                 + ", ".join(table.column_names)
             )
-        missing = [f for f in group.definition.feature_names if f not in table.column_names]
+        stored = stored_columns(group)
+        missing = [c for c in stored if c not in table.column_names]
+        if missing and group.definition.is_aggregated:
+            raise InvalidArgumentError(
+                f"{what} lack event column(s) {', '.join(missing)}; the events of aggregated "
+                f"group v{group.version} have: {', '.join(stored)}"
+            )
         if missing:
             raise InvalidArgumentError(
                 f"{what} lack feature column(s) {', '.join(missing)}; "
@@ -241,13 +267,20 @@ class OfflineStore(ABC):
             timestamp_column(table, "event_timestamp", what),
             created,
         ]
-        for f in group.definition.features:
+        for name, dtype in stored.items():
             try:
-                columns.append(table.column(f.name).cast(arrow_type(f.dtype)))
+                col = table.column(name).cast(arrow_type(dtype))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise InvalidArgumentError(
-                    f"{what}: column {f.name!r} cannot be read as {f.dtype}: {exc}"
+                    f"{what}: column {name!r} cannot be read as {dtype}: {exc}"
                 ) from exc
+            if group.definition.is_aggregated and dtype == "float64":
+                # NaN is a missing value (the aggregations skip it): stored as null, so every
+                # engine sees one kind of missing.
+                import pyarrow.compute as pc
+
+                col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)
+            columns.append(col)
         if columns[0].null_count:
             raise InvalidArgumentError(f"{what}: entity_id has {columns[0].null_count} nulls")
         if columns[1].null_count:
@@ -276,7 +309,8 @@ class OfflineStore(ABC):
         self, group: RegisteredGroup, *, created_after_us: int = 0, files: list[str] | None = None
     ) -> LatestRows:
         """For each entity with a row written after ``created_after_us``, its latest row over
-        all its rows (greatest event time, then write time; timestamps as µs integers), so
+        all its rows (greatest event time, then write time; timestamps as µs integers; the
+        columns of :func:`stored_columns`, an aggregated group's event columns), so
         late-arriving rows are handled; plus the dataset's greatest write time."""
 
     @abstractmethod
@@ -287,8 +321,11 @@ class OfflineStore(ABC):
         ``__row`` (position), ``__ts`` (label time, µs) and the joins' key columns; for each
         label row and join, the group's row with the greatest (event_timestamp,
         created_timestamp) whose event time is <= ``__ts``, its features null when there is
-        none or it is older than ``__ts`` - TTL. Returns the caller's columns (those not
-        starting with ``__``) then ``{group}__{feature}`` per join, in ``__row`` order."""
+        none or it is older than ``__ts`` - TTL. For an aggregated group, the windowed
+        aggregates of the entity's events at ``__ts`` instead (the semantics of
+        :mod:`carrara.feature_cache.aggregations`; int64 for count and count_distinct, float64
+        otherwise). Returns the caller's columns (those not starting with ``__``) then
+        ``{group}__{feature}`` per join, in ``__row`` order."""
 
     def source(
         self,
@@ -307,6 +344,11 @@ class OfflineStore(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def configure(self, settings: Settings) -> None:  # noqa: B027 - optional
+        """Take the engine's own settings (Spark: ``spark_master``) before the first query;
+        ``FeatureService.from_settings`` and ``Platform.open`` call it. The default engine
+        needs none."""
 
     def close(self) -> None:  # noqa: B027 - optional: most engines hold nothing to release
         """Release engine resources (a Spark session, say); the built-in engine has none."""
@@ -424,7 +466,7 @@ class DuckDBOfflineStore(OfflineStore):
             files = self.files(group.name, group.version)
         if not files:
             return LatestRows(group_schema(group).empty_table(), None)
-        cols = ", ".join('"' + f.replace('"', '""') + '"' for f in group.definition.feature_names)
+        cols = ", ".join('"' + f.replace('"', '""') + '"' for f in stored_columns(group))
         con = duckdb_cursor()
         try:
             src = self.source(con, group, "__src", files)
@@ -461,9 +503,11 @@ class DuckDBOfflineStore(OfflineStore):
 
     def compact(self, group: RegisteredGroup) -> CompactionResult:
         """Merge each date partition's files into one, sorted by entity and time, dropping
-        exact duplicate rows (a re-run append). The new file is written before the old ones
-        are removed, so a concurrent reader sees every row (at worst twice, which point-in-time
-        reads tolerate: duplicates carry equal values)."""
+        exact duplicate rows (a re-run append; distinct events of an aggregated group differ
+        at least in their write time, so only replays collapse). The new file is written
+        before the old ones are removed, so a concurrent reader sees every row (at worst
+        twice, which point-in-time reads tolerate: duplicates carry equal values, and the
+        aggregations count an exact duplicate event once)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -501,6 +545,7 @@ OFFLINE_ENGINES: StoreKind[OfflineStore] = StoreKind(
     "offline store", OfflineStore, examples='offline_engine = "duckdb"', key="engine"
 )
 OFFLINE_ENGINES.register("duckdb", DuckDBOfflineStore.from_url)
+OFFLINE_ENGINES.register("spark", "carrara.feature_cache.spark_store:SparkOfflineStore")
 
 
 def open_offline_store(root: str, engine: str = "duckdb") -> OfflineStore:

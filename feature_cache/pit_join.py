@@ -5,7 +5,10 @@ engine (:meth:`OfflineStore.as_of_join`; DuckDB's ``ASOF JOIN`` for the built-in
 For each label row (entity id, label timestamp) and each requested group, take the group's
 feature row with the greatest ``event_timestamp <= label timestamp`` (ties: greatest
 ``created_timestamp``), and only if ``event_timestamp >= label timestamp - TTL``; otherwise the
-features are null. Nothing with a later event time can reach a label row.
+features are null. Nothing with a later event time can reach a label row. For an aggregated
+group, the windowed aggregates of the entity's events at the label time instead
+(:mod:`carrara.feature_cache.aggregations`; a range join in DuckDB), which can mix with row
+groups in one training set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from carrara.errors import InvalidArgumentError, NotFoundError
+from carrara.feature_cache.aggregations import INTEGER_FUNCTIONS, ZERO_WHEN_EMPTY, window_start
 from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.feature_cache.offline_store import (
     AsOfJoin,
@@ -247,6 +251,12 @@ def duckdb_as_of_join(
         for i, j in enumerate(joins):
             g = j.group
             source = offline.source(con, g, f"__src{i}", list(j.files))
+            if g.definition.is_aggregated:
+                cte, join, columns = _aggregated_join(i, j, source, min_ts, max_ts)
+                ctes += cte
+                sql_joins.append(join)
+                selects += columns
+                continue
             cols = ", ".join(_quote(f) for f in j.features)
             # Ties on event time go to the latest write: the ASOF key is the pair
             # (event_timestamp, created_timestamp) packed into one HUGEINT, ordered
@@ -289,3 +299,78 @@ def duckdb_as_of_join(
     finally:
         con.close()
     return table
+
+
+def _aggregated_join(
+    i: int, j: AsOfJoin, source: str, min_ts: int | None, max_ts: int | None
+) -> tuple[list[str], str, list[str]]:
+    """The CTEs, the join onto ``labels l`` and the output columns of one aggregated group's
+    part of the join: the windowed aggregates (:mod:`carrara.feature_cache.aggregations`) of
+    the entity's events at each distinct (entity, label time).
+
+    One range join of the label points with the events in [earliest window start, label
+    time], grouped by label point, one aggregate per output with a FILTER for its window (and
+    bucket). Exact duplicate events (a replayed write) count once."""
+    g = j.group
+    d = g.definition
+    tile = d.tile_us
+    by_name = {o.name: o for o in d.outputs}
+    wanted = [by_name[f] for f in j.features]
+    widest = max(o.window_us for o in wanted)
+    cols = ", ".join(_quote(c) for c in d.event_columns)
+    bounds = []
+    if max_ts is not None and min_ts is not None:
+        bounds.append(f"event_timestamp <= make_timestamptz({int(max_ts)})")
+        low = window_start(int(min_ts), widest, tile)
+        bounds.append(f"event_timestamp >= make_timestamptz({low})")
+    where = f" WHERE {' AND '.join(bounds)}" if bounds else ""
+    key = _quote(j.key)
+    events = (
+        f"e{i} AS (SELECT DISTINCT entity_id, epoch_us(event_timestamp) AS ts,"
+        f" epoch_us(created_timestamp) AS cts, {cols} FROM {source}{where})"
+    )
+    # The start of the tile holding the label time (a floor that also holds before 1970).
+    points = (
+        f"q{i} AS (SELECT DISTINCT l.{key} AS __e, l.__ts,"
+        f" l.__ts - (((l.__ts % {tile}) + {tile}) % {tile}) AS __t0 FROM labels l"
+        f" WHERE l.{key} IS NOT NULL AND l.__ts IS NOT NULL)"
+    )
+    aggs = []
+    for o in wanted:
+        cond = [f"e.ts >= q.__t0 + {tile - o.window_us}"]
+        if o.bucket is not None:
+            bucket = "'" + o.bucket.replace("'", "''") + "'"
+            cond.append(f"e.{_quote(o.bucket_column)} = {bucket}")
+        x = f"e.{_quote(o.column)}" if o.column else "e.ts"
+        if o.column:
+            cond.append(f"{x} IS NOT NULL")
+        flt = f" FILTER (WHERE {' AND '.join(cond)})"
+        if o.function == "count":
+            expr = f"count({x}){flt}"
+        elif o.function == "sum":
+            expr = f"fsum({x}){flt}"
+        elif o.function == "mean":
+            expr = f"fsum({x}){flt} / nullif(count({x}){flt}, 0)"
+        elif o.function in ("min", "max"):
+            expr = f"{o.function}({x}){flt}"
+        elif o.function == "last":
+            # The latest event: greatest (event time, write time), packed as in the ASOF key.
+            expr = f"arg_max({x}, e.ts::HUGEINT * {_SHIFT}::HUGEINT + e.cts){flt}"
+        else:  # count_distinct
+            expr = f"count(DISTINCT {x}){flt}"
+        aggs.append(f"{expr} AS {_quote(o.name)}")
+    windowed = (
+        f"a{i} AS (SELECT q.__e, q.__ts, {', '.join(aggs)} FROM q{i} q"
+        f" LEFT JOIN e{i} e ON e.entity_id = q.__e AND e.ts <= q.__ts"
+        f" AND e.ts >= q.__t0 + {tile - widest}"
+        " GROUP BY q.__e, q.__ts)"
+    )
+    join = f"LEFT JOIN a{i} ON a{i}.__e = l.{key} AND a{i}.__ts = l.__ts"
+    columns = []
+    for o in wanted:
+        value = f"a{i}.{_quote(o.name)}"
+        if o.function in ZERO_WHEN_EMPTY:  # no events in the window (or none at all): 0
+            value = f"coalesce({value}, 0)"
+        sql_type = "BIGINT" if o.function in INTEGER_FUNCTIONS else "DOUBLE"
+        columns.append(f"({value})::{sql_type} AS {_quote(f'{g.name}__{o.name}')}")
+    return [events, points, windowed], join, columns

@@ -15,7 +15,12 @@ from carrara.core import Assembler, AssemblerSpec, FeatureRef, GroupSchema
 from carrara.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from carrara.feature_cache.catalog import Catalog, Change, RegisteredGroup
 from carrara.feature_cache.definitions import Definitions, resolve_transform
-from carrara.feature_cache.materialize import MaterializeResult, materialize_batch
+from carrara.feature_cache.materialize import (
+    MaterializeResult,
+    aggregates_at,
+    materialize_batch,
+    table_to_vectors,
+)
 from carrara.feature_cache.offline_store import (
     CompactionResult,
     OfflineStore,
@@ -199,13 +204,15 @@ class FeatureService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeatureService:
-        return cls.open(
+        service = cls.open(
             catalog_url=settings.resolved_registry_url,
             offline_path=settings.resolved_offline_store_path,
             online_url=settings.online_store_url,
             event_log_url=settings.resolved_event_log_url,
             offline_engine=settings.offline_engine,
         )
+        service.offline.configure(settings)
+        return service
 
     def close(self) -> None:
         self.online.close()
@@ -283,14 +290,29 @@ class FeatureService:
         return self.offline.prepare(group, table)
 
     def ingest(self, group: str, data: Any, *, version: int | None = None) -> int:
-        """Source rows (pandas/Polars/Arrow) -> transform -> offline store; returns rows."""
+        """Source rows (pandas/Polars/Arrow) -> transform -> offline store; returns rows.
+        For an aggregated group the rows are events, and the entities they touch get their
+        values at now written online."""
         g = self.group(group, version)
-        return self.offline.append(g, self.transform_rows(g, data))
+        return self._append(g, self.transform_rows(g, data))
 
     def write_offline(self, group: str, data: Any, *, version: int | None = None) -> int:
-        """Feature rows (already transformed) -> offline store."""
+        """Feature rows (already transformed; events for an aggregated group, whose entities
+        are then refreshed online as by :meth:`ingest`) -> offline store."""
         g = self.group(group, version)
-        return self.offline.append(g, data)
+        return self._append(g, self.offline.prepare(g, data))
+
+    def _append(self, g: RegisteredGroup, table: pa.Table) -> int:
+        written = self.offline.append(g, table)
+        if written and g.definition.is_aggregated and g.definition.online:
+            # New events change the entities' current aggregates: recompute them (the same
+            # engine query as training sets and batch materialization) and write them.
+            ids = table.column("entity_id").unique()
+            now_us = time.time_ns() // 1000
+            rows = aggregates_at(self.offline, g, ids, now_us)
+            for vectors in table_to_vectors(g, rows):
+                self.online.write_vectors(vectors, g.definition.ttl_us)
+        return written
 
     def compact(self, group: str, *, version: int | None = None) -> CompactionResult:
         return self.offline.compact(self.group(group, version))
@@ -440,7 +462,10 @@ class FeatureService:
         self, *, consumer_group: str = "feature-materializer", consumer: str | None = None
     ) -> StreamingMaterializer:
         """A consumer of the ``feature-updates`` topic that writes the latest version of each
-        group through the same transform as :meth:`ingest`."""
+        group through the same transform as :meth:`ingest`; windowed (aggregated) groups are
+        rebuilt from the offline events at start and kept fresh from tiles. Run one consumer
+        per consumer group when there are aggregated groups (each holds the tiles of the
+        events it reads)."""
         return StreamingMaterializer(
             self._need_log(),
             self.offline,
@@ -449,4 +474,5 @@ class FeatureService:
             self.transform_rows,
             consumer_group=consumer_group,
             consumer=consumer,
+            groups=self.list_groups,
         )

@@ -37,6 +37,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     online_store_url: str = "memory://"
     offline_store_path: str = ""  # "" = {home}/offline
     offline_engine: str = "duckdb"  # or "package.module:ClassName" of an OfflineStore
+    # The Spark engine's master (offline_engine = "spark"): local[N] or a cluster URL.
+    spark_master: str = "local[2]"
     event_log_url: str = ""  # "" = local:///{home}/events.db
     artifact_path: str = ""  # "" = {home}/artifacts
     cache_capacity: int = 10_000

@@ -174,7 +174,7 @@ class DemoReport(msgspec.Struct, kw_only=True):
 
 
 def _definitions() -> Any:
-    from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup
+    from carrara.feature_cache import Aggregation, Definitions, Entity, Feature, FeatureGroup
 
     return Definitions(
         entities=(Entity(name="rider", join_key="rider_id"),),
@@ -192,6 +192,18 @@ def _definitions() -> Any:
                 ttl_days=30,
                 features=tuple(Feature(name=f) for f in PAY_FEATURES),
                 description="daily payment aggregates",
+            ),
+            # The raw ride events, aggregated over sliding windows by every engine alike.
+            FeatureGroup(
+                name="ride_windows",
+                entity="rider",
+                tile="1h",
+                aggregations=(
+                    Aggregation(function="count", windows=("1d", "7d")),
+                    Aggregation(function="sum", column="fare", windows=("7d",)),
+                    Aggregation(function="mean", column="cancelled", windows=("7d",)),
+                ),
+                description="ride events over sliding windows",
             ),
         ),
     )
@@ -556,13 +568,32 @@ class _Demo:
         p.features.apply(_definitions())
         self.step(f"features: ingesting {len(trips) + len(pays):,} daily rows (offline store)")
         rows = p.features.ingest("trips", trips) + p.features.ingest("payments", pays)
-        self.step(f"features: materializing {self.n:,} riders x 2 groups (online store)")
+        ride_events = pd.DataFrame(
+            {
+                "rider_id": "rider-" + rides["rider"].astype(str),
+                "event_timestamp": rides["ts"],
+                "fare": rides["fare"],
+                "cancelled": rides["cancelled"],
+            }
+        )
+        self.step(f"features: ingesting {len(ride_events):,} ride events (windowed group)")
+        events_in = p.features.write_offline("ride_windows", ride_events)
+        self.step(f"features: materializing {self.n:,} riders x 3 groups (online store)")
         materialized = p.features.materialize(full=True)
+        # Every ride is inside the 7-day window now: the served count is the rider's rides.
+        sample = [f"rider-{i}" for i in range(min(self.n, 200))]
+        served = p.features.get_online("ride_windows", sample, ["event_count_7d"]).values[:, 0]
+        counted = ride_events["rider_id"].value_counts().reindex(sample, fill_value=0)
+        windows_ok = bool((served == counted.to_numpy()).all())
         self.done(
             "features",
-            f"{r.events:,} events -> {rows:,} daily feature rows in 2 groups, "
+            f"{r.events:,} events -> {rows:,} daily feature rows in 2 groups + "
+            f"{events_in:,} ride events in 1 windowed group, "
             f"{len(materialized)} groups materialized online",
-            rows == len(trips) + len(pays) and len(materialized) == 2,
+            rows == len(trips) + len(pays)
+            and events_in == len(ride_events)
+            and len(materialized) == 3
+            and windows_ok,
         )
 
         # 2. Labels and a point-in-time training set (label rows subsampled).

@@ -285,6 +285,7 @@ class Platform:
                 online_url=settings.online_store_url,
                 offline_engine=settings.offline_engine,
             )
+            features.offline.configure(settings)  # the engine's own settings (Spark's master)
             # The platform's one event log, shared so features.publish and the stream
             # materializer write where every other part reads (closing it twice is harmless).
             features.event_log = events

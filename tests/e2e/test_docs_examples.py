@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import carrara
@@ -49,6 +50,36 @@ def test_every_python_block_is_run_or_says_why_not() -> None:
     assert [page for page, _ in sketches] == ["serving.md"]  # TLS: certificates and a CA
     for page, source in sketches:
         compile(source, page, "exec")
+
+
+HOUR_US = 3_600_000_000
+NOW_US = time.time_ns() // 1000
+#: features.md's ride events: rider-1 three hours ago (twice), 30 hours and 3 days ago, well
+#: inside or outside the 1d and 7d windows whatever the hour; rider-2 long before the tour's
+#: labels; all far from tile edges.
+RIDES = pd.DataFrame(
+    {
+        "rider_id": ["rider-1", "rider-1", "rider-1", "rider-1", "rider-2", "rider-2"],
+        "event_timestamp": [
+            NOW_US - 3 * HOUR_US,
+            NOW_US - 3 * HOUR_US,
+            NOW_US - 30 * HOUR_US,
+            NOW_US - 72 * HOUR_US,
+            1_767_225_600_000_000 - 5 * HOUR_US,  # the tour's t0 - 5h
+            1_767_225_600_000_000 - 50 * HOUR_US,
+        ],
+        "fare": [10.0, 14.0, 20.0, 7.0, 3.0, 5.0],
+        "payment": ["card", "cash", "card", "card", "cash", "card"],
+    }
+)
+#: Labels at the tour's t0 for rider-2 (both rides inside 7d, one inside 1d) and rider-1
+#: (none of its rides yet).
+RIDE_LABELS = pd.DataFrame(
+    {
+        "rider_id": ["rider-2", "rider-1"],
+        "event_timestamp": [1_767_225_600_000_000, 1_767_225_600_000_000],
+    }
+)
 
 
 def _tour() -> str:
@@ -129,6 +160,8 @@ def run_examples(
                 model=ModelSpec(framework="sklearn", estimator="logistic_regression"),
             ),
             "online_store": {},  # README "Using it": every key missing, defaults used
+            "rides": RIDES,
+            "ride_labels": RIDE_LABELS,
         }
         serving = p.serve() if not remote else contextlib.nullcontext()
         with serving as server:
@@ -157,6 +190,26 @@ def check_examples(ran: dict[str, Any], p: Any, *, remote: bool) -> None:
     frame = features["frame"]
     assert len(frame) == 500 and {"trips__ride_count", "trips__cancel_rate"} <= set(frame.columns)
     assert features["ts"].snapshot_ref
+    # Windowed aggregations: online at now and in a training set at the labels' time.
+    assert features["now"] == [
+        {
+            "event_count_1d": 2.0,
+            "event_count_7d": 4.0,
+            "fare_sum_1d": 24.0,
+            "fare_sum_7d": 51.0,
+            "fare_mean_7d": 12.75,
+            "fare_max_card_7d": 20.0,
+            "fare_max_cash_7d": 14.0,
+        }
+    ]
+    history = features["history"]
+    rider2 = history[history["rider_id"] == "rider-2"].iloc[0]
+    assert rider2["ride_stats__event_count_1d"] == 1 and rider2["ride_stats__event_count_7d"] == 2
+    assert (
+        rider2["ride_stats__fare_sum_7d"] == 8.0 and rider2["ride_stats__fare_max_cash_7d"] == 3.0
+    )
+    rider1 = history[history["rider_id"] == "rider-1"].iloc[0]
+    assert rider1["ride_stats__event_count_7d"] == 0 and pd.isna(rider1["ride_stats__fare_mean_7d"])
     readme = ran["README.md"]
     assert readme["x"].shape == (2, 1) and readme["missing"].all()
     # Triton's own clients get what the SDK gets: the same scores, the override applied.

@@ -268,7 +268,7 @@ def test_builtin_schemes_open_builtin_classes(tmp_path: Path) -> None:
     assert ONLINE_STORES.known() == ["memory", "redis", "rediss", "unix"]
     assert EVENT_LOGS.known() == ["local", "redis", "rediss", "unix"]
     assert DATABASES.known() == ["postgres", "postgresql", "sqlite"]
-    assert OFFLINE_ENGINES.known() == ["duckdb"]
+    assert OFFLINE_ENGINES.known() == ["duckdb", "spark"]
     # The Redis and PostgreSQL factories are their classes' from_url (opened for real in
     # the integration tests).
     assert ONLINE_STORES.resolve("redis") == RedisOnlineStore.from_url

@@ -120,3 +120,30 @@ class Helpers:
 @pytest.fixture
 def fc() -> type[Helpers]:
     return Helpers
+
+
+@pytest.fixture(scope="session")
+def spark_session() -> Iterator[object]:
+    """One local[2] SparkSession for the whole test run (starting one takes seconds); stores
+    opened meanwhile share it and never stop it. Skipped loudly without Java or pyspark,
+    except under CI, which must run the Spark engine's tests."""
+    import os
+    import shutil
+
+    problem = ""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        problem = "no Java runtime (install openjdk-17-jre-headless)"
+    else:
+        try:
+            import pyspark  # noqa: F401
+        except ImportError:
+            problem = "pyspark is not installed (pip install 'carrara[spark]')"
+    if problem:
+        message = f"Spark engine tests need {problem}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from carrara.feature_cache.spark_store import hold_spark_session
+
+    with hold_spark_session("local[2]") as session:
+        yield session
