@@ -72,8 +72,9 @@ def _quiet() -> Iterator[None]:
 
 def spark_session(master: str = "local[2]") -> SparkSession:
     """The process's SparkSession, created on first use: ``master`` (``local[N]`` or a cluster
-    URL), Arrow transfers on, UTC time zone; for ``local[N]`` also small memory and N shuffle
-    partitions (Spark's 200 are for clusters). Later calls return the same session."""
+    URL), Arrow transfers on, UTC time zone; for ``local[N]`` also N shuffle partitions
+    (Spark's 200 are for clusters) and 1 GB of driver memory unless ``SPARK_DRIVER_MEMORY``
+    says otherwise. Later calls return the same session."""
     global _session
     with _lock:
         if _session is not None:
@@ -97,7 +98,8 @@ def spark_session(master: str = "local[2]") -> SparkSession:
             cores = master[len("local[") : -1] if master.startswith("local[") else "1"
             partitions = str(max(1, int(cores))) if cores.isdigit() else "4"
             builder = (
-                builder.config("spark.driver.memory", "1g")
+                # Spark's own SPARK_DRIVER_MEMORY raises it (big local joins need several GB).
+                builder.config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "1g"))
                 .config("spark.sql.shuffle.partitions", partitions)
                 .config("spark.default.parallelism", partitions)
                 .config("spark.ui.enabled", "false")
