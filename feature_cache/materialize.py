@@ -151,6 +151,8 @@ def materialize_batch(
     chunk: int = 50_000,
     overlap_s: float = 60.0,
     now_us: int | None = None,
+    online_url: str | None = None,
+    namespace: str | None = None,
 ) -> MaterializeResult:
     """Write the latest value of each entity touched since the last run (all with ``full``);
     for an aggregated group, every entity's windowed aggregates at ``now_us`` (default: now).
@@ -170,14 +172,40 @@ def materialize_batch(
         return MaterializeResult(
             group.name, group.version, 0, 0, watermark, 0.0, ttl_days=group.definition.ttl_days
         )
-    # The engine's query (DuckDB, or whichever offline engine the settings name).
     aggregated = group.definition.is_aggregated
+    start_us = time.time_ns() // 1000
+    if online_url and not progress:
+        # An engine with workers of its own (Spark) writes the online store from them.
+        done = offline.write_online(
+            group,
+            online_url,
+            namespace=namespace,
+            created_after_us=0 if aggregated else watermark,
+            files=files,
+            now_us=start_us if now_us is None else now_us,
+            chunk=chunk,
+        )
+        if done is not None:
+            high = int(done.max_created_us or watermark)
+            high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
+            catalog.set_watermark(group.name, group.version, high, done.written)
+            return MaterializeResult(
+                group.name,
+                group.version,
+                done.entities,
+                done.written,
+                high,
+                time.perf_counter() - started,
+                expired=done.expired,
+                ttl_days=group.definition.ttl_days,
+                newest_event_us=done.newest_event_us,
+            )
+    # The engine's query (DuckDB, or whichever offline engine the settings name).
     # An aggregated group's values move with time even without new events (windows slide),
     # so every entity with events is recomputed, at now.
     rows = offline.latest_rows(group, created_after_us=0 if aggregated else watermark, files=files)
     latest = rows.table
     high = int(rows.max_created_us or watermark)
-    start_us = time.time_ns() // 1000
     high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
     written = 0
     ttl = group.definition.ttl_us

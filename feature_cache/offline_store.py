@@ -197,6 +197,17 @@ class LatestRows(msgspec.Struct, frozen=True):
     max_created_us: int | None  # the greatest write time in the dataset (None: no rows)
 
 
+class PartitionWrite(msgspec.Struct, frozen=True):
+    """What an engine that writes the online store from its workers did (see
+    :meth:`OfflineStore.write_online`)."""
+
+    entities: int  # entities looked at (touched since the watermark; aggregated: all)
+    written: int  # online values written
+    expired: int  # entities whose latest row was already past the TTL
+    newest_event_us: int | None  # newest event time among the rows looked at
+    max_created_us: int | None  # the dataset's greatest write time (the next watermark)
+
+
 class OfflineStore(ABC):
     """Parquet datasets of feature rows under one root (local folder or fsspec URL), and the
     queries the parts run on them: the interface every offline engine implements."""
@@ -344,6 +355,22 @@ class OfflineStore(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def write_online(
+        self,
+        group: RegisteredGroup,
+        online_url: str,
+        *,
+        namespace: str | None,
+        created_after_us: int,
+        files: list[str],
+        now_us: int,
+        chunk: int,
+    ) -> PartitionWrite | None:
+        """Batch materialization by the engine's own workers (Spark: each executor writes its
+        partitions to ``online_url``); ``None`` (the default) lets the caller write the rows
+        :meth:`latest_rows` gives, from this process."""
+        return None
 
     def configure(self, settings: Settings) -> None:  # noqa: B027 - optional
         """Take the engine's own settings (Spark: ``spark_master``) before the first query;

@@ -175,6 +175,10 @@ class FeatureService:
         self.online = online
         self.event_log = event_log
         self.max_online_batch = max_online_batch
+        #: The online store's URL when opened by URL (``open``): engines that write it from
+        #: their own workers (Spark's executors) open it there. None: this process writes.
+        self.online_url: str | None = None
+        self.online_namespace: str | None = None
         self._latest: dict[str, tuple[float, RegisteredGroup]] = {}
         self._readers: dict[tuple[str, int, tuple[str, ...] | None], _Reader] = {}
         self._lock = threading.Lock()
@@ -200,7 +204,10 @@ class FeatureService:
             from carrara.eventlog import open_event_log
 
             event_log = open_event_log(event_log_url)
-        return cls(catalog, offline, online, event_log)
+        service = cls(catalog, offline, online, event_log)
+        # Where the online store is, for engines whose workers write it themselves (Spark).
+        service.online_url, service.online_namespace = online_url, namespace
+        return service
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeatureService:
@@ -442,6 +449,8 @@ class FeatureService:
                 full=full,
                 progress=progress,
                 overlap_s=overlap_s,
+                online_url=self.online_url,
+                namespace=self.online_namespace,
             )
             for g in groups
         ]

@@ -34,6 +34,7 @@ from carrara.feature_cache.offline_store import (
     AsOfJoin,
     DuckDBOfflineStore,
     LatestRows,
+    PartitionWrite,
     arrow_type,
     group_schema,
     stored_columns,
@@ -422,8 +423,52 @@ class SparkOfflineStore(DuckDBOfflineStore):
             )
         write = _partition_writer(online, namespace, group, ttl, chunk)
         with _quiet():
-            counts = latest.mapInArrow(write, "written long").collect()
+            counts = latest.mapInArrow(write, _WRITE_SCHEMA).collect()
         return sum(int(r[0]) for r in counts)
+
+    def write_online(
+        self,
+        group: RegisteredGroup,
+        online_url: str,
+        *,
+        namespace: str | None,
+        created_after_us: int,
+        files: list[str],
+        now_us: int,
+        chunk: int,
+    ) -> PartitionWrite | None:
+        """``materialize`` on Spark: the engine's query, then every executor writes its
+        partitions to ``online_url`` (pipelined batches of ``chunk``). ``memory://`` lives in
+        the calling process: ``None`` lets it write there."""
+        if online_url.partition("://")[0] == "memory" or not files:
+            return None
+        from pyspark.sql import functions as F
+
+        src = self.frame(group, files)
+        high, newest_any = src.agg(
+            F.max(F.unix_micros("created_timestamp")), F.max(F.unix_micros("event_timestamp"))
+        ).collect()[0]
+        aggregated = group.definition.is_aggregated
+        if aggregated:
+            latest = self._aggregates_now(group, src, files, now_us)
+        else:
+            latest = self._latest_frame(group, src, created_after_us)
+        write = _partition_writer(online_url, namespace, group, group.definition.ttl_us, chunk)
+        with _quiet():
+            parts = latest.mapInArrow(write, _WRITE_SCHEMA).collect()
+        newest = [int(r[3]) for r in parts if r[3] is not None]
+        return PartitionWrite(
+            entities=sum(int(r[1]) for r in parts),
+            written=sum(int(r[0]) for r in parts),
+            expired=sum(int(r[2]) for r in parts),
+            # Row groups: the newest of the rows looked at; aggregated: of every event.
+            newest_event_us=(
+                (None if newest_any is None else int(newest_any))
+                if aggregated
+                else (max(newest) if newest else None)
+            ),
+            max_created_us=None if high is None else int(high),
+        )
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -659,16 +704,23 @@ def _partition_appender(
     return run
 
 
+#: What each partition's writer reports: values written, rows looked at, rows already past
+#: the TTL, the newest event time among them.
+_WRITE_SCHEMA = "written long, rows long, expired long, newest long"
+
+
 def _partition_writer(
     url: str, namespace: str | None, group: RegisteredGroup, ttl_us: int, chunk: int
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import numpy as np
         import pyarrow as pa
 
         from carrara.feature_cache.materialize import table_to_vectors
         from carrara.feature_cache.online_store import open_online_store
 
-        written = 0
+        written = rows = expired = 0
+        newest: int | None = None
         store = None
         try:
             for batch in batches:
@@ -677,11 +729,24 @@ def _partition_writer(
                 if store is None:
                     store = open_online_store(url, namespace=namespace)
                 table = pa.Table.from_batches([batch])
+                event_us = np.asarray(table.column("event_timestamp").to_numpy(), np.int64)
+                rows += table.num_rows
+                top = int(event_us.max())
+                newest = top if newest is None else max(newest, top)
+                if ttl_us:  # the online store's rule: expired at event time + TTL
+                    expired += int(((event_us + ttl_us) // 1000 <= store.now_ms()).sum())
                 for vectors in table_to_vectors(group, table, chunk=chunk):
                     written += store.write_vectors(vectors, ttl_us)
         finally:
             if store is not None:
                 store.close()
-        yield pa.RecordBatch.from_pydict({"written": pa.array([written], pa.int64())})
+        yield pa.RecordBatch.from_pydict(
+            {
+                "written": pa.array([written], pa.int64()),
+                "rows": pa.array([rows], pa.int64()),
+                "expired": pa.array([expired], pa.int64()),
+                "newest": pa.array([newest], pa.int64()),
+            }
+        )
 
     return run

@@ -468,6 +468,56 @@ def test_materialize_partitions_writes_duckdbs_values(
     catalog.close()
 
 
+@pytest.mark.integration
+def test_feature_service_materialize_writes_from_the_executors(
+    spark_session: Any,
+    tmp_path: Path,
+    redis_url: str,
+    redis_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``FeatureService.materialize`` (``carrara materialize``) on the Spark engine with a
+    Redis online store: the executors write (writing from this process is made to fail),
+    with the counts and values of the DuckDB path."""
+    from carrara.feature_cache.online_store import RedisOnlineStore
+
+    ids = [f"d{i}" for i in range(25)]
+    results = {}
+    for engine in ("duckdb", "spark"):
+        namespace = f"{redis_namespace}-{engine}"
+        svc = FeatureService.open(
+            catalog_url=f"sqlite:///{tmp_path / engine}.db",
+            offline_path=str(tmp_path / engine / "offline"),
+            online_url=redis_url,
+            namespace=namespace,
+            offline_engine=engine,
+        )
+        try:
+            svc.apply(
+                Definitions(
+                    entities=(Entity(name="driver", join_key="driver_id"),), groups=(_trips(0.0),)
+                )
+            )
+            rows = _random_rows(random.Random(7), ids, 200, TRIPS)
+            svc.write_offline("trips", _table(rows, TRIPS))
+            if engine == "spark":
+
+                def driver_write(*args: Any, **kwargs: Any) -> int:
+                    raise AssertionError("the driver wrote: the executors should have")
+
+                monkeypatch.setattr(RedisOnlineStore, "write_vectors", driver_write)
+            [result] = svc.materialize("trips")
+            monkeypatch.undo()
+            values = _online_values(svc.online, svc.group("trips"), ids)
+            results[engine] = (result.entities, result.written, result.expired, values)
+            [again] = svc.materialize("trips")  # incremental: nothing new since the watermark
+            assert again.written == 0
+        finally:
+            svc.close()
+    assert results["spark"][:3] == results["duckdb"][:3] == (25, 25, 0)
+    assert results["spark"][3] == results["duckdb"][3]
+
+
 def test_materialize_partitions_refuses_memory_urls(spark_store: Any, tmp_path: Path) -> None:
     from carrara.errors import InvalidArgumentError
 
