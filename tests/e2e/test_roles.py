@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 import redis
 import yaml
@@ -202,67 +201,21 @@ def test_monitoring_role_judges_drift(tmp_path: Path) -> None:
     assert not {"torch", "tensorflow", "duckdb", "onnxruntime"} & set(asked), asked
 
 
-SPEC = """
-model_name: score
-dataset:
-  features: ["stats:x", "stats:y"]
-  label_source: labels.csv
-  label_column: target
-  entity_column: id
-model: {estimator: ridge, task: regression}
-"""
-
-
-def test_training_role_trains_and_registers(tmp_path: Path) -> None:
+def test_training_role_trains_and_registers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from carrara.config import load_settings
-    from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
+    from carrara.feature_cache import FeatureService
+
+    from ..training_data import write_stats_job
 
     env = {"CARRARA_HOME": str(tmp_path / "home"), "CARRARA_DATA_ROOTS": str(tmp_path)}
     for name in ("CARRARA_CONFIG", "CARRARA_REGISTRY_URL", "CARRARA_EVENT_LOG_URL"):
         env[name] = ""
-    rng = np.random.default_rng(0)
-    ids = [f"e{i}" for i in range(60)]
-    t0 = 1_780_000_000_000_000
-    rows = pd.DataFrame(
-        {
-            "id": ids,
-            "event_timestamp": [t0] * 60,
-            "x": rng.normal(size=60),
-            "y": rng.normal(size=60),
-        }
-    )
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with FeatureService.from_settings(load_settings()) as features:
-            features.apply(
-                Definitions(
-                    entities=(Entity(name="thing", join_key="id"),),
-                    groups=(
-                        FeatureGroup(
-                            name="stats",
-                            entity="thing",
-                            features=(Feature(name="x"), Feature(name="y")),
-                        ),
-                    ),
-                )
-            )
-            features.ingest("stats", rows)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    labels = pd.DataFrame(
-        {
-            "id": ids,
-            "event_timestamp": pd.to_datetime(t0 + 86_400_000_000, unit="us", utc=True),
-            "target": 3 * rows["x"] - rows["y"],
-        }
-    )
-    labels.to_csv(tmp_path / "labels.csv", index=False)
-    (tmp_path / "job.yaml").write_text(SPEC)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with FeatureService.from_settings(load_settings()) as features:
+        write_stats_job(features, tmp_path, 60)
     out = role("training", "--", "train", "submit", str(tmp_path / "job.yaml"), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     out = role("training", "--", "train", "worker", "--until-idle", env=env)

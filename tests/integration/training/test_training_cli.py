@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from carrara.cli import main
@@ -13,18 +11,7 @@ from carrara.config import load_settings
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
 from carrara.registry.registry import ModelRegistry
 
-DAY_US = 86_400_000_000
-T0_US = 1_780_000_000_000_000
-
-SPEC = """
-model_name: score
-dataset:
-  features: ["stats:x", "stats:y"]
-  label_source: labels.csv
-  label_column: target
-  entity_column: id
-model: {estimator: ridge, task: regression}
-"""
+from ...training_data import SPEC, stats_definitions, write_stats_job
 
 
 def test_train_cli(
@@ -35,39 +22,8 @@ def test_train_cli(
     monkeypatch.delenv("CARRARA_CONFIG", raising=False)
     monkeypatch.delenv("CARRARA_REGISTRY_URL", raising=False)
     monkeypatch.delenv("CARRARA_EVENT_LOG_URL", raising=False)
-    rng = np.random.default_rng(0)
-    ids = [f"e{i}" for i in range(80)]
-    rows = pd.DataFrame(
-        {
-            "id": ids,
-            "event_timestamp": [T0_US] * len(ids),
-            "x": rng.normal(size=len(ids)),
-            "y": rng.normal(size=len(ids)),
-        }
-    )
     with FeatureService.from_settings(load_settings()) as features:
-        features.apply(
-            Definitions(
-                entities=(Entity(name="thing", join_key="id"),),
-                groups=(
-                    FeatureGroup(
-                        name="stats",
-                        entity="thing",
-                        features=(Feature(name="x"), Feature(name="y")),
-                    ),
-                ),
-            )
-        )
-        features.ingest("stats", rows)
-    labels = pd.DataFrame(
-        {
-            "id": ids,
-            "event_timestamp": pd.to_datetime(T0_US + DAY_US, unit="us", utc=True),
-            "target": 3 * rows["x"] - rows["y"],
-        }
-    )
-    labels.to_csv(tmp_path / "labels.csv", index=False)
-    (tmp_path / "job.yaml").write_text(SPEC)
+        write_stats_job(features, tmp_path, 80)
     (tmp_path / "bad.yaml").write_text(SPEC.replace("stats:y", "stats:nope"))
 
     assert main(["train", "submit", str(tmp_path / "bad.yaml")]) == 2
@@ -113,18 +69,7 @@ def test_train_logs_and_triggers_cli(
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "labels.csv").write_text("id,event_timestamp,target\n")
     with FeatureService.from_settings(load_settings()) as features:
-        features.apply(
-            Definitions(
-                entities=(Entity(name="thing", join_key="id"),),
-                groups=(
-                    FeatureGroup(
-                        name="stats",
-                        entity="thing",
-                        features=(Feature(name="x"), Feature(name="y")),
-                    ),
-                ),
-            )
-        )
+        features.apply(stats_definitions())
     (tmp_path / "job.yaml").write_text(SPEC)
     (tmp_path / "gpu4.yaml").write_text(SPEC + "resources: {gpus: 4}\n")
     (tmp_path / "gpu3.yaml").write_text(

@@ -312,13 +312,13 @@ def _pit_case(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[tuple[str, in
     return rows, [(e, BASE_US + t * US) for e, t in labels], ttl_s
 
 
-@settings(max_examples=40, deadline=None)
-@given(case=_pit_case())
-def test_property_matches_brute_force(case: Any) -> None:
+def check_pit_case(case: Any, open_store: Any) -> None:
+    """Run one generated case (rows in two appends, the second "late") through
+    ``point_in_time_join`` on the store ``open_store(root)`` gives, and compare every label
+    row with the brute force. Shared by every offline engine's property test."""
     import tempfile
 
     from carrara.feature_cache import Catalog, Entity, Feature, FeatureGroup
-    from carrara.feature_cache.offline_store import DuckDBOfflineStore
     from carrara.feature_cache.pit_join import FeatureRequest, point_in_time_join
 
     rows, labels, ttl_s = case
@@ -334,10 +334,10 @@ def test_property_matches_brute_force(case: Any) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Catalog(f"sqlite:///{tmp}/c.db")
+        offline = open_store(f"{tmp}/offline")
         try:
             catalog.apply(Definitions(entities=(Entity(name="driver"),), groups=(group,)))
             g = catalog.get_group("trips")
-            offline = DuckDBOfflineStore(f"{tmp}/offline")
             half = len(rows) // 2  # two appends: the second holds "late" rows
             for part in (rows[half:], rows[:half]):
                 if part:
@@ -352,10 +352,19 @@ def test_property_matches_brute_force(case: Any) -> None:
                 entity_df, [FeatureRequest(g, ("fare_mean", "trip_count"), "driver_id")], offline
             ).table.to_pylist()
         finally:
+            offline.close()
             catalog.close()
     for (entity, t), row in zip(labels, out, strict=True):
         want = _brute_force(entity, t, rows, g.definition.ttl_us, ["fare_mean", "trip_count"])
         assert [row["trips__fare_mean"], row["trips__trip_count"]] == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_pit_case())
+def test_property_matches_brute_force(case: Any) -> None:
+    from carrara.feature_cache.offline_store import DuckDBOfflineStore
+
+    check_pit_case(case, DuckDBOfflineStore)
 
 
 def test_star_mixes_with_explicit_refs(service: Any, definitions: Definitions, fc: Any) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from tests.unit.feature_cache.test_pit_join import (
     _random_rows,
     _table,
     _to_ts,
+    check_pit_case,
 )
 
 MINUTE = 60 * US
@@ -105,34 +105,10 @@ def _values(table: pa.Table) -> list[dict[str, Any]]:
 )
 @given(case=_pit_case())
 def test_property_matches_brute_force_on_spark(spark_session: Any, case: Any) -> None:
-    """test_pit_join's property test (same generator, same brute force) on the Spark engine."""
+    """test_pit_join's property test (same generator, same check) on the Spark engine."""
     from carrara.feature_cache.spark_store import SparkOfflineStore
 
-    rows, labels, ttl_s = case
-    with tempfile.TemporaryDirectory() as tmp:
-        catalog = _catalog(tmp, _trips(ttl_s / 86_400))
-        try:
-            g = catalog.get_group("trips")
-            offline = SparkOfflineStore(f"{tmp}/offline")
-            half = len(rows) // 2  # two appends: the second holds "late" rows
-            for part in (rows[half:], rows[:half]):
-                if part:
-                    offline.append(g, _table(part, TRIPS))
-            entity_df = pa.table(
-                {
-                    "driver_id": [e for e, _ in labels],
-                    "event_timestamp": _to_ts([t for _, t in labels]),
-                }
-            )
-            out = point_in_time_join(
-                entity_df, [FeatureRequest(g, ("fare_mean", "trip_count"), "driver_id")], offline
-            ).table.to_pylist()
-            offline.close()
-        finally:
-            catalog.close()
-    for (entity, t), row in zip(labels, out, strict=True):
-        want = _brute_force(entity, t, rows, g.definition.ttl_us, ["fare_mean", "trip_count"])
-        assert [row["trips__fare_mean"], row["trips__trip_count"]] == want
+    check_pit_case(case, SparkOfflineStore)
 
 
 def test_row_groups_give_duckdbs_training_set(spark_store: Any, tmp_path: Path) -> None:
