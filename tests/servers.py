@@ -1,10 +1,16 @@
 """Servers for tests that need real sockets: a Starlette/ASGI app on uvicorn (``serve_app``),
 the gateway's fronts on a ServerThread (``running_gateway``) over a one-model engine
-(``scorer_engine``) and an in-memory online store (``DictStore``), and ``free_port``."""
+(``scorer_engine``) and an in-memory online store (``DictStore``), ``carrara serve`` as a
+child process (``serve_process``, ``wait_ready``), and ``free_port``."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from numpy.typing import ArrayLike
 
 from carrara.core import (
@@ -126,3 +133,67 @@ def running_gateway(
             thread.stop()
     finally:
         gateway.close()
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    *,
+    log: Path,
+    verify: ssl.SSLContext | bool = True,
+    timeout_s: float = 30.0,
+) -> httpx.Response:
+    """Poll ``url`` until it answers 200 and return that response; fails with the child's
+    ``log`` when ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            r = httpx.get(url, verify=verify, timeout=1)
+            if r.status_code == 200:
+                return r
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not become ready: {log.read_text()}"
+        time.sleep(0.2)
+
+
+@contextmanager
+def serve_process(
+    argv: Sequence[str],
+    http_port: int,
+    *,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    python_args: Sequence[str] = ("-m", "carrara"),
+    ready_path: str = "/readyz",
+    verify: ssl.SSLContext | None = None,
+    timeout_s: float = 30.0,
+    check_exit: bool = True,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python *python_args *argv`` (by default ``carrara``) with its output appended to
+    ``log``, yielded once ``ready_path`` on ``http_port`` answers 200 (over TLS to
+    ``localhost`` when ``verify`` is given); SIGTERM when the block ends, and unless
+    ``check_exit`` is off, the block's success also asserts a clean exit (code 0).
+    ``env`` (default: this process's) gets ``PYTHONUNBUFFERED=1``."""
+    with log.open("ab") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [sys.executable, *python_args, *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+        )
+    base = f"https://localhost:{http_port}" if verify else f"http://127.0.0.1:{http_port}"
+    try:
+        ready_verify: ssl.SSLContext | bool = True if verify is None else verify
+        wait_ready(proc, base + ready_path, log=log, verify=ready_verify, timeout_s=timeout_s)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    if check_exit:
+        assert rc == 0, log.read_text()

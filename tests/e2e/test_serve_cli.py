@@ -4,8 +4,6 @@ against it over HTTP and gRPC; SIGTERM shuts it down cleanly."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ import yaml
 from carrara.core import encode_feature_vector
 from carrara.gateway.backends import file_sha256
 from carrara.gateway.onnx_models import write_linear_model
-from tests.servers import free_port
+from tests.servers import free_port, serve_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -78,35 +76,8 @@ def test_serve_and_predict(tmp_path: Path, redis_url: str, redis_namespace: str)
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:  # the child keeps its own handle
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "carrara",
-                "serve",
-                "--config",
-                str(tmp_path / "gateway.yaml"),
-                "--grpc-port",
-                str(grpc_port),
-                "--http-port",
-                str(http_port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not become ready"
-            time.sleep(0.2)
+    argv = _serve_argv(tmp_path / "gateway.yaml", grpc_port, http_port)
+    with serve_process(argv, http_port, log=log):
 
         def expected(i: int) -> float:
             return float(np.float32(i) * 1.0 + np.float32(i / 10) * -2.0 + 0.5)
@@ -125,14 +96,6 @@ def test_serve_and_predict(tmp_path: Path, redis_url: str, redis_namespace: str)
         # The configured admission bound is the one the native engine enforces.
         metrics = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
         assert "carrara_predict_in_flight_limit 37.0" in metrics
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert rc == 0, log.read_text()
     assert "carrara gateway: gRPC" in log.read_text()
 
 
@@ -143,42 +106,18 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "invalid gateway config" in out.stderr and "policy" in out.stderr
 
 
-def _start_serve(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    grpc_port, http_port = free_port(), free_port()
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "carrara",
-                "serve",
-                "--config",
-                str(config),
-                "--grpc-port",
-                str(grpc_port),
-                "--http-port",
-                str(http_port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    return proc, http_port
+def _serve_argv(config: Path, grpc_port: int, http_port: int) -> list[str]:
+    return [
+        "serve", "--config", str(config),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+    ]  # fmt: skip
 
 
 def _ready_body(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> dict[str, object]:
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            r = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=1)
-            if r.status_code == 200:
-                body: dict[str, object] = r.json()
-                return body
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "gateway did not become ready"
-        time.sleep(0.2)
+    body: dict[str, object] = wait_ready(
+        proc, f"http://127.0.0.1:{http_port}/readyz", log=log
+    ).json()
+    return body
 
 
 def test_serve_survives_a_bad_model_and_restarts_without_the_registry(tmp_path: Path) -> None:
@@ -234,8 +173,9 @@ def test_serve_survives_a_bad_model_and_restarts_without_the_registry(tmp_path: 
     assert bad.exists()
     log = tmp_path / "serve.log"
     for attempt in range(2):
-        proc, http_port = _start_serve(tmp_path / "gateway.yaml", log)
-        try:
+        grpc_port, http_port = free_port(), free_port()
+        argv = _serve_argv(tmp_path / "gateway.yaml", grpc_port, http_port)
+        with serve_process(argv, http_port, log=log) as proc:
             deadline = time.monotonic() + 30
             while True:
                 body = _ready_body(proc, http_port, log)
@@ -251,9 +191,6 @@ def test_serve_survives_a_bad_model_and_restarts_without_the_registry(tmp_path: 
                 assert json.loads(out.stdout)["predictions"][0]["values"] == [weight]
             out = carrara("predict", "c", "e1", "--target", f"http://127.0.0.1:{http_port}")
             assert out.returncode == 1 and "NOT_FOUND" in out.stderr
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
         if attempt == 0:
             # The registry goes away entirely: no event log, no artifact store.
             (tmp_path / "events.db").unlink()

@@ -22,11 +22,10 @@ from carrara.gateway.engine import ServingEngine
 from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.registry_source import load_active
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
 from carrara.registry.auth import Principal
 from carrara.registry.registry import ModelRegistry
 from carrara.v1 import predict_pb2
+from tests.servers import running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -119,17 +118,13 @@ def test_gateway_predictions_equal_onnx_on_point_in_time_features(
 
         engine = ServingEngine(StoreReader(features.online), cache=FeatureCache(capacity=1_000))
         assert load_active(registry, engine, ["eta"]) == ["eta"]
-        gateway = Gateway(engine)
-        thread = ServerThread(lambda: GatewayServer(gateway))
-        server = thread.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-                call = predict_stub(channel)
-                response = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))
-                again = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))  # cached
-        finally:
-            thread.stop()
-            gateway.close()
+        with (
+            running_gateway(engine) as server,
+            grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        ):
+            call = predict_stub(channel)
+            response = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))
+            again = call(predict_pb2.PredictRequest(model="eta", entity_ids=drivers))  # cached
 
         # Independent reference: the PIT join as of now, missing -> the spec's default (0.0),
         # then ONNX Runtime directly.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from carrara.gateway.onnx_models import write_linear_model
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 TRITON_VENV = Path(os.environ.get("CARRARA_TRITON_VENV", ROOT / "build" / "triton-venv"))
@@ -61,12 +61,6 @@ instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _site_packages(venv: Path) -> Path:
     return next((venv / "lib").glob("python3.*/site-packages"))
 
@@ -103,7 +97,7 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = f"{site / 'nvidia_pytriton.libs'}:{libdir}"
     env["PATH"] = f"{TRITON_VENV / 'bin'}:{env['PATH']}"
-    grpc_port = _free_port()
+    grpc_port = free_port()
     log = open(work / "triton.log", "wb")  # noqa: SIM115 (closed in teardown)
     proc = subprocess.Popen(
         [
@@ -157,9 +151,7 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 class PrivateRedis:
     def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.tmp = tmp
         self.proc: subprocess.Popen[bytes] | None = None
 

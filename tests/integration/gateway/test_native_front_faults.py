@@ -39,9 +39,9 @@ from carrara.gateway.embedded import serving_store
 from carrara.gateway.engine import ModelDeployment, ServingEngine, VariantSpec
 from carrara.gateway.grpc_client import predict_stub
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
+from carrara.gateway.server import GatewayServer
 from carrara.v1 import predict_pb2
+from tests.servers import running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -89,16 +89,14 @@ def served(
         ),
         {"v1": OnnxBackend(write_linear_model(tmp_path / "m.onnx", W, 1.0))},
     )
-    gateway = Gateway(engine)
-    thread = ServerThread(lambda: GatewayServer(gateway))
-    server = thread.start()
     try:
-        yield private_redis, server, client
+        with running_gateway(engine) as server:
+            try:
+                yield private_redis, server, client
+            finally:  # a stopped Redis resumes before the servers stop
+                if private_redis.proc is not None and private_redis.proc.poll() is None:
+                    os.kill(private_redis.proc.pid, signal.SIGCONT)
     finally:
-        if private_redis.proc is not None and private_redis.proc.poll() is None:
-            os.kill(private_redis.proc.pid, signal.SIGCONT)
-        thread.stop()
-        gateway.close()
         store.close()
         client.close()
 

@@ -24,9 +24,8 @@ from carrara.gateway.backends import OnnxBackend
 from carrara.gateway.embedded import Embedded
 from carrara.gateway.engine import ModelDeployment, VariantSpec
 from carrara.gateway.onnx_models import write_linear_model
-from carrara.gateway.server import GatewayServer, ServerThread
-from carrara.gateway.service import Gateway
 from carrara.loadgen import EntitySpec, StagePlan, TargetSpec, run_stage
+from tests.servers import running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +53,10 @@ def gateway_ports(redis_url: str, redis_namespace: str, tmp_path: Path) -> Itera
         ),
         {"v1": OnnxBackend(model)},
     )
-    thread = ServerThread(lambda: GatewayServer(Gateway(embedded.engine)))
-    server = thread.start()
     try:
-        yield {"grpc": server.grpc_port, "kserve": server.grpc_port, "http": server.http_port}
+        with running_gateway(embedded.engine) as server:
+            yield {"grpc": server.grpc_port, "kserve": server.grpc_port, "http": server.http_port}
     finally:
-        thread.stop()
         embedded.close()
         client.close()
 
