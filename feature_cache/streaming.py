@@ -37,7 +37,7 @@ from carrara.errors import FailedPreconditionError, InvalidArgumentError
 from carrara.eventlog import EventLog
 from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.feature_cache.materialize import table_to_vectors
-from carrara.feature_cache.offline_store import OfflineStore
+from carrara.feature_cache.offline_store import OfflineStore, _allocate_created
 from carrara.feature_cache.online_store import OnlineStore
 from carrara.feature_cache.tiles import DEFAULT_ALLOWED_LATENESS_US, TileAggregator
 from carrara.types import Topic
@@ -70,7 +70,22 @@ _decoder = msgspec.msgpack.Decoder(FeatureUpdate)
 def publish_rows(
     log_: EventLog, group: str, rows: Sequence[dict[str, Any]], *, batch: int = 500
 ) -> list[str]:
-    """Publish source rows for ``group`` (``batch`` rows per event); returns event ids."""
+    """Publish source rows for ``group`` (``batch`` rows per event); returns event ids.
+
+    A row without a ``created_timestamp`` gets one now (its publish time, µs, distinct per
+    row), so an event delivered twice (at-least-once: a consumer failed after writing the
+    offline store) writes exactly the rows it wrote before, which the offline engines, the
+    compaction and the windowed tiles count once."""
+    missing = sum(1 for r in rows if "created_timestamp" not in r)
+    if missing:
+        base = _allocate_created(missing, None)
+        stamped = []
+        for r in rows:
+            if "created_timestamp" not in r:
+                r = {**r, "created_timestamp": base}
+                base += 1
+            stamped.append(r)
+        rows = stamped
     payloads = [
         _encoder.encode(FeatureUpdate(group, list(rows[i : i + batch])))
         for i in range(0, len(rows), batch)

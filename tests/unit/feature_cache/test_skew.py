@@ -324,3 +324,56 @@ def test_tiles_and_offline_agree_on_the_stored_events(service: FeatureService) -
             mine = {k: f32(v) for k, v in agg.values_at(entity, t).items()}
             assert mine == offline[entity]
             assert all(e["entity_id"] in ENTITIES for e in events)
+
+
+def test_a_redelivered_batch_counts_once(tmp_path: Path) -> None:
+    """At-least-once: the online write fails after the offline append, the events are handed
+    out again and written again; they carry the write times they were published with, so the
+    offline engine, the tiles and the served values count them once."""
+    from carrara.errors import UnavailableError
+
+    svc = FeatureService.open(
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}",
+        offline_path=str(tmp_path / "offline"),
+        online_url="memory://",
+        event_log_url=f"local:///{tmp_path / 'events.db'}?visibility_timeout_ms=50",
+    )
+    try:
+        svc.apply(DEFINITIONS)
+        clock = Clock(T0 + 10 * M)
+        m = materializer(svc, clock)
+        assert svc.event_log is not None
+        rows = [
+            {"rider_id": "r1", "event_timestamp": T0 + 9 * M + i * S, "fare": float(i)}
+            | {"tip": 1.0, "kind": "card"}
+            for i in range(5)
+        ]
+        publish_rows(svc.event_log, GROUP.name, rows)
+        m.run_once()  # the tiles and the online store start from the stored (empty) state
+        real = svc.online.write_vectors
+        calls = {"n": 0}
+
+        def down_once(*args: Any, **kwargs: Any) -> int:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise UnavailableError("online store down")
+            return real(*args, **kwargs)
+
+        svc.online.write_vectors = down_once  # type: ignore[method-assign]
+        publish_rows(
+            svc.event_log, GROUP.name, [{**rows[0], "event_timestamp": T0 + 9 * M + 30 * S}]
+        )
+        with pytest.raises(UnavailableError):
+            m.run_once()
+        import time
+
+        time.sleep(0.2)  # past the visibility timeout: the event is handed out again
+        again = m.run_once()
+        assert again.events == 1 and again.offline_rows == 1  # written offline a second time
+        assert len(stored_events(svc)) == 7  # 5 + the replayed event twice, rows identical
+        values = online_values(svc)["r1"]
+        assert values is not None and values["event_count_5m"] == 6  # counted once
+        assert values["fare_sum_10m"] == 0 + 1 + 2 + 3 + 4 + 0
+        assert offline_values(svc, clock.t)["r1"] == values
+    finally:
+        svc.close()
