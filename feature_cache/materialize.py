@@ -140,6 +140,15 @@ def _micros(col: Any) -> np.ndarray[Any, np.dtype[np.int64]]:
     return out
 
 
+def _next_watermark(
+    max_created_us: int | None, watermark: int, start_us: int, overlap_s: float
+) -> int:
+    """The watermark a run stores: the dataset's newest write time, but ``overlap_s`` behind
+    the run's start (rows appended meanwhile are looked at again) and never backwards."""
+    high = int(max_created_us or watermark)
+    return max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
+
+
 def materialize_batch(
     catalog: Catalog,
     offline: OfflineStore,
@@ -186,8 +195,7 @@ def materialize_batch(
             chunk=chunk,
         )
         if done is not None:
-            high = int(done.max_created_us or watermark)
-            high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
+            high = _next_watermark(done.max_created_us, watermark, start_us, overlap_s)
             catalog.set_watermark(group.name, group.version, high, done.written)
             return MaterializeResult(
                 group.name,
@@ -205,8 +213,7 @@ def materialize_batch(
     # so every entity with events is recomputed, at now.
     rows = offline.latest_rows(group, created_after_us=0 if aggregated else watermark, files=files)
     latest = rows.table
-    high = int(rows.max_created_us or watermark)
-    high = max(watermark, min(high, start_us - int(overlap_s * 1_000_000)))
+    high = _next_watermark(rows.max_created_us, watermark, start_us, overlap_s)
     written = 0
     ttl = group.definition.ttl_us
     expired = 0

@@ -403,15 +403,11 @@ class SparkOfflineStore(DuckDBOfflineStore):
         if not files:
             return 0
         src = self.frame(group, files)
-        if group.definition.is_aggregated:
-            # Windows slide: every entity with events gets its aggregates at ``now_us``.
-            latest = self._aggregates_now(group, src, files, now_us)
-        else:
-            latest = self._latest_frame(group, src, created_after_us)
-        ttl = group.definition.ttl_us
+        latest = self._to_materialize(group, src, files, created_after_us, now_us)
         if not isinstance(online, str):
             from carrara.feature_cache.materialize import table_to_vectors
 
+            ttl = group.definition.ttl_us
             written = 0
             for vectors in table_to_vectors(group, _to_arrow(latest), chunk=chunk):
                 written += online.write_vectors(vectors, ttl)
@@ -421,10 +417,22 @@ class SparkOfflineStore(DuckDBOfflineStore):
                 "memory:// is an in-process online store the executors cannot reach; pass "
                 "the OnlineStore object (written from the driver) or a redis:// URL"
             )
-        write = _partition_writer(online, namespace, group, ttl, chunk)
-        with _quiet():
-            counts = latest.mapInArrow(write, _WRITE_SCHEMA).collect()
-        return sum(int(r[0]) for r in counts)
+        parts = _write_partitions(latest, online, namespace, group, chunk)
+        return sum(int(r[0]) for r in parts)
+
+    def _to_materialize(
+        self,
+        group: RegisteredGroup,
+        src: DataFrame,
+        files: list[str],
+        created_after_us: int,
+        now_us: int | None,
+    ) -> DataFrame:
+        """The rows batch materialization writes: each touched entity's latest row, or, for
+        an aggregated group (windows slide), every entity's aggregates at ``now_us``."""
+        if group.definition.is_aggregated:
+            return self._aggregates_now(group, src, files, now_us)
+        return self._latest_frame(group, src, created_after_us)
 
     def write_online(
         self,
@@ -449,13 +457,8 @@ class SparkOfflineStore(DuckDBOfflineStore):
             F.max(F.unix_micros("created_timestamp")), F.max(F.unix_micros("event_timestamp"))
         ).collect()[0]
         aggregated = group.definition.is_aggregated
-        if aggregated:
-            latest = self._aggregates_now(group, src, files, now_us)
-        else:
-            latest = self._latest_frame(group, src, created_after_us)
-        write = _partition_writer(online_url, namespace, group, group.definition.ttl_us, chunk)
-        with _quiet():
-            parts = latest.mapInArrow(write, _WRITE_SCHEMA).collect()
+        latest = self._to_materialize(group, src, files, created_after_us, now_us)
+        parts = _write_partitions(latest, online_url, namespace, group, chunk)
         newest = [int(r[3]) for r in parts if r[3] is not None]
         return PartitionWrite(
             entities=sum(int(r[1]) for r in parts),
@@ -707,6 +710,17 @@ def _partition_appender(
 #: What each partition's writer reports: values written, rows looked at, rows already past
 #: the TTL, the newest event time among them.
 _WRITE_SCHEMA = "written long, rows long, expired long, newest long"
+
+
+def _write_partitions(
+    latest: DataFrame, url: str, namespace: str | None, group: RegisteredGroup, chunk: int
+) -> list[Any]:
+    """Each executor writes its partitions of ``latest`` to the online store at ``url``;
+    one row of :data:`_WRITE_SCHEMA` counts per partition."""
+    write = _partition_writer(url, namespace, group, group.definition.ttl_us, chunk)
+    with _quiet():
+        parts: list[Any] = latest.mapInArrow(write, _WRITE_SCHEMA).collect()
+    return parts
 
 
 def _partition_writer(

@@ -197,3 +197,40 @@ def serve_process(
             raise
     if check_exit:
         assert rc == 0, log.read_text()
+
+
+def up_config_on_real_stores(
+    tmp_path: Path,
+    postgres_url: str,
+    redis_url: str,
+    namespace: str,
+    token: str,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    **up: Any,
+) -> tuple[Any, Any]:
+    """``Settings`` and ``UpConfig`` for ``carrara up`` on the real PostgreSQL and Redis: files
+    under ``tmp_path``, Redis keys under ``namespace``, ``token`` as the bootstrap token,
+    ports picked by the OS and one worker; ``settings`` / ``up`` override fields."""
+    from carrara.config import Settings
+    from carrara.up import UpConfig
+
+    values: dict[str, Any] = {
+        "home": str(tmp_path / "home"),
+        "registry_url": postgres_url,
+        "online_store_url": f"{redis_url}?namespace={namespace}",
+        "event_log_url": f"{redis_url}?prefix={namespace}",
+        "offline_store_path": str(tmp_path / "offline"),
+        "artifact_path": str(tmp_path / "artifacts"),
+        "api_token": token,
+        **(settings or {}),
+    }
+    config: dict[str, Any] = {
+        "api_port": 0,
+        "gateway_http_port": 0,
+        "gateway_grpc_port": 0,
+        "workers": 1,
+        "run_dir": str(tmp_path / "run"),
+        **up,
+    }
+    return Settings(**values), UpConfig(**config)

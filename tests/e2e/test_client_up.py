@@ -21,14 +21,15 @@ import pandas as pd
 import pytest
 
 from carrara import Client
-from carrara.config import Settings
 from carrara.core import AssemblerSpec
 from carrara.errors import FailedPreconditionError, UnauthenticatedError
 from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup
 from carrara.monitoring import DriftThresholds, ModelMonitorConfig
 from carrara.registry.types import Gate, TrafficSplit, VariantSplit
 from carrara.training.spec import DatasetSpec, JobSpec, ModelSpec
-from carrara.up import Services, UpConfig
+from carrara.up import Services
+
+from ..servers import up_config_on_real_stores
 
 pytestmark = pytest.mark.integration
 
@@ -123,22 +124,13 @@ def _feature_matrix(client: Client, spec: AssemblerSpec, ids: list[str]) -> np.n
 def test_client_drives_every_service_started_by_up(
     tmp_path: Path, postgres_url: str, redis_url: str, redis_namespace: str
 ) -> None:
-    settings = Settings(
-        home=str(tmp_path / "home"),
-        registry_url=postgres_url,
-        online_store_url=f"{redis_url}?namespace={redis_namespace}",
-        event_log_url=f"{redis_url}?prefix={redis_namespace}",
-        offline_store_path=str(tmp_path / "offline"),
-        artifact_path=str(tmp_path / "artifacts"),
-        cache_ttl_seconds=0.5,  # the gateway sees the shifted values quickly
-        api_token=TOKEN,
-    )
-    up = UpConfig(
-        api_port=0,
-        gateway_http_port=0,
-        gateway_grpc_port=0,
-        workers=1,
-        run_dir=str(tmp_path / "run"),
+    settings, up = up_config_on_real_stores(
+        tmp_path,
+        postgres_url,
+        redis_url,
+        redis_namespace,
+        TOKEN,
+        settings={"cache_ttl_seconds": 0.5},  # the gateway sees the shifted values quickly
     )
     now_us = time.time_ns() // 1000
     trips, pays, labels = _data(now_us)

@@ -22,8 +22,9 @@ import pandas as pd
 import pytest
 
 import carrara
-from carrara.config import Settings
-from carrara.up import Services, UpConfig
+from carrara.up import Services
+
+from ..servers import up_config_on_real_stores
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -251,22 +252,8 @@ def test_docs_examples_on_platform_local(tmp_path: Path, monkeypatch: pytest.Mon
 
 @contextlib.contextmanager
 def _services(tmp_path: Path, postgres_url: str, redis_url: str, ns: str) -> Iterator[Services]:
-    settings = Settings(
-        home=str(tmp_path / "home"),
-        registry_url=postgres_url,
-        online_store_url=f"{redis_url}?namespace={ns}",
-        event_log_url=f"{redis_url}?prefix={ns}",
-        offline_store_path=str(tmp_path / "offline"),
-        artifact_path=str(tmp_path / "artifacts"),
-        cache_ttl_seconds=0.5,
-        api_token=TOKEN,
-    )
-    up = UpConfig(
-        api_port=0,
-        gateway_http_port=0,
-        gateway_grpc_port=0,
-        workers=1,
-        run_dir=str(tmp_path / "run"),
+    settings, up = up_config_on_real_stores(
+        tmp_path, postgres_url, redis_url, ns, TOKEN, settings={"cache_ttl_seconds": 0.5}
     )
     with Services(settings, up) as svc:
         yield svc

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from carrara.config import Settings
-from carrara.up import Services, UpConfig
+from carrara.up import Services
+
+from ..servers import up_config_on_real_stores
 
 pytestmark = pytest.mark.integration
 
@@ -22,23 +23,16 @@ pytestmark = pytest.mark.integration
 def test_a_sigkilled_gateway_is_restarted_and_the_api_keeps_answering(
     tmp_path: Path, postgres_url: str, redis_url: str, redis_namespace: str
 ) -> None:
-    settings = Settings(
-        home=str(tmp_path / "home"),
-        registry_url=postgres_url,
-        online_store_url=f"{redis_url}?namespace={redis_namespace}",
-        event_log_url=f"{redis_url}?prefix={redis_namespace}",
-        artifact_path=str(tmp_path / "artifacts"),
-        api_token="e2e-token",
-    )
-    up = UpConfig(
-        api_port=0,
-        gateway_http_port=0,
-        gateway_grpc_port=0,
+    settings, up = up_config_on_real_stores(
+        tmp_path,
+        postgres_url,
+        redis_url,
+        redis_namespace,
+        "e2e-token",
         workers=0,
         monitor=False,
         materializer=False,
         triggers=False,
-        run_dir=str(tmp_path / "run"),
     )
     out = io.StringIO()
     with Services(settings, up, out=out) as svc, httpx.Client(timeout=5.0) as http:
