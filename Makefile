@@ -28,7 +28,7 @@ apt:
 $(STAMP): pyproject.toml CMakeLists.txt | apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" ninja "setuptools>=70.1" wheel
 	$(PIP) install -q --no-build-isolation -e '.[platform,dev]'
 	touch $(STAMP)
 

@@ -31,7 +31,18 @@ from carrara.errors import FailedPreconditionError, InvalidArgumentError, NotFou
 from carrara.sql import Database, Migration, Transaction, connect
 from carrara.types import Topic
 
-from .scheduler import DEFAULT_BACKFILL_WINDOW_S, Candidate, choose, inventory_problem
+from .scheduler import (
+    DEFAULT_BACKFILL_WINDOW_S,
+    MILLI,
+    Admission,
+    Candidate,
+    MigDevice,
+    NodeInventory,
+    choose,
+    free_whole_gpus,
+    gpu_key,
+    inventory_problem,
+)
 
 if TYPE_CHECKING:
     from carrara.eventlog import EventLog
@@ -48,6 +59,8 @@ __all__ = [
     "JobQueue",
     "JobState",
     "LogLine",
+    "Rank",
+    "Rendezvous",
     "upgrade",
 ]
 
@@ -131,6 +144,48 @@ CREATE TABLE training_triggers (
 )
 """,
     ),
+    Migration(
+        id="0004_shared_gpus_and_multi_node",
+        sql="""
+ALTER TABLE training_jobs ADD COLUMN gpu_share_milli INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE training_jobs ADD COLUMN mig_profile TEXT NOT NULL DEFAULT '';
+ALTER TABLE training_jobs ADD COLUMN mig_device TEXT NOT NULL DEFAULT '';
+ALTER TABLE training_jobs ADD COLUMN nodes_requested INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE training_jobs ADD COLUMN rendezvous_json TEXT NOT NULL DEFAULT '';
+ALTER TABLE training_nodes ADD COLUMN mig_json TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE training_device_leases (
+    node TEXT NOT NULL,
+    device TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    share_milli INTEGER NOT NULL,
+    leased_at_us BIGINT NOT NULL,
+    PRIMARY KEY (node, device, job_id)
+);
+CREATE INDEX training_device_leases_job ON training_device_leases (job_id);
+INSERT INTO training_device_leases (node, device, job_id, share_milli, leased_at_us)
+    SELECT node, CAST(gpu_id AS TEXT), job_id, 1000, leased_at_us FROM training_gpu_leases;
+DROP TABLE training_gpu_leases;
+CREATE TABLE training_workers (
+    worker TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    address TEXT NOT NULL DEFAULT '',
+    seen_at_us BIGINT NOT NULL,
+    job_id TEXT
+);
+CREATE TABLE training_job_ranks (
+    job_id TEXT NOT NULL,
+    node_rank INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    node TEXT NOT NULL,
+    gpus_json TEXT NOT NULL DEFAULT '[]',
+    state TEXT NOT NULL,
+    heartbeat_at_us BIGINT NOT NULL,
+    PRIMARY KEY (job_id, node_rank)
+);
+CREATE INDEX training_job_ranks_worker ON training_job_ranks (worker, state)
+""",
+    ),
 ]
 
 
@@ -163,11 +218,43 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     node: str | None = None  # where the current attempt runs (set by the claim)
     gpus: list[int] = msgspec.field(default_factory=list)  # leased GPU ids on ``node``
     trigger: str = ""  # the trigger that submitted it ("" for a direct submit)
+    gpu_share: float = 0.0  # a requested share of one GPU (0: whole GPUs or none)
+    mig_profile: str = ""  # a requested MIG instance profile
+    mig_device: str = ""  # the leased MIG instance (its id)
+    nodes: int = 1  # nodes the job trains on (torchrun --nnodes)
+    rendezvous: Rendezvous | None = None  # where the ranks meet (multi-node, set by rank 0)
+    #: This worker's node in a multi-node attempt (0 = the leader, which owns the job row;
+    #: > 0 = a follower, which owns only its rank) and the follower's worker id.
+    node_rank: int = 0
+    rank_worker: str = ""
 
     def spec(self) -> JobSpec:
         from .spec import JobSpec
 
         return msgspec.json.decode(self.spec_json, type=JobSpec)
+
+
+class Rendezvous(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the nodes of one multi-node attempt meet: rank 0's torchrun store
+    (``master_addr:master_port``) and the training inputs it published for the others
+    (an archive on the checkpoint store, with its sha256)."""
+
+    nnodes: int
+    master_addr: str
+    master_port: int
+    inputs: str = ""
+    inputs_sha256: str = ""
+
+
+class Rank(msgspec.Struct, frozen=True, kw_only=True):
+    """One node of a multi-node attempt."""
+
+    node_rank: int
+    worker: str
+    node: str
+    gpus: list[int]
+    state: str  # ASSIGNED (waiting for its worker), RUNNING, DONE
+    heartbeat_at_us: int
 
 
 class LogLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,10 +283,13 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
 _COLUMNS = (
     "job_id, model_name, spec_json, state, submitted_by, submitted_at_us, started_at_us,"
     " finished_at_us, heartbeat_at_us, worker, attempts, cancel_requested, error, result_json,"
-    " gpus_requested, node, gpus_json, trigger_name"
+    " gpus_requested, node, gpus_json, trigger_name, gpu_share_milli, mig_profile, mig_device,"
+    " nodes_requested, rendezvous_json"
 )
 _result_decoder = msgspec.json.Decoder(dict[str, Any])
 _gpus_decoder = msgspec.json.Decoder(list[int])
+_mig_decoder = msgspec.json.Decoder(list[MigDevice])
+_rendezvous_decoder = msgspec.json.Decoder(Rendezvous)
 
 
 def _row(row: Sequence[Any]) -> Job:
@@ -222,12 +312,49 @@ def _row(row: Sequence[Any]) -> Job:
         node=row[15],
         gpus=_gpus_decoder.decode(row[16]),
         trigger=row[17],
+        gpu_share=int(row[18]) / MILLI,
+        mig_profile=row[19],
+        mig_device=row[20],
+        nodes=int(row[21]),
+        rendezvous=_rendezvous_decoder.decode(row[22]) if row[22] else None,
     )
 
 
 def _release(tx: Transaction, job_id: str) -> None:
-    """Free the job's GPU leases (idempotent)."""
-    tx.execute("DELETE FROM training_gpu_leases WHERE job_id = ?", (job_id,))
+    """Free the job's device leases on every node, its ranks and its workers (idempotent)."""
+    tx.execute("DELETE FROM training_device_leases WHERE job_id = ?", (job_id,))
+    tx.execute("DELETE FROM training_job_ranks WHERE job_id = ?", (job_id,))
+    tx.execute("UPDATE training_workers SET job_id = NULL WHERE job_id = ?", (job_id,))
+
+
+def _used(tx: Transaction, node: str) -> dict[str, int]:
+    """Shares leased per device of ``node``."""
+    return {
+        str(r[0]): int(r[1])
+        for r in tx.fetchall(
+            "SELECT device, SUM(share_milli) FROM training_device_leases WHERE node = ?"
+            " GROUP BY device",
+            (node,),
+        )
+    }
+
+
+def _lease(tx: Transaction, node: str, job_id: str, pick: Admission, now: int) -> None:
+    rows = [(node, gpu_key(g), job_id, pick.share_milli, now) for g in pick.gpus]
+    if pick.mig_device:
+        rows.append((node, pick.mig_device, job_id, MILLI, now))
+    if rows:
+        tx.executemany(
+            "INSERT INTO training_device_leases (node, device, job_id, share_milli,"
+            " leased_at_us) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+class _Peer(msgspec.Struct, frozen=True):
+    worker: str
+    node: str
+    gpus: tuple[int, ...]
 
 
 class JobQueue:
@@ -237,6 +364,14 @@ class JobQueue:
     ``training_gpus_per_node``); with the inventories workers declared when claiming, it
     bounds what a job may ask for at submit. ``backfill_window_s``: see
     :mod:`carrara.training.scheduler`.
+
+    Multi-node jobs (``resources.nodes = N``) are admitted all or nothing: the claiming worker
+    becomes node rank 0 only when ``N - 1`` other workers, each on its own node, are idle
+    (they claimed within ``worker_presence_s``) and their nodes have the GPUs free; their
+    ranks and leases are written in the same transaction, and each of them receives its rank
+    from its next :meth:`claim`. An attempt that fails on any node (:meth:`fail_attempt`, or a
+    rank whose worker stops heartbeating) is requeued in its FIFO place to resume from its
+    checkpoint, up to ``max_attempts`` attempts.
     """
 
     def __init__(
@@ -249,8 +384,12 @@ class JobQueue:
         gpus_per_node: int = 0,
         backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S,
         data_roots: Sequence[str] | None = None,
+        max_attempts: int = 3,
+        worker_presence_s: float = 15.0,
     ) -> None:
         self.db = db
+        self.max_attempts = max_attempts
+        self.worker_presence_s = worker_presence_s
         self.events = events
         self.lease_timeout_s = lease_timeout_s
         self.gpus_per_node = gpus_per_node
@@ -271,6 +410,8 @@ class JobQueue:
         gpus_per_node: int = 0,
         backfill_window_s: float = DEFAULT_BACKFILL_WINDOW_S,
         data_roots: Sequence[str] | None = None,
+        max_attempts: int = 3,
+        worker_presence_s: float = 15.0,
     ) -> JobQueue:
         return cls(
             connect(url),
@@ -279,6 +420,8 @@ class JobQueue:
             gpus_per_node=gpus_per_node,
             backfill_window_s=backfill_window_s,
             data_roots=data_roots,
+            max_attempts=max_attempts,
+            worker_presence_s=worker_presence_s,
         )
 
     def close(self) -> None:
@@ -310,12 +453,21 @@ class JobQueue:
 
     # -- API --------------------------------------------------------------------------------
 
+    def known_inventories(self) -> builtins.list[NodeInventory]:
+        """The device inventories workers declared, plus the configured GPUs per node."""
+        with self.db.transaction() as tx:
+            rows = tx.fetchall("SELECT gpus_json, mig_json FROM training_nodes")
+        out = [
+            NodeInventory(tuple(_gpus_decoder.decode(r[0])), tuple(_mig_decoder.decode(r[1])))
+            for r in rows
+        ]
+        if self.gpus_per_node:
+            out.append(NodeInventory(tuple(range(self.gpus_per_node))))
+        return out
+
     def known_gpus_per_node(self) -> int:
         """The largest GPU inventory of a node: configured, or declared by a worker."""
-        with self.db.transaction() as tx:
-            rows = tx.fetchall("SELECT gpus_json FROM training_nodes")
-        declared = [len(_gpus_decoder.decode(r[0])) for r in rows]
-        return max([self.gpus_per_node, *declared])
+        return max((len(i.gpus) for i in self.known_inventories()), default=0)
 
     def validate(self, spec: JobSpec, *, features: FeatureService | None = None) -> None:
         """Everything :meth:`submit` checks, without queueing (InvalidArgumentError; with
@@ -324,7 +476,8 @@ class JobQueue:
         spec's columns: only its schema/header is read)."""
         from .spec import check_label_source, label_file_problems, validate_spec
 
-        problem = inventory_problem(spec.resources.gpus, self.known_gpus_per_node())
+        r = spec.resources
+        problem = inventory_problem(r.gpus, self.known_inventories(), mig=r.mig)
         try:
             validate_spec(spec, features=features)
         except InvalidArgumentError as exc:
@@ -361,16 +514,19 @@ class JobQueue:
         job_id = uuid.uuid4().hex
         tx.execute(
             "INSERT INTO training_jobs (job_id, model_name, spec_json, state, submitted_by,"
-            " submitted_at_us, gpus_requested, trigger_name)"
-            " VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?)",
+            " submitted_at_us, gpus_requested, trigger_name, gpu_share_milli, mig_profile,"
+            " nodes_requested) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 spec.model_name,
                 spec.to_json(),
                 submitted_by,
                 _now_us(),
-                spec.resources.gpus,
+                spec.resources.whole_gpus,
                 trigger,
+                spec.resources.gpu_share_milli,
+                spec.resources.mig,
+                spec.resources.nodes,
             ),
         )
         return self._get(tx, job_id)
@@ -414,15 +570,44 @@ class JobQueue:
         return [_row(r) for r in rows]
 
     def leases(self, node: str | None = None) -> dict[tuple[str, int], str]:
-        """Current GPU leases: (node, gpu id) -> job id."""
+        """Current whole-GPU leases: (node, gpu id) -> job id (shares and MIG instances:
+        :meth:`device_leases`)."""
+        return {
+            (n, int(d)): job
+            for n, d, job, share in self.device_leases(node)
+            if d.isdigit() and share == MILLI
+        }
+
+    def device_leases(self, node: str | None = None) -> builtins.list[tuple[str, str, str, int]]:
+        """Every lease: (node, device, job id, shares of ``MILLI``), by node and device."""
+        sql = "SELECT node, device, job_id, share_milli FROM training_device_leases"
         with self.db.transaction() as tx:
-            if node is None:
-                rows = tx.fetchall("SELECT node, gpu_id, job_id FROM training_gpu_leases")
-            else:
-                rows = tx.fetchall(
-                    "SELECT node, gpu_id, job_id FROM training_gpu_leases WHERE node = ?", (node,)
-                )
-        return {(r[0], int(r[1])): r[2] for r in rows}
+            rows = (
+                tx.fetchall(sql + " ORDER BY node, device, job_id")
+                if node is None
+                else tx.fetchall(sql + " WHERE node = ? ORDER BY device, job_id", (node,))
+            )
+        return [(r[0], str(r[1]), r[2], int(r[3])) for r in rows]
+
+    def ranks(self, job_id: str) -> builtins.list[Rank]:
+        """The nodes of a multi-node job's current attempt, by node rank."""
+        with self.db.transaction() as tx:
+            rows = tx.fetchall(
+                "SELECT node_rank, worker, node, gpus_json, state, heartbeat_at_us"
+                " FROM training_job_ranks WHERE job_id = ? ORDER BY node_rank",
+                (job_id,),
+            )
+        return [
+            Rank(
+                node_rank=int(r[0]),
+                worker=r[1],
+                node=r[2],
+                gpus=_gpus_decoder.decode(r[3]),
+                state=r[4],
+                heartbeat_at_us=int(r[5]),
+            )
+            for r in rows
+        ]
 
     def _reap_stale(self) -> None:
         """Jobs whose worker stopped heartbeating: CANCELLED when a cancel was requested,
@@ -435,8 +620,9 @@ class JobQueue:
             lock = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
             for stale_id, cancel in tx.fetchall(
                 "SELECT job_id, cancel_requested FROM training_jobs WHERE state = 'RUNNING'"
-                " AND heartbeat_at_us < ?" + lock,
-                (stale,),
+                " AND (heartbeat_at_us < ? OR job_id IN (SELECT job_id FROM training_job_ranks"
+                " WHERE state IN ('ASSIGNED', 'RUNNING') AND heartbeat_at_us < ?))" + lock,
+                (stale, stale),
             ):
                 if cancel:
                     tx.execute(
@@ -447,8 +633,8 @@ class JobQueue:
                 else:
                     tx.execute(
                         "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
-                        " error = ? WHERE job_id = ?",
-                        ("worker stopped heartbeating; requeued", stale_id),
+                        " mig_device = '', rendezvous_json = '', error = ? WHERE job_id = ?",
+                        ("a worker of the job stopped heartbeating; requeued", stale_id),
                     )
                 _release(tx, stale_id)
                 changed.append(self._get(tx, stale_id))
@@ -456,55 +642,95 @@ class JobQueue:
             self._publish(job)
 
     def claim(
-        self, worker: str | None = None, *, node: str | None = None, gpus: Sequence[int] = ()
+        self,
+        worker: str | None = None,
+        *,
+        node: str | None = None,
+        gpus: Sequence[int] = (),
+        mig: Sequence[MigDevice] = (),
     ) -> Job | None:
         """Start the first admissible queued job (see :mod:`carrara.training.scheduler`) on
-        this worker; ``gpus`` are the GPU ids the worker's ``node`` may use. The job's GPUs
-        are leased in the same transaction, all or none; ``Job.gpus`` lists them."""
+        this worker, or hand it the rank of a multi-node job another worker admitted it to;
+        ``gpus`` / ``mig`` are the devices the worker's ``node`` may use. The job's devices
+        are leased in the same transaction, all or none (on every node of a multi-node job);
+        ``Job.gpus`` / ``Job.mig_device`` list this node's."""
         worker = worker or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         node = node or socket.gethostname()
-        inventory = tuple(sorted({int(g) for g in gpus}))
-        if any(g < 0 for g in inventory):
+        if any(int(g) < 0 for g in gpus):
             raise InvalidArgumentError(f"GPU ids must be >= 0, got {list(gpus)}")
+        inventory = NodeInventory(tuple(sorted({int(g) for g in gpus})), tuple(mig))
         self._reap_stale()
         now = _now_us()
+        gang: dict[str, builtins.list[_Peer]] = {}
         with self.db.transaction() as tx:
             pg = tx.dialect == "postgresql"
-            if inventory:
-                if pg:
-                    # One claimer per node at a time computes its free GPUs and leases them;
-                    # other nodes' claimers and releases run concurrently.
-                    tx.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext(?))", (f"carrara-gpus:{node}",)
-                    )
+            if pg and not inventory.empty:
+                # One claimer per node at a time computes its free devices and leases them;
+                # other nodes' claimers and releases run concurrently.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"carrara-gpus:{node}",))
+            # This worker is idle (it is claiming): present, and free for a gang. The row lock
+            # makes a gang forming elsewhere skip it while it claims.
+            tx.execute(
+                "INSERT INTO training_workers (worker, node, address, seen_at_us, job_id)"
+                " VALUES (?, ?, '', ?, NULL) ON CONFLICT (worker) DO UPDATE SET"
+                " node = excluded.node, seen_at_us = excluded.seen_at_us, job_id = NULL",
+                (worker, node, now),
+            )
+            assigned = tx.fetchone(
+                "SELECT r.job_id, r.node_rank FROM training_job_ranks r JOIN training_jobs j"
+                " ON j.job_id = r.job_id WHERE r.worker = ? AND r.state = 'ASSIGNED'"
+                " AND j.state = 'RUNNING' AND r.attempt = j.attempts ORDER BY r.job_id",
+                (worker,),
+            )
+            if assigned is not None:
                 tx.execute(
-                    "INSERT INTO training_nodes (node, gpus_json, seen_at_us) VALUES (?, ?, ?)"
-                    " ON CONFLICT (node) DO UPDATE SET gpus_json = excluded.gpus_json,"
-                    " seen_at_us = excluded.seen_at_us",
-                    (node, msgspec.json.encode(list(inventory)).decode(), now),
+                    "UPDATE training_job_ranks SET state = 'RUNNING', heartbeat_at_us = ?"
+                    " WHERE job_id = ? AND node_rank = ?",
+                    (now, assigned[0], assigned[1]),
                 )
-                leased = [
-                    int(r[0])
-                    for r in tx.fetchall(
-                        "SELECT gpu_id FROM training_gpu_leases WHERE node = ?", (node,)
-                    )
-                ]
-            else:
-                leased = []
+                tx.execute(
+                    "UPDATE training_workers SET job_id = ? WHERE worker = ?",
+                    (assigned[0], worker),
+                )
+                return self._rank_view(tx, assigned[0], int(assigned[1]))
+            if not inventory.empty:
+                tx.execute(
+                    "INSERT INTO training_nodes (node, gpus_json, seen_at_us, mig_json)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET"
+                    " gpus_json = excluded.gpus_json, seen_at_us = excluded.seen_at_us,"
+                    " mig_json = excluded.mig_json",
+                    (
+                        node,
+                        msgspec.json.encode(list(inventory.gpus)).decode(),
+                        now,
+                        msgspec.json.encode(list(inventory.mig)).decode(),
+                    ),
+                )
+            used = _used(tx, node) if not inventory.empty else {}
             candidates = [
-                Candidate(r[0], int(r[1]), int(r[2]))
+                Candidate(r[0], int(r[1]), int(r[2]), int(r[3]), r[4], int(r[5]))
                 for r in tx.fetchall(
-                    "SELECT job_id, gpus_requested, submitted_at_us FROM training_jobs"
-                    " WHERE state = 'QUEUED' ORDER BY submitted_at_us, job_id LIMIT 1000"
+                    "SELECT job_id, gpus_requested, submitted_at_us, gpu_share_milli,"
+                    " mig_profile, nodes_requested FROM training_jobs WHERE state = 'QUEUED'"
+                    " ORDER BY submitted_at_us, job_id LIMIT 1000"
                 )
             ]
+
+            def gang_ready(c: Candidate, _here: Admission) -> bool:
+                peers = self._peers(tx, c, node=node, worker=worker, now=now)
+                if peers is None:
+                    return False
+                gang[c.job_id] = peers
+                return True
+
             while True:
                 pick = choose(
                     candidates,
                     inventory=inventory,
-                    leased=leased,
+                    leased=used,
                     now_us=now,
                     backfill_window_s=self.backfill_window_s,
+                    gang_ready=gang_ready,
                 )
                 if pick is None:
                     return None
@@ -522,25 +748,202 @@ class JobQueue:
             tx.execute(
                 "UPDATE training_jobs SET state = 'RUNNING', worker = ?, started_at_us = ?,"
                 " heartbeat_at_us = ?, attempts = attempts + 1, error = '', node = ?,"
-                " gpus_json = ?, cancel_requested = 0 WHERE job_id = ?",
+                " gpus_json = ?, mig_device = ?, rendezvous_json = '', cancel_requested = 0"
+                " WHERE job_id = ?",
                 (
                     worker,
                     now,
                     now,
                     node,
                     msgspec.json.encode(list(pick.gpus)).decode(),
+                    pick.mig_device,
                     pick.job_id,
                 ),
             )
-            if pick.gpus:
-                tx.executemany(
-                    "INSERT INTO training_gpu_leases (node, gpu_id, job_id, leased_at_us)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(node, g, pick.job_id, now) for g in pick.gpus],
-                )
+            _lease(tx, node, pick.job_id, pick, now)
+            tx.execute(
+                "UPDATE training_workers SET job_id = ? WHERE worker = ?", (pick.job_id, worker)
+            )
             job = self._get(tx, pick.job_id)
+            peers = gang.get(pick.job_id)
+            if peers is not None:
+                self._form_gang(tx, job, _Peer(worker, node, pick.gpus), peers, now)
         self._publish(job)
         return job
+
+    def _peers(
+        self, tx: Transaction, c: Candidate, *, node: str, worker: str, now: int
+    ) -> builtins.list[_Peer] | None:
+        """Idle workers on ``c.nodes - 1`` other nodes whose GPUs fit ``c`` now (one per
+        node), or None. On PostgreSQL their rows and nodes are locked for this transaction
+        (skipping any another claimer holds, so two gangs never share a worker)."""
+        pg = tx.dialect == "postgresql"
+        rows = tx.fetchall(
+            "SELECT w.worker, w.node, n.gpus_json FROM training_workers w"
+            " LEFT JOIN training_nodes n ON n.node = w.node WHERE w.job_id IS NULL"
+            " AND w.seen_at_us >= ? AND w.node <> ? AND w.worker <> ?"
+            " ORDER BY w.node, w.seen_at_us DESC, w.worker",
+            (now - int(self.worker_presence_s * 1_000_000), node, worker),
+        )
+        peers: builtins.list[_Peer] = []
+        taken: set[str] = set()
+        for peer_worker, peer_node, gpus_json in rows:
+            if len(peers) == c.nodes - 1:
+                break
+            if peer_node in taken:
+                continue
+            gpus: tuple[int, ...] = ()
+            if c.gpus > 0:
+                inv = NodeInventory(tuple(_gpus_decoder.decode(gpus_json or "[]")))
+                if pg:
+                    got = tx.fetchone(
+                        "SELECT pg_try_advisory_xact_lock(hashtext(?))",
+                        (f"carrara-gpus:{peer_node}",),
+                    )
+                    if got is None or not got[0]:
+                        continue  # that node's claimer is busy: try another node
+                free = free_whole_gpus(inv, _used(tx, peer_node))
+                if len(free) < c.gpus:
+                    continue
+                gpus = tuple(free[: c.gpus])
+            if pg and (
+                tx.fetchone(
+                    "SELECT worker FROM training_workers WHERE worker = ? AND job_id IS NULL"
+                    " FOR UPDATE SKIP LOCKED",
+                    (peer_worker,),
+                )
+                is None
+            ):
+                continue
+            peers.append(_Peer(peer_worker, peer_node, gpus))
+            taken.add(peer_node)
+        return peers if len(peers) == c.nodes - 1 else None
+
+    def _form_gang(
+        self, tx: Transaction, job: Job, leader: _Peer, peers: Sequence[_Peer], now: int
+    ) -> None:
+        """Write the ranks of a multi-node attempt and lease the followers' GPUs."""
+        rows = [(job.job_id, 0, job.attempts, leader.worker, leader.node, leader.gpus, "RUNNING")]
+        rows += [
+            (job.job_id, r, job.attempts, p.worker, p.node, p.gpus, "ASSIGNED")
+            for r, p in enumerate(peers, start=1)
+        ]
+        tx.executemany(
+            "INSERT INTO training_job_ranks (job_id, node_rank, attempt, worker, node, gpus_json,"
+            " state, heartbeat_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*r[:5], msgspec.json.encode(list(r[5])).decode(), r[6], now) for r in rows],
+        )
+        for p in peers:
+            _lease(tx, p.node, job.job_id, Admission(job.job_id, p.gpus), now)
+            tx.execute(
+                "UPDATE training_workers SET job_id = ? WHERE worker = ?", (job.job_id, p.worker)
+            )
+
+    def _rank_view(self, tx: Transaction, job_id: str, node_rank: int) -> Job:
+        """The job as the worker holding ``node_rank`` sees it (its node and GPUs)."""
+        job = self._get(tx, job_id)
+        row = tx.fetchone(
+            "SELECT worker, node, gpus_json FROM training_job_ranks WHERE job_id = ?"
+            " AND node_rank = ?",
+            (job_id, node_rank),
+        )
+        if row is None:
+            raise NotFoundError(f"training job {job_id} has no node rank {node_rank}")
+        return msgspec.structs.replace(
+            job,
+            node_rank=node_rank,
+            rank_worker=row[0],
+            node=row[1],
+            gpus=_gpus_decoder.decode(row[2]),
+            mig_device="",
+        )
+
+    def _owned_rank(self, tx: Transaction, job: Job) -> Job:
+        current = self._get(tx, job.job_id, lock=True)
+        row = tx.fetchone(
+            "SELECT worker FROM training_job_ranks WHERE job_id = ? AND node_rank = ?"
+            " AND attempt = ?",
+            (job.job_id, job.node_rank, job.attempts),
+        )
+        if (
+            current.state != "RUNNING"
+            or current.attempts != job.attempts
+            or row is None
+            or row[0] != job.rank_worker
+        ):
+            raise FailedPreconditionError(
+                f"training job {job.job_id}: node rank {job.node_rank} of attempt "
+                f"{job.attempts} is no longer held by {job.rank_worker!r}; the job is "
+                f"{current.state} (attempt {current.attempts})"
+            )
+        return current
+
+    def publish_rendezvous(self, job: Job, rendezvous: Rendezvous) -> Job:
+        """Rank 0 says where the other nodes meet it (and where its inputs are)."""
+        with self.db.transaction() as tx:
+            self._owned(tx, job)
+            tx.execute(
+                "UPDATE training_jobs SET rendezvous_json = ? WHERE job_id = ?",
+                (msgspec.json.encode(rendezvous).decode(), job.job_id),
+            )
+            return self._get(tx, job.job_id)
+
+    def rendezvous(self, job: Job) -> Rendezvous | None:
+        """The rendezvous rank 0 published for this attempt (None: not yet); raises
+        FailedPreconditionError once the attempt is over."""
+        with self.db.transaction() as tx:
+            current = self._get(tx, job.job_id)
+        if current.state != "RUNNING" or current.attempts != job.attempts:
+            raise FailedPreconditionError(
+                f"training job {job.job_id} attempt {job.attempts} is over ({current.state}, "
+                f"attempt {current.attempts})"
+            )
+        return current.rendezvous
+
+    def rank_done(self, job: Job) -> None:
+        """A follower's ranks finished: its worker is free (the leader completes the job)."""
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE training_job_ranks SET state = 'DONE' WHERE job_id = ? AND node_rank = ?"
+                " AND attempt = ? AND worker = ?",
+                (job.job_id, job.node_rank, job.attempts, job.rank_worker),
+            )
+            tx.execute(
+                "UPDATE training_workers SET job_id = NULL WHERE worker = ? AND job_id = ?",
+                (job.rank_worker, job.job_id),
+            )
+
+    def fail_attempt(self, job: Job, error: str) -> Job:
+        """An attempt failed on some node (a rank died, a node was lost): the job goes back to
+        the queue in its place to resume from its last checkpoint, or FAILED once it has had
+        ``max_attempts`` attempts. Any node of the attempt may call this; only the first call
+        for an attempt acts."""
+        with self.db.transaction() as tx:
+            current = self._get(tx, job.job_id, lock=True)
+            if current.state != "RUNNING" or current.attempts != job.attempts:
+                return current
+            where = f"node rank {job.node_rank}" if current.nodes > 1 else "the job"
+            if current.attempts >= self.max_attempts:
+                tx.execute(
+                    "UPDATE training_jobs SET state = 'FAILED', finished_at_us = ?, error = ?"
+                    " WHERE job_id = ?",
+                    (_now_us(), f"attempt {current.attempts} failed on {where}: {error}",
+                     job.job_id),
+                )  # fmt: skip
+            else:
+                tx.execute(
+                    "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
+                    " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
+                    " WHERE job_id = ?",
+                    (
+                        f"attempt {current.attempts} failed on {where}: {error}; requeued",
+                        job.job_id,
+                    ),
+                )
+            _release(tx, job.job_id)
+            after = self._get(tx, job.job_id)
+        self._publish(after)
+        return after
 
     def _owned(self, tx: Transaction, job: Job) -> Job:
         current = self._get(tx, job.job_id, lock=True)
@@ -558,12 +961,26 @@ class JobQueue:
 
     def heartbeat(self, job: Job) -> bool:
         """Extend the lease; returns True when a cancel was requested (stop and call
-        :meth:`cancelled`). Raises FailedPreconditionError when the lease was lost."""
+        :meth:`cancelled`). Raises FailedPreconditionError when the lease was lost. A
+        follower of a multi-node job extends its rank's lease."""
+        now = _now_us()
         with self.db.transaction() as tx:
+            if job.node_rank > 0:
+                current = self._owned_rank(tx, job)
+                tx.execute(
+                    "UPDATE training_job_ranks SET heartbeat_at_us = ? WHERE job_id = ?"
+                    " AND node_rank = ?",
+                    (now, job.job_id, job.node_rank),
+                )
+                return current.cancel_requested
             current = self._owned(tx, job)
             tx.execute(
-                "UPDATE training_jobs SET heartbeat_at_us = ? WHERE job_id = ?",
-                (_now_us(), job.job_id),
+                "UPDATE training_jobs SET heartbeat_at_us = ? WHERE job_id = ?", (now, job.job_id)
+            )
+            tx.execute(
+                "UPDATE training_job_ranks SET heartbeat_at_us = ? WHERE job_id = ?"
+                " AND node_rank = 0",
+                (now, job.job_id),
             )
         return current.cancel_requested
 
@@ -605,7 +1022,8 @@ class JobQueue:
             self._owned(tx, job)
             tx.execute(
                 "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
-                " worker = NULL, error = ? WHERE job_id = ?",
+                " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
+                " WHERE job_id = ?",
                 (reason, job.job_id),
             )
             _release(tx, job.job_id)

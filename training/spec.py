@@ -240,9 +240,24 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cpus: int = 1
-    gpus: int = 0  # per job, admitted all at once (gang) or not at all
+    #: Whole GPUs per node (an integer, admitted all at once — a gang — or not at all), or a
+    #: share of one GPU (a fraction in (0, 1), in thousandths: ``0.25``).
+    gpus: float = 0
+    #: One MIG instance of this profile (``1g.10gb``) instead of ``gpus``.
+    mig: str = ""
+    #: > 1: torchrun across that many nodes, each with ``gpus`` and ``processes_per_node``.
     nodes: int = 1
     processes_per_node: int = 1  # > 1: torchrun data-parallel ranks (PyTorch only)
+
+    @property
+    def whole_gpus(self) -> int:
+        """Whole GPUs per node (0 for a share of one GPU or a MIG instance)."""
+        return int(self.gpus) if self.gpus >= 1 else 0
+
+    @property
+    def gpu_share_milli(self) -> int:
+        """A fractional request in thousandths of a GPU (0 when whole GPUs or none)."""
+        return round(self.gpus * 1000) if 0 < self.gpus < 1 else 0
 
 
 class ParamRange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -546,17 +561,40 @@ def resource_problems(
     """What is impossible about ``r`` (the scheduler's rules, :mod:`.scheduler`). GPUs are
     checked against ``max_gpus_per_node`` only when it is given (the queue passes the largest
     known node inventory at submit)."""
-    from .scheduler import MAX_CPUS, inventory_problem
+    from .scheduler import MAX_CPUS, MIG_PROFILE, inventory_problem
 
     problems: list[str] = []
     if r.cpus < 1 or r.gpus < 0 or r.nodes < 1 or r.processes_per_node < 1:
         problems.append(
-            f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus} (>= 0), "
+            f"impossible resources: cpus={r.cpus} (>= 1), gpus={r.gpus:g} (>= 0), "
             f"nodes={r.nodes} (>= 1), processes_per_node={r.processes_per_node} (>= 1)"
         )
         return problems
     if r.cpus > MAX_CPUS:
         problems.append(f"impossible resources: cpus={r.cpus}; at most {MAX_CPUS} per job")
+    fractional = 0 < r.gpus < 1
+    if fractional and abs(r.gpus * 1000 - round(r.gpus * 1000)) > 1e-6:
+        problems.append(
+            f"resources.gpus={r.gpus:g}: a share of a GPU is given in thousandths (e.g. 0.25)"
+        )
+    if r.gpus > 1 and r.gpus != int(r.gpus):
+        problems.append(
+            f"resources.gpus={r.gpus:g}: more than one GPU must be a whole number; a fraction "
+            "is only for a share of one GPU (0 < gpus < 1)"
+        )
+    if r.mig:
+        if not MIG_PROFILE.match(r.mig):
+            problems.append(f"resources.mig={r.mig!r} is not a MIG profile (e.g. 1g.10gb)")
+        if r.gpus:
+            problems.append(
+                f"resources.mig={r.mig!r} and gpus={r.gpus:g}: ask for one MIG instance or "
+                "for GPUs, not both"
+            )
+    if (fractional or r.mig) and (r.nodes > 1 or r.processes_per_node > 1):
+        problems.append(
+            "a share of a GPU or a MIG instance runs one process on one node; use nodes: 1 "
+            "and processes_per_node: 1 (multi-rank jobs take whole GPUs)"
+        )
     if framework != "pytorch":
         if r.nodes > 1:
             problems.append(
@@ -568,14 +606,14 @@ def resource_problems(
                 f"resources.processes_per_node={r.processes_per_node}: only framework "
                 "'pytorch' runs several ranks per node; use processes_per_node: 1"
             )
-    if r.processes_per_node > 1 and r.gpus > 0 and r.processes_per_node > r.gpus:
+    if r.processes_per_node > 1 and r.gpus >= 1 and r.processes_per_node > r.gpus:
         problems.append(
-            f"resources.processes_per_node={r.processes_per_node} exceeds gpus={r.gpus}: "
+            f"resources.processes_per_node={r.processes_per_node} exceeds gpus={r.gpus:g}: "
             "GPU ranks need one GPU each"
         )
     if max_gpus_per_node is not None:
         problem = inventory_problem(r.gpus, max_gpus_per_node)
-        if problem is not None:
+        if problem is not None and not r.mig:
             problems.append(problem)
     return problems
 

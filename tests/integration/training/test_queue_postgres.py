@@ -6,6 +6,7 @@ import random
 import threading
 import time
 
+import msgspec
 import pytest
 
 from carrara.errors import FailedPreconditionError
@@ -31,6 +32,7 @@ def test_concurrent_claims_each_job_once(postgres_url: str) -> None:
         "0001_training_jobs",
         "0002_training_job_logs",
         "0003_gpu_leases_and_triggers",
+        "0004_shared_gpus_and_multi_node",
     ]
     assert upgrade(postgres_url) == []
     with JobQueue.open(postgres_url) as q:
@@ -141,3 +143,77 @@ def test_logs_on_postgres_are_gapless_under_concurrent_writers(postgres_url: str
             t.join()
         assert [ln.seq for ln in q.logs(job.job_id)] == list(range(1, 41))
         assert [ln.seq for ln in q.logs(job.job_id, after=38)] == [39, 40]
+
+
+def test_concurrent_multi_node_and_shared_gpu_claims(postgres_url: str) -> None:
+    """Workers on 3 nodes claim a mix of 2-node gangs, whole-GPU, fractional and CPU jobs at
+    once: a gang's ranks are on distinct nodes and all run together, no device ever holds more
+    than 1.0, a whole GPU is never shared, and every job runs exactly once."""
+    rng = random.Random(5)
+    nodes = {"a": [0, 1], "b": [0, 1], "c": [0, 1]}
+    with JobQueue.open(
+        postgres_url, gpus_per_node=2, backfill_window_s=0.3, worker_presence_s=5
+    ) as q:
+        kinds = [rng.choice(["gang", "whole", "share", "cpu"]) for _ in range(30)]
+        res = {
+            "gang": Resources(gpus=1, nodes=2),
+            "whole": Resources(gpus=2),
+            "share": Resources(gpus=0.4),
+            "cpu": Resources(),
+        }
+        ids = {
+            q.submit(msgspec.structs.replace(gpu_spec(f"m{i}", 0), resources=res[k])).job_id
+            for i, k in enumerate(kinds)
+        }
+        ran: list[str] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        start = threading.Barrier(6)
+
+        def check_devices() -> None:
+            per: dict[tuple[str, str], list[int]] = {}
+            for node, device, _, share in q.device_leases():
+                per.setdefault((node, device), []).append(share)
+            for key, shares in per.items():
+                if sum(shares) > 1000 or (1000 in shares and len(shares) > 1):
+                    errors.append(f"{key} holds {shares}")
+
+        def worker(n: int) -> None:
+            node = "abc"[n % 3]
+            start.wait()
+            idle = 0
+            while idle < 60:
+                job = q.claim(f"w{n}", node=node, gpus=nodes[node])
+                if job is None:
+                    idle += 1
+                    time.sleep(0.01)
+                    continue
+                idle = 0
+                check_devices()
+                if job.node_rank > 0:
+                    time.sleep(0.005)
+                    q.rank_done(job)
+                    continue
+                if job.nodes > 1:
+                    ranks = q.ranks(job.job_id)
+                    if len({r.node for r in ranks}) != 2:
+                        errors.append(f"gang {job.job_id} on {[r.node for r in ranks]}")
+                    deadline = time.monotonic() + 5
+                    while any(r.state == "ASSIGNED" for r in q.ranks(job.job_id)):
+                        if time.monotonic() > deadline:
+                            errors.append(f"gang {job.job_id}: a rank never joined")
+                            break
+                        time.sleep(0.005)
+                with lock:
+                    ran.append(job.job_id)
+                time.sleep(0.003)
+                q.complete(job)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(ran) == sorted(ids)
+        assert q.device_leases() == []

@@ -33,6 +33,7 @@ def test_upgrade_is_idempotent(tmp_path: Path) -> None:
         "0001_training_jobs",
         "0002_training_job_logs",
         "0003_gpu_leases_and_triggers",
+        "0004_shared_gpus_and_multi_node",
     ]
     assert upgrade(url) == []
 

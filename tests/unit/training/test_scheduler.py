@@ -1,5 +1,6 @@
-"""Gang GPU admission with fake inventories (no GPU needed): all-or-nothing leases, FIFO with
-bounded backfill, release on every way out, submit-time rejection, concurrent claimers."""
+"""GPU admission with simulated inventories (no GPU needed): all-or-nothing leases, FIFO with
+bounded backfill, release on every way out, submit-time rejection, concurrent claimers;
+fractional shares and MIG instances; multi-node gangs across workers."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from carrara.errors import InvalidArgumentError
+from carrara.errors import FailedPreconditionError, InvalidArgumentError
 from carrara.training.queue import JobQueue
-from carrara.training.scheduler import Candidate, choose, inventory_problem, parse_gpus
+from carrara.training.scheduler import (
+    MILLI,
+    Candidate,
+    MigDevice,
+    NodeInventory,
+    choose,
+    inventory_problem,
+    parse_gpus,
+    parse_mig,
+)
 from carrara.training.spec import (
     DatasetSpec,
     JobSpec,
@@ -23,7 +33,7 @@ from carrara.training.spec import (
 )
 
 
-def gpu_spec(gpus: int, name: str = "m", framework: str = "pytorch", **res: int) -> JobSpec:
+def gpu_spec(gpus: float, name: str = "m", framework: str = "pytorch", **res: int) -> JobSpec:
     return JobSpec(
         model_name=name,
         dataset=DatasetSpec(
@@ -220,3 +230,226 @@ def test_concurrent_claimers_never_over_allocate(tmp_path: Path) -> None:
         # 4-GPU jobs only fit n2; all others anywhere. Each job ran exactly once.
         assert sorted(ran) == sorted(ids)
         assert q.leases() == {}
+
+
+# -- GPU sharing: fractions and MIG instances ---------------------------------------------------
+
+
+def share_spec(gpus: float = 0, name: str = "s", mig: str = "") -> JobSpec:
+    return msgspec.structs.replace(gpu_spec(0, name), resources=Resources(gpus=gpus, mig=mig))
+
+
+def test_fractions_pack_best_fit_and_never_pass_one_gpu() -> None:
+    inv = NodeInventory((0, 1))
+    quarter = Candidate("q", 0, 0, share_milli=250)
+    # An empty node: the first share goes on the lowest GPU...
+    got = choose([quarter], inventory=inv, leased={}, now_us=0, backfill_window_s=60)
+    assert got is not None and got.gpus == (0,) and got.share_milli == 250
+    # ...later ones onto the most used GPU they still fit on, so GPU 1 stays whole.
+    got = choose([quarter], inventory=inv, leased={"0": 500}, now_us=0, backfill_window_s=60)
+    assert got is not None and got.gpus == (0,)
+    got = choose([quarter], inventory=inv, leased={"0": 800, "1": 250}, now_us=0,
+                 backfill_window_s=60)  # fmt: skip
+    assert got is not None and got.gpus == (1,)  # 0.8 + 0.25 > 1.0
+    assert (
+        choose(
+            [quarter], inventory=inv, leased={"0": 800, "1": 900}, now_us=0, backfill_window_s=60
+        )
+        is None
+    )
+    # A whole-GPU job never takes a GPU that holds a share; a gang never splits.
+    whole = Candidate("w", 1, 0)
+    got = choose([whole], inventory=inv, leased={"0": 250}, now_us=0, backfill_window_s=60)
+    assert got is not None and got.gpus == (1,) and got.share_milli == MILLI
+    pair = Candidate("p", 2, 0)
+    assert choose([pair], inventory=inv, leased={"0": 1}, now_us=0, backfill_window_s=60) is None
+
+
+def test_mig_instances_by_profile_and_reservation_per_pool() -> None:
+    inv = NodeInventory(
+        (0,), (MigDevice("MIG-a", "1g.10gb"), MigDevice("MIG-b", "1g.10gb"),
+               MigDevice("MIG-c", "3g.40gb"))
+    )  # fmt: skip
+    small = Candidate("small", 0, 0, mig_profile="1g.10gb")
+    got = choose([small], inventory=inv, leased={"MIG-a": MILLI}, now_us=0, backfill_window_s=0)
+    assert got is not None and got.mig_device == "MIG-b" and got.gpus == ()
+    # A profile the node lacks never fits here (skipped, no reservation).
+    other = Candidate("x", 0, 0, mig_profile="2g.20gb")
+    got = choose([other, small], inventory=inv, leased={}, now_us=0, backfill_window_s=0)
+    assert got is not None and got.job_id == "small"
+    # A blocked 1g.10gb job reserves the 1g.10gb pool only: the GPU pool still admits.
+    used = {"MIG-a": MILLI, "MIG-b": MILLI}
+    later_mig = Candidate("later", 0, 5, mig_profile="1g.10gb")
+    gpu_job = Candidate("g", 1, 6)
+    got = choose([small, later_mig, gpu_job], inventory=inv, leased=used, now_us=10,
+                 backfill_window_s=0)  # fmt: skip
+    assert got is not None and got.job_id == "g" and got.gpus == (0,)
+
+
+def test_random_inventories_never_exceed_a_device() -> None:
+    """Property over simulated nodes: admitting random whole, fractional and MIG jobs until
+    nothing fits never puts more than 1.0 on a device, never shares a whole GPU, and a job is
+    only refused when it truly does not fit."""
+    rng = random.Random(11)
+    for _ in range(200):
+        gpus = tuple(range(rng.randint(0, 4)))
+        mig = tuple(
+            MigDevice(f"MIG-{i}", rng.choice(["1g.10gb", "3g.40gb"]))
+            for i in range(rng.randint(0, 3))
+        )
+        inv = NodeInventory(gpus, mig)
+        used: dict[str, int] = {}
+        whole: set[str] = set()
+        for n in range(12):
+            kind = rng.random()
+            if kind < 0.3:
+                c = Candidate(f"j{n}", rng.randint(1, 3), n)
+            elif kind < 0.8:
+                c = Candidate(f"j{n}", 0, n, share_milli=rng.choice([100, 250, 500, 700]))
+            else:
+                c = Candidate(f"j{n}", 0, n, mig_profile=rng.choice(["1g.10gb", "3g.40gb"]))
+            got = choose([c], inventory=inv, leased=used, now_us=n, backfill_window_s=3600)
+            if got is None:
+                if c.mig_profile:
+                    assert all(used.get(d.id, 0) for d in mig if d.profile == c.mig_profile)
+                elif c.share_milli:
+                    assert all(used.get(str(g), 0) + c.share_milli > MILLI for g in gpus)
+                else:
+                    assert sum(1 for g in gpus if not used.get(str(g))) < c.gpus
+                continue
+            keys = [got.mig_device] if got.mig_device else [str(g) for g in got.gpus]
+            for k in keys:
+                assert k not in whole
+                share = MILLI if got.mig_device or not c.share_milli else got.share_milli
+                if share == MILLI:
+                    assert used.get(k, 0) == 0
+                    whole.add(k)
+                used[k] = used.get(k, 0) + share
+                assert used[k] <= MILLI
+
+
+def test_shares_and_mig_through_the_queue(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as q:
+        with pytest.raises(InvalidArgumentError, match="no node with GPUs is known"):
+            q.submit(share_spec(0.5))
+        with pytest.raises(InvalidArgumentError, match=r"MIG profile '1g\.10gb'.*no node offers"):
+            q.submit(share_spec(mig="1g.10gb"))
+        mig = parse_mig("1g.10gb=MIG-a")
+        assert q.claim("w0", node="n", gpus=[0], mig=mig) is None  # declares the node
+        jobs = [q.submit(share_spec(0.4, f"s{i}")) for i in range(3)]
+        m = q.submit(share_spec(mig="1g.10gb", name="m"))
+        a = q.claim("w1", node="n", gpus=[0], mig=mig)
+        b = q.claim("w2", node="n", gpus=[0], mig=mig)
+        assert a is not None and b is not None and a.gpus == b.gpus == [0]
+        assert a.gpu_share == b.gpu_share == 0.4
+        # 0.4 + 0.4 + 0.4 > 1.0: the third share waits; the MIG job backfills past it.
+        c = q.claim("w3", node="n", gpus=[0], mig=mig)
+        assert c is not None and c.job_id == m.job_id and c.mig_device == "MIG-a"
+        assert q.claim("w4", node="n", gpus=[0], mig=mig) is None
+        assert sorted(q.device_leases()) == sorted(
+            [("n", "0", a.job_id, 400), ("n", "0", b.job_id, 400), ("n", "MIG-a", m.job_id, 1000)]
+        )
+        q.complete(a)
+        d = q.claim("w4", node="n", gpus=[0], mig=mig)
+        assert d is not None and d.job_id == jobs[2].job_id
+        for held in (b, c, d):
+            q.complete(held)
+        assert q.device_leases() == []
+
+
+def test_share_and_mig_spec_rules() -> None:
+    assert resource_problems(Resources(gpus=0.25), "sklearn") == []
+    assert "thousandths" in resource_problems(Resources(gpus=0.0001), "pytorch")[0]
+    assert "whole number" in resource_problems(Resources(gpus=1.5), "pytorch")[0]
+    assert "not both" in resource_problems(Resources(gpus=1, mig="1g.10gb"), "pytorch")[0]
+    assert "not a MIG profile" in resource_problems(Resources(mig="big"), "pytorch")[0]
+    assert (
+        "one process on one node" in (resource_problems(Resources(gpus=0.5, nodes=2), "pytorch")[0])
+    )
+    assert parse_mig("1g.10gb=MIG-a, 3g.40gb=MIG-b") == (
+        MigDevice("MIG-a", "1g.10gb"), MigDevice("MIG-b", "3g.40gb"),
+    )  # fmt: skip
+    for bad in ("1g.10gb", "huge=MIG-a", "1g.10gb=a,1g.10gb=a"):
+        with pytest.raises(ValueError):
+            parse_mig(bad)
+
+
+# -- multi-node gangs ---------------------------------------------------------------------------
+
+
+def test_choose_multi_node_needs_its_gang_and_reserves_past_the_window() -> None:
+    gang = Candidate("gang", 1, 0, nodes=2)
+    later = Candidate("later", 1, 5)
+    cpu = Candidate("cpu", 0, 6)
+    # Without a callback (or when the other nodes are busy) it is skipped...
+    assert choose([gang], inventory=[0], leased=[], now_us=1, backfill_window_s=60) is None
+    got = choose([gang, later], inventory=[0], leased=[], now_us=1, backfill_window_s=60,
+                 gang_ready=lambda c, a: False)  # fmt: skip
+    assert got is not None and got.job_id == "later"
+    # ...until it has waited the window: then nothing later starts here, CPU jobs included.
+    late = 61_000_000
+    assert choose([gang, later, cpu], inventory=[0], leased=[], now_us=late,
+                  backfill_window_s=60, gang_ready=lambda c, a: False) is None  # fmt: skip
+    got = choose([gang, later], inventory=[0], leased=[], now_us=late, backfill_window_s=60,
+                 gang_ready=lambda c, a: True)  # fmt: skip
+    assert got is not None and got.job_id == "gang" and got.gpus == (0,)
+
+
+def test_multi_node_admission_is_all_or_nothing(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}", worker_presence_s=60) as q:
+        assert q.claim("wa", node="a", gpus=[0, 1]) is None  # idle on node a
+        job = q.submit(gpu_spec(2, "gang", nodes=3))
+        # Only node a is idle besides the claimer: no gang of 3, nothing leased.
+        assert q.claim("wb", node="b", gpus=[0, 1]) is None
+        assert q.device_leases() == [] and q.get(job.job_id).state == "QUEUED"
+        # A second worker on node b is not another node.
+        assert q.claim("wb2", node="b", gpus=[0, 1]) is None
+        leader = q.claim("wc", node="c", gpus=[0, 1])
+        assert leader is not None and leader.job_id == job.job_id and leader.node_rank == 0
+        ranks = q.ranks(job.job_id)
+        assert [(r.node_rank, r.node, r.state) for r in ranks] == [
+            (0, "c", "RUNNING"), (1, "a", "ASSIGNED"), (2, "b", "ASSIGNED"),
+        ]  # fmt: skip
+        assert len({r.worker for r in ranks}) == 3
+        # Every node's GPUs leased in the same transaction.
+        assert {(n, d) for n, d, _, _ in q.device_leases()} == {
+            (n, g) for n in "abc" for g in ("0", "1")
+        }
+        # The followers get their ranks on their next claim; the other idle worker gets none.
+        follower = q.claim(ranks[1].worker, node="a", gpus=[0, 1])
+        assert follower is not None and follower.node_rank == 1 and follower.gpus == [0, 1]
+        assert follower.node == "a" and follower.rank_worker == ranks[1].worker
+        other = "wb2" if ranks[2].worker == "wb" else "wb"
+        assert q.claim(other, node="b", gpus=[0, 1]) is None
+        assert q.heartbeat(follower) is False
+        # A failed rank fails the attempt on every node; the job is queued again whole.
+        back = q.fail_attempt(follower, "rank 3 exited -9")
+        assert back.state == "QUEUED" and "failed on node rank 1" in back.error
+        assert q.device_leases() == [] and q.ranks(job.job_id) == []
+        with pytest.raises(FailedPreconditionError):
+            q.heartbeat(follower)
+        assert q.fail_attempt(leader, "late report").state == "QUEUED"  # fenced: no-op
+
+
+def test_multi_node_rank_that_never_joins_requeues_and_attempts_are_bounded(
+    tmp_path: Path,
+) -> None:
+    with JobQueue.open(
+        f"sqlite:///{tmp_path / 'q.db'}",
+        lease_timeout_s=0.2,
+        max_attempts=2,
+        worker_presence_s=0.25,
+    ) as q:
+        job = q.submit(gpu_spec(0, "cpu-gang", nodes=2))
+        assert q.claim("w1", node="n1") is None
+        leader = q.claim("w2", node="n2")
+        assert leader is not None and leader.nodes == 2
+        time.sleep(0.3)  # w1 never picks up its rank (and w2 stopped beating)
+        q.claim("w3", node="n3")  # reaps: back in the queue (w1, w2 no longer present)
+        assert q.get(job.job_id).state == "QUEUED"
+        assert q.get(job.job_id).attempts == 1
+        again = q.claim("w1", node="n1")  # w3 (just seen) is its other node now
+        assert again is not None and again.attempts == 2
+        assert [r.worker for r in q.ranks(job.job_id)] == ["w1", "w3"]
+        final = q.fail_attempt(again, "rank died")
+        assert final.state == "FAILED" and "attempt 2 failed" in final.error
