@@ -4,8 +4,9 @@ Key ``{group}:{version}:{entity_id}`` (with an optional ``{namespace}:`` prefix)
 ``FeatureVector`` protobuf (its ``created_timestamp_us`` is the write time). A value expires
 when its event time is older than the group's TTL, matching the offline point-in-time rule.
 Two backends with one interface and one test suite: Redis (one ``MGET`` per batch read,
-one pipeline per batch write; each key is addressed on its own, so it works on Redis Cluster
-through ``mget_nonatomic``) and an in-process map. Others plug in by class path
+one pipeline per batch write; on Redis Cluster the keys are stored hash-tagged and a batch is
+one pipelined round trip per node, :mod:`carrara.feature_cache.redis_cluster`) and an
+in-process map. Others plug in by class path
 (:data:`ONLINE_STORES`, :mod:`carrara.plugins`).
 """
 
@@ -20,12 +21,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from carrara.core import FeatureVector, decode_feature_vector
 from carrara.errors import UnavailableError
+from carrara.feature_cache.redis_cluster import ClusterStats, RedisClusterIO
 from carrara.plugins import StoreKind
 
 __all__ = [
     "ONLINE_STORES",
     "EmbeddedOnlineStore",
     "OnlineStore",
+    "RedisClusterOnlineStore",
     "RedisOnlineStore",
     "open_online_store",
 ]
@@ -169,45 +172,33 @@ class EmbeddedOnlineStore(OnlineStore):
 
 
 class RedisOnlineStore(OnlineStore):
-    """Redis or Redis Cluster through redis-py (hiredis parser when installed)."""
+    """Redis through redis-py (hiredis parser when installed); ``?cluster=1`` opens a
+    :class:`RedisClusterOnlineStore` instead."""
+
+    _cluster = False
 
     def __init__(self, client: Any, namespace: str = "") -> None:
-        import redis.cluster
-
         self.namespace = namespace
         self.client = client
-        self._cluster = isinstance(client, redis.cluster.RedisCluster)
 
     @classmethod
     def from_url(cls, url: str) -> RedisOnlineStore:
         """``redis://host:port/db[?namespace=...]`` (``rediss://`` for TLS, ``unix://``;
-        ``?cluster=1`` for Redis Cluster)."""
+        ``?cluster=1`` for Redis Cluster, the URL naming any one node)."""
         import redis
-        import redis.cluster
 
         parts = urlsplit(url)
         options = parse_qs(parts.query)
         options.pop("namespace", None)
         cluster = options.pop("cluster", ["0"])[-1] in ("1", "true", "yes")
         client_url = urlunsplit(parts._replace(query=urlencode(options, doseq=True)))
-        client: Any = (
-            redis.cluster.RedisCluster.from_url(client_url)
-            if cluster
-            else redis.Redis.from_url(client_url)
-        )
-        return cls(client, url_namespace(url))
+        if cluster:
+            return RedisClusterOnlineStore(RedisClusterIO(client_url), url_namespace(url))
+        return cls(redis.Redis.from_url(client_url), url_namespace(url))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        import redis
-
         if not keys:
             return []
-        if self._cluster:  # one MGET per hash slot, pipelined per node
-            try:
-                values: list[bytes | None] = self.client.mget_nonatomic(keys)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
-            return values
         return self._mget(_pack_mget(keys))
 
     def _mget(self, packed: bytes) -> list[bytes | None]:
@@ -259,6 +250,37 @@ class RedisOnlineStore(OnlineStore):
 
     def close(self) -> None:
         self.client.close()
+
+
+class RedisClusterOnlineStore(RedisOnlineStore):
+    """Redis Cluster: the same logical keys, stored hash-tagged into :data:`SHARDS` shards
+    (see :mod:`carrara.feature_cache.redis_cluster`) so a batch read is one pipelined round
+    trip per node. Keys on a node that cannot answer (down, failing over) read as missing
+    for that call, logged and counted in ``stats``; writes to it raise ``UnavailableError``.
+    The C++ gateway core does not read this layout: a cluster URL serves through this class."""
+
+    _cluster = True
+
+    def __init__(self, io: RedisClusterIO, namespace: str = "") -> None:
+        self.namespace = namespace
+        self.io = io
+
+    @property
+    def stats(self) -> ClusterStats:
+        """Degraded reads, node failures, redirects and slot-map refreshes so far."""
+        return self.io.stats
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.io.get_many(keys)
+
+    def set_many(self, items: Sequence[Item]) -> None:
+        self.io.set_many(items)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.io.delete_many(keys)
+
+    def close(self) -> None:
+        self.io.close()
 
 
 def _pack_mget(keys: Sequence[str]) -> bytes:
