@@ -32,6 +32,7 @@ import msgspec
 from carrara.errors import InvalidArgumentError
 from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.plugins import StoreKind
+from carrara.storage import publish_file, refresh
 
 if TYPE_CHECKING:
     import duckdb
@@ -402,7 +403,10 @@ class DuckDBOfflineStore(OfflineStore):
         return f"{self._base.rstrip('/')}/{group}/v{version}"
 
     def files(self, group: str, version: int) -> list[str]:
-        pattern = f"{self.dataset_path(group, version)}/date=*/*.parquet"
+        base = self.dataset_path(group, version)
+        if not self._local:
+            refresh(self._fs, base)  # files other processes appended since the last listing
+        pattern = f"{base}/date=*/*.parquet"
         return sorted(str(p) for p in self._fs.glob(pattern))
 
     # -- writing ----------------------------------------------------------------------------
@@ -445,13 +449,22 @@ class DuckDBOfflineStore(OfflineStore):
 
     def _write_file(self, table: pa.Table, path: str) -> None:
         """Write one Parquet file so that readers never see it half written: locally under a
-        temporary name then renamed (atomic); object stores publish an object whole anyway."""
+        temporary name then renamed (atomic); elsewhere written to a local temporary file and
+        uploaded whole (:func:`carrara.storage.publish_file`: one PUT or a completed multipart
+        upload), since a streamed write that fails midway would publish a partial object."""
+        import tempfile
+
         import pyarrow.parquet as pq
 
-        target = f"{path}.tmp" if self._local else path
-        pq.write_table(table, target, filesystem=self._fs, row_group_size=1 << 20)
         if self._local:
+            target = f"{path}.tmp"
+            pq.write_table(table, target, filesystem=self._fs, row_group_size=1 << 20)
             self._fs.mv(target, path)
+            return
+        with tempfile.TemporaryDirectory(prefix="carrara-offline-") as tmp:
+            local = f"{tmp}/part.parquet"
+            pq.write_table(table, local, row_group_size=1 << 20)
+            publish_file(self._fs, local, path)
 
     # -- reading ----------------------------------------------------------------------------
 

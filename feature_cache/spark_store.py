@@ -27,7 +27,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from carrara.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from carrara.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from carrara.feature_cache.aggregations import Output, window_start
 from carrara.feature_cache.catalog import RegisteredGroup
 from carrara.feature_cache.offline_store import (
@@ -190,6 +195,7 @@ class SparkOfflineStore(DuckDBOfflineStore):
         self.master = master
         self._session = session  # a session given by the caller is never stopped here
         self._acquired = False
+        self._connectors: set[str] = set()  # Hadoop schemes found on the classpath
 
     @classmethod
     def from_url(cls, root: str) -> SparkOfflineStore:
@@ -232,8 +238,34 @@ class SparkOfflineStore(DuckDBOfflineStore):
         )
         for p in protocols:
             if p in _SPARK_SCHEMES:
+                self._require_connector(_SPARK_SCHEMES[p])
                 return [f"{_SPARK_SCHEMES[p]}://{f}" for f in files]
         return None
+
+    def _require_connector(self, scheme: str) -> None:
+        """Refuse a root whose Hadoop connector is not on Spark's classpath (pyspark ships
+        none for s3a/gs/abfs), with what to install, rather than a JVM stack trace later."""
+        if scheme in self._connectors:
+            return
+        spark = self.spark
+        try:
+            jvm = spark._jvm
+            conf = spark._jsc.hadoopConfiguration()
+            jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(scheme, conf)
+        except Exception as exc:  # py4j's Py4JJavaError: ClassNotFound / UnsupportedFileSystem
+            hint = (
+                "add the hadoop-aws jar of Spark's Hadoop version and the AWS SDK bundle to "
+                "the classpath (spark.jars / spark.jars.packages = "
+                "org.apache.hadoop:hadoop-aws:<version>, downloaded from Maven)"
+                if scheme == "s3a"
+                else f"add the Hadoop connector jar for {scheme}:// to Spark's classpath"
+            )
+            raise ConfigError(
+                f"offline_engine = 'spark' cannot read the offline root {self.root}: Spark has "
+                f"no Hadoop filesystem for {scheme}:// ({type(exc).__name__}); {hint}, or use "
+                "offline_engine = 'duckdb', which reads it through fsspec"
+            ) from None
+        self._connectors.add(scheme)
 
     def frame(self, group: RegisteredGroup, files: Sequence[str] | None = None) -> DataFrame:
         """The dataset (or ``files`` of it) as a Spark DataFrame with the stored columns

@@ -11,11 +11,12 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import fsspec  # type: ignore[import-untyped,unused-ignore]
 
 from carrara.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from carrara.storage import publish_bytes, publish_file, refresh
 
 __all__ = ["ArtifactIntegrityError", "ArtifactStore", "StoredArtifact", "sha256_bytes"]
 
@@ -41,7 +42,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _copy(data: bytes | str | Path, out: BinaryIO) -> tuple[str, int]:
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _copy(data: bytes | str | Path, out: _Sink) -> tuple[str, int]:
     """Write ``data`` (bytes or a file's contents) to ``out``; returns (sha256, size)."""
     digest = hashlib.sha256()
     if isinstance(data, bytes):
@@ -55,6 +60,13 @@ def _copy(data: bytes | str | Path, out: BinaryIO) -> tuple[str, int]:
             out.write(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+class _Discard:
+    """A sink that keeps nothing (:func:`_copy` hashing a file that is uploaded by path)."""
+
+    def write(self, data: bytes, /) -> int:
+        return len(data)
 
 
 class ArtifactStore:
@@ -97,13 +109,19 @@ class ArtifactStore:
         else:
             if self._fs.exists(path):  # pragma: no cover - uuid collision
                 raise AlreadyExistsError(f"artifact {path} exists; artifacts are immutable")
-            self._fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with self._fs.open(path, "wb") as out:
-                digest, size = _copy(data, out)
+            # Published whole (one PUT or a completed multipart upload): a streamed write that
+            # failed midway would otherwise leave a partial object under the final name.
+            if isinstance(data, bytes):
+                digest, size = sha256_bytes(data), len(data)
+                publish_bytes(self._fs, path, data)
+            else:
+                digest, size = _copy(data, _Discard())
+                publish_file(self._fs, data, path)
         return StoredArtifact(path, digest, size)
 
     def load(self, path: str, sha256: str, *, what: str = "artifact") -> bytes:
         """Read an artifact and check it against its recorded sha256."""
+        refresh(self._fs, path)  # written by another process after a listing was cached
         try:
             with self._fs.open(path, "rb") as src:
                 data: bytes = src.read()
@@ -125,6 +143,7 @@ class ArtifactStore:
         """Check an artifact against its recorded sha256 without holding it in memory (the
         registry does this at deploy time, so a tampered file is refused before it goes live)."""
         digest = hashlib.sha256()
+        refresh(self._fs, path)
         try:
             with self._fs.open(path, "rb") as src:
                 while chunk := src.read(1 << 20):

@@ -99,6 +99,10 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     node: str | None
     gpus: list[int]
     trigger: str
+    gpu_share: float = 0.0
+    mig_profile: str = ""
+    mig_device: str = ""
+    nodes: int = 1
 
     @classmethod
     def of(cls, job: Job) -> JobView:

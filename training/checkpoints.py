@@ -1,14 +1,19 @@
 """Training checkpoints in the artifact store, so a job resumes where a dead worker stopped.
 
 Layout: ``{artifact root}/checkpoints/{job_id}/{run}/epoch-{n:06d}.ckpt`` where ``run`` is
-``main`` or ``trial-{k}`` for a hyperparameter-search trial. One file is::
+``main`` or ``trial-{k}`` for a hyperparameter-search trial. A preempted run's mid-epoch
+checkpoint (``step`` optimizer steps into epoch ``n``, after epoch ``n - 1`` completed) is
+``epoch-{n:06d}-step-{step:09d}.ckpt``; checkpoints order by (completed epoch, step), so it sorts
+after epoch ``n - 1``'s and before epoch ``n``'s, and keep-N pruning counts it as one. One file
+is::
 
     b"CRCKPT1\\n" | u32 big-endian header length | header (msgspec JSON) | trainer blob
 
 The header holds the epoch, the early-stopping state and the blob's sha256 and size, so a torn
 or corrupted file is recognised and skipped (:meth:`CheckpointStore.latest` falls back to the
 newest intact one). Local files are written to a temp name, fsynced and renamed into place;
-fsspec stores write to a temp name and move it. A search trial's final native model is kept
+object stores (``s3://``, ``gs://``...) get one PUT of the final name, which appears whole or
+not at all (:func:`carrara.storage.publish_bytes`). A search trial's final native model is kept
 beside its checkpoints (``model.native``) so the best trial's model can be exported later.
 """
 
@@ -21,13 +26,13 @@ import os
 import re
 import struct
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import fsspec  # type: ignore[import-untyped,unused-ignore]
 import msgspec
 
 from carrara.errors import InvalidArgumentError
+from carrara.storage import publish_bytes, refresh
 
 if TYPE_CHECKING:
     from carrara.registry.registry import ModelRegistry
@@ -38,18 +43,19 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"CRCKPT1\n"
 _LEN = struct.Struct(">I")
-_NAME = re.compile(r"^epoch-(\d{6,})\.ckpt$")
+_NAME = re.compile(r"^epoch-(\d{6,})(?:-step-(\d{9,}))?\.ckpt$")
 _RUN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MODEL_FILE = "model.native"
 
 
 class CheckpointHeader(msgspec.Struct, frozen=True, kw_only=True):
-    epoch: int
+    epoch: int  # the last completed epoch
     sha256: str
     size: int
     created_at_us: int
     early_stopping: dict[str, Any] | None = None
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    step: int = 0  # > 0: a mid-epoch checkpoint, this many steps into epoch + 1
 
 
 class StoredCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +66,7 @@ class StoredCheckpoint(msgspec.Struct, frozen=True, kw_only=True):
     path: str
     early_stopping: dict[str, Any] | None = None
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    step: int = 0  # > 0: a mid-epoch checkpoint, this many steps into epoch + 1
 
 
 _header_decoder = msgspec.json.Decoder(CheckpointHeader)
@@ -96,6 +103,7 @@ def decode(data: bytes, path: str = "") -> StoredCheckpoint | None:
         path=path,
         early_stopping=header.early_stopping,
         extra=header.extra,
+        step=header.step,
     )
 
 
@@ -141,28 +149,14 @@ class CheckpointStore:
     # -- files --------------------------------------------------------------------------------
 
     def _write(self, path: str, data: bytes) -> None:
-        """Atomic: readers see the old file or the whole new one, never a part."""
-        folder = path.rsplit("/", 1)[0]
-        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
-        if self._local:
-            os.makedirs(folder, exist_ok=True)
-            with open(tmp, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename itself survives a crash
-            finally:
-                os.close(dir_fd)
-        else:
-            self._fs.makedirs(folder, exist_ok=True)
-            with self._fs.open(tmp, "wb") as out:
-                out.write(data)
-            self._fs.mv(tmp, path)
+        """Atomic: readers see the old file or the whole new one, never a part, and a writer
+        killed midway leaves nothing under ``path`` (local: temp + fsync + rename; object
+        stores: one PUT or completed multipart upload of the final name; see
+        :func:`carrara.storage.publish_bytes`)."""
+        publish_bytes(self._fs, path, data)
 
     def _read(self, path: str) -> bytes | None:
+        refresh(self._fs, path)  # a cached listing would hide what another process wrote
         try:
             with self._fs.open(path, "rb") as src:
                 data: bytes = src.read()
@@ -171,6 +165,7 @@ class CheckpointStore:
         return data
 
     def _names(self) -> list[str]:
+        refresh(self._fs, self.run_dir)  # another process (the worker) may have written
         try:
             entries = self._fs.ls(self.run_dir, detail=False)
         except FileNotFoundError:
@@ -179,12 +174,24 @@ class CheckpointStore:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def epochs(self) -> list[int]:
-        """Epochs with a checkpoint file (intact or not), oldest first."""
-        found = (_NAME.match(n) for n in self._names())
-        return sorted(int(m.group(1)) for m in found if m)
+    def positions(self) -> list[tuple[int, int]]:
+        """(completed epoch, step) of every checkpoint file (intact or not), oldest first;
+        step 0 is an end-of-epoch checkpoint."""
+        out = []
+        for m in (_NAME.match(n) for n in self._names()):
+            if m is not None:
+                step = int(m.group(2)) if m.group(2) is not None else 0
+                # A mid-epoch file is named for the epoch in progress (see the module doc).
+                out.append((int(m.group(1)) - (1 if step else 0), step))
+        return sorted(out)
 
-    def path(self, epoch: int) -> str:
+    def epochs(self) -> list[int]:
+        """Epochs with an end-of-epoch checkpoint file (intact or not), oldest first."""
+        return [epoch for epoch, step in self.positions() if step == 0]
+
+    def path(self, epoch: int, step: int = 0) -> str:
+        if step:
+            return f"{self.run_dir}/epoch-{epoch + 1:06d}-step-{step:09d}.ckpt"
         return f"{self.run_dir}/epoch-{epoch:06d}.ckpt"
 
     def save(
@@ -194,8 +201,12 @@ class CheckpointStore:
         *,
         early_stopping: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        step: int = 0,
     ) -> str:
-        """Write the checkpoint of ``epoch`` and drop all but the newest ``keep``."""
+        """Write the checkpoint of ``epoch`` (plus ``step`` steps of the next epoch: a
+        preempted run's mid-epoch checkpoint) and drop all but the newest ``keep``."""
+        if step < 0:
+            raise InvalidArgumentError(f"checkpoint step must be >= 0, got {step}")
         header = CheckpointHeader(
             epoch=epoch,
             sha256=hashlib.sha256(state).hexdigest(),
@@ -203,20 +214,22 @@ class CheckpointStore:
             created_at_us=time.time_ns() // 1000,
             early_stopping=early_stopping,
             extra=extra or {},
+            step=step,
         )
-        path = self.path(epoch)
+        path = self.path(epoch, step)
         self._write(path, encode(header, state))
-        for old in self.epochs()[: -self.keep]:
-            self._remove(self.path(old))
+        for old in self.positions()[: -self.keep]:
+            self._remove(self.path(*old))
         return path
 
     def latest(self) -> StoredCheckpoint | None:
-        """The newest intact checkpoint; torn or corrupt files are skipped (and logged)."""
-        for epoch in reversed(self.epochs()):
-            path = self.path(epoch)
+        """The newest intact checkpoint (a mid-epoch one included); torn or corrupt files are
+        skipped (and logged)."""
+        for epoch, step in reversed(self.positions()):
+            path = self.path(epoch, step)
             data = self._read(path)
             ckpt = decode(data, path) if data is not None else None
-            if ckpt is not None and ckpt.epoch == epoch:
+            if ckpt is not None and (ckpt.epoch, ckpt.step) == (epoch, step):
                 return ckpt
             log.warning("checkpoint %s is torn or corrupt; trying an older one", path)
         return None

@@ -168,7 +168,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from carrara.feature_cache.service import FeatureService
     from carrara.registry.registry import ModelRegistry
 
-    from .scheduler import parse_gpus
+    from .scheduler import parse_gpus, parse_mig
     from .worker import Worker
 
     try:
@@ -176,7 +176,22 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--gpus: {exc}", file=sys.stderr)
         return 2
+    try:
+        mig = parse_mig(args.mig)
+    except ValueError as exc:
+        print(f"--mig: {exc}", file=sys.stderr)
+        return 2
     settings = load_settings(args.config)
+    # Flags not given: the settings' (CARRARA_TRAINING_PREEMPTION_NOTICE / _POLL_S).
+    notice = args.preemption_notice
+    if notice is None:
+        notice = settings.training_preemption_notice
+    poll_s = args.preemption_poll_s
+    if poll_s is None:
+        poll_s = settings.training_preemption_poll_s
+    if not poll_s > 0:
+        print(f"--preemption-poll-s must be > 0, got {poll_s}", file=sys.stderr)
+        return 2
     with (
         _open_queue(args) as queue,
         FeatureService.from_settings(settings) as features,
@@ -192,12 +207,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             registry=registry,
             node=args.node or None,
             gpus=gpus,
+            mig=mig,
+            address=args.address or None,
             heartbeat_interval_s=min(5.0, queue.lease_timeout_s / 3),
             data_roots=settings.resolved_data_roots,
+            preemption_notice=notice or None,
+            preemption_poll_s=poll_s,
         )
-        # SIGTERM (Kubernetes, `carrara up`): the running job goes back to the queue at its
-        # next epoch and resumes from its checkpoint on another worker.
-        previous = signal.signal(signal.SIGTERM, lambda *_: worker.shutdown())
+        # SIGTERM (Kubernetes, `carrara up`, a spot VM's shutdown) or a preemption notice:
+        # the running job checkpoints at its next step, goes back to the queue and resumes
+        # from that checkpoint on another worker.
+        previous = signal.signal(signal.SIGTERM, lambda *_: worker.preempt("SIGTERM"))
         try:
             finished = worker.run(until_idle=args.until_idle, poll_interval_s=args.poll)
         finally:
@@ -345,10 +365,40 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--gpus", default="", help="GPU ids this worker may use, e.g. 0,1")
     p.add_argument("--node", default="", help="node name for GPU leases (default: hostname)")
     p.add_argument(
+        "--mig",
+        default="",
+        metavar="PROFILE=ID,...",
+        help="MIG instances this worker may use, e.g. 1g.10gb=MIG-2f1c...,3g.40gb=MIG-9a0e...",
+    )
+    p.add_argument(
+        "--address",
+        default="",
+        help="where the other nodes of a multi-node job reach this one when it holds node "
+        "rank 0 (default: the hostname)",
+    )
+    p.add_argument(
         "--lease-timeout",
         type=float,
         default=None,
         help="seconds without a heartbeat before a RUNNING job is requeued (default 60)",
+    )
+    p.add_argument(
+        "--preemption-notice",
+        default=None,
+        metavar="PATH_OR_URL",
+        help="spot preemption notice: a file (notice once it exists) or an http(s) URL (notice "
+        "once it answers 200 with a body other than FALSE), e.g. AWS "
+        "http://169.254.169.254/latest/meta-data/spot/instance-action or GCP "
+        "http://metadata.google.internal/computeMetadata/v1/instance/preempted; on a notice "
+        "the running job checkpoints at its next step and is handed back (default: the "
+        "training_preemption_notice setting; none)",
+    )
+    p.add_argument(
+        "--preemption-poll-s",
+        type=float,
+        default=None,
+        help="seconds between polls of --preemption-notice (default: the "
+        "training_preemption_poll_s setting; 1)",
     )
 
     p = add("triggers", _cmd_triggers_loop, "run the trigger loop, or manage triggers")

@@ -913,6 +913,30 @@ class JobQueue:
                 (job.rank_worker, job.job_id),
             )
 
+    def leave(self, worker: str) -> None:
+        """The worker stops taking jobs (it is shutting down or was preempted): no gang is
+        formed with it any more, and a multi-node job it was admitted to but had not started
+        goes back to the queue."""
+        requeued: builtins.list[Job] = []
+        with self.db.transaction() as tx:
+            for (job_id,) in tx.fetchall(
+                "SELECT r.job_id FROM training_job_ranks r JOIN training_jobs j"
+                " ON j.job_id = r.job_id WHERE r.worker = ? AND r.state = 'ASSIGNED'"
+                " AND j.state = 'RUNNING' AND r.attempt = j.attempts",
+                (worker,),
+            ):
+                tx.execute(
+                    "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
+                    " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
+                    " WHERE job_id = ?",
+                    (f"worker {worker} left before its node rank started; requeued", job_id),
+                )
+                _release(tx, job_id)
+                requeued.append(self._get(tx, job_id))
+            tx.execute("DELETE FROM training_workers WHERE worker = ?", (worker,))
+        for job in requeued:
+            self._publish(job)
+
     def fail_attempt(self, job: Job, error: str) -> Job:
         """An attempt failed on some node (a rank died, a node was lost): the job goes back to
         the queue in its place to resume from its last checkpoint, or FAILED once it has had

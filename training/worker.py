@@ -14,6 +14,12 @@ the next worker to claim it resumes from the latest checkpoint, and registration
 idempotent per job (a version of the model whose ``run_id`` is the job id is reused), so the
 model is registered exactly once. With ``spec.search`` the fit runs as an Optuna study
 (:mod:`.search`) and the best trial's model is exported and registered.
+
+Preemption (spot instances): SIGTERM, or a notice at ``preemption_notice`` (a file, or an
+http(s) metadata URL polled by a side thread), sets :attr:`Worker.preempted`; the fit polls it
+every step (``TrainContext.preempting``, no database read), writes a checkpoint at the step it
+stopped after and raises :class:`Preempted`, and the worker hands the job back
+(``queue.release``: QUEUED in its original place) and logs the notice-to-handback time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import logging
 import math
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,13 +41,24 @@ import numpy as np
 
 from carrara.errors import (
     CancelledError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
 )
 
 from .checkpoints import CheckpointStore, checkpoint_root
-from .frameworks.base import Checkpoint, EarlyStopper, FitResult, Pruned, TrainData
+from .frameworks.base import (
+    Checkpoint,
+    EarlyStopper,
+    FitResult,
+    Preempted,
+    Pruned,
+    RankFailedError,
+    TrainData,
+)
+from .gang import GANG, GangLink, run_follower
 from .queue import Job, JobQueue
+from .scheduler import MigDevice
 from .spec import EarlyStoppingSpec, JobSpec, check_label_source, validate_spec
 
 if TYPE_CHECKING:
@@ -56,11 +74,14 @@ if TYPE_CHECKING:
     from .search import SearchOutcome
 
 __all__ = [
+    "Handback",
     "JobCancelledError",
+    "Preempted",
     "Worker",
     "WorkerContext",
     "load_labels",
     "model_signature",
+    "preemption_notice",
     "run_job",
 ]
 
@@ -127,8 +148,8 @@ def encode_labels(y: np.ndarray[Any, Any], task: str) -> tuple[np.ndarray[Any, A
 
 
 class WorkerContext:
-    """The :class:`TrainContext` a worker gives a trainer: cancellation, early stopping,
-    search-trial pruning and checkpoints in the artifact store."""
+    """The :class:`TrainContext` a worker gives a trainer: cancellation, preemption, early
+    stopping, search-trial pruning and checkpoints in the artifact store."""
 
     def __init__(
         self,
@@ -144,9 +165,12 @@ class WorkerContext:
         maximize: bool = False,
         progress: Callable[[str], None] | None = None,
         label: str = "",
+        preempting: threading.Event | None = None,
     ) -> None:
         self.seed = seed
         self._should_stop = should_stop
+        #: Set by the worker on a preemption notice or SIGTERM; read every training step.
+        self._preempting = preempting or threading.Event()
         self.stopper = (
             EarlyStopper(
                 early_stopping.metric,
@@ -169,6 +193,8 @@ class WorkerContext:
         self.epochs: list[int] = []  # epochs reported in THIS attempt
         self.last_metrics: dict[str, float] = {}
         self.checkpoints_written = 0
+        #: (completed epoch, step) of the last checkpoint written, for the handback line.
+        self.last_checkpoint: tuple[int, int] | None = None
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
@@ -176,6 +202,9 @@ class WorkerContext:
 
     def should_stop(self) -> bool:
         return self._should_stop()
+
+    def preempting(self) -> bool:
+        return self._preempting.is_set()
 
     def _check_cancel(self, where: str) -> None:
         if self._should_stop():
@@ -225,24 +254,48 @@ class WorkerContext:
         if self.stopper is not None and found.early_stopping is not None:
             self.stopper.restore(found.early_stopping)
         self.resumed_from_epoch = found.epoch
-        self._say(f"resuming from the checkpoint of epoch {found.epoch + 1}")
-        return Checkpoint(epoch=found.epoch, state=found.state)
+        if found.step:
+            self._say(
+                f"resuming from the checkpoint at epoch {found.epoch + 2} step {found.step} "
+                "(taken when the previous worker was preempted)"
+            )
+        else:
+            self._say(f"resuming from the checkpoint of epoch {found.epoch + 1}")
+        return Checkpoint(epoch=found.epoch, state=found.state, step=found.step)
 
     def save_checkpoint(self, epoch: int, state: bytes) -> None:
         if self.store is None or self.every_epochs <= 0 or (epoch + 1) % self.every_epochs:
+            return
+        self.checkpoint_now(epoch, state)
+
+    def checkpoint_now(self, epoch: int, state: bytes, *, step: int = 0) -> None:
+        if self.store is None:
             return
         self.store.save(
             epoch,
             state,
             early_stopping=self.stopper.state() if self.stopper is not None else None,
+            step=step,
         )
         self.checkpoints_written += 1
+        self.last_checkpoint = (epoch, step)
 
 
-#: The GPU ids the queue leased to the job being run (its ranks see only those devices).
-_LEASED_GPUS: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar(
+#: The devices the queue leased to the job being run, as ``CUDA_VISIBLE_DEVICES`` takes them
+#: (GPU ids, the GPU a share is on, or a MIG instance id); its ranks see only those devices.
+_LEASED_GPUS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "carrara_leased_gpus", default=()
 )
+
+
+def _leased_devices(job: Job) -> tuple[str, ...]:
+    return (job.mig_device,) if job.mig_device else tuple(str(g) for g in job.gpus)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _fit(
@@ -255,7 +308,11 @@ def _fit(
     """One fit: data-parallel PyTorch across processes/nodes when the resources ask for it."""
     r = spec.resources
     gpus = _LEASED_GPUS.get()
-    if spec.model.framework == "pytorch" and (r.processes_per_node > 1 or r.nodes > 1):
+    pytorch = spec.model.framework == "pytorch"
+    # A one-process PyTorch job holding a GPU (whole, a share or a MIG instance) runs as one
+    # torchrun rank that sees only that device; without CUDA it trains here on the CPU.
+    on_gpu = pytorch and bool(gpus) and _cuda()
+    if pytorch and (r.processes_per_node > 1 or r.nodes > 1 or on_gpu):
         from .frameworks import torch_trainer
 
         result: FitResult = torch_trainer.fit_distributed(
@@ -265,8 +322,9 @@ def _fit(
             ctx,
             nproc_per_node=r.processes_per_node,
             nnodes=r.nodes,
-            gpus=r.gpus,
-            env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else None,
+            gpus=max(r.whole_gpus, 1 if on_gpu else 0),
+            env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else None,
+            nodes=GANG.get() if r.nodes > 1 else None,
         )
         return result
     return trainer.fit(spec.model.estimator, params, data, ctx)
@@ -339,9 +397,12 @@ def run_job(
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[str], None] | None = None,
     data_roots: Sequence[str] | None = None,
+    preempting: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns its result (registered version, metrics, lineage).
-    ``data_roots``: the folders the label source must lie under (None: any)."""
+    ``data_roots``: the folders the label source must lie under (None: any). ``preempting``:
+    once set, the fit checkpoints at its next step (or epoch) and :class:`Preempted` is
+    raised; a fit that already finished is exported and registered all the same."""
     from carrara.core import AssemblerSpec, FeatureRef, GroupSchema, serving_spec
 
     from .frameworks import get_trainer
@@ -350,7 +411,7 @@ def run_job(
     spec = job.spec() if isinstance(job, Job) else job
     run_id = job.job_id if isinstance(job, Job) else f"adhoc-{uuid.uuid4().hex}"
     attempt = job.attempts if isinstance(job, Job) else 1
-    _LEASED_GPUS.set(tuple(job.gpus) if isinstance(job, Job) else ())
+    _LEASED_GPUS.set(_leased_devices(job) if isinstance(job, Job) else ())
     validate_spec(spec, features=features)
     d = spec.dataset
     if data_roots is not None:  # before anything else: a refused source reads nothing
@@ -364,9 +425,14 @@ def run_job(
             except Exception as exc:  # a log line must never fail the job
                 log.warning("training job %s: progress line not recorded: %s", run_id, exc)
 
+    preempting = preempting or threading.Event()
+
     def check(stage: str) -> None:
         if should_stop():
             raise JobCancelledError(f"training job {run_id} cancelled before {stage}")
+        # After the fit, finishing (export, register: seconds) beats redoing it elsewhere.
+        if preempting.is_set() and stage in ("building the training set", "training"):
+            raise Preempted(f"training job {run_id} preempted before {stage}")
 
     store = CheckpointStore(checkpoint_root(registry), run_id, keep=spec.checkpoint.keep)
     # A previous attempt may have registered and died before completing the job.
@@ -435,6 +501,7 @@ def run_job(
             store=store,
             every_epochs=spec.checkpoint.every_epochs,
             progress=say,
+            preempting=preempting,
         )
         say(f"fitting {spec.model.framework}/{spec.model.estimator} (attempt {attempt})")
         result = _fit(trainer, spec, params, data, ctx)
@@ -452,6 +519,7 @@ def run_job(
             should_stop,
             say,
             adhoc=not isinstance(job, Job),
+            preempting=preempting,
         )
         resumed_from = result.resumed_from_epoch
         epochs_this_attempt = -1
@@ -567,6 +635,7 @@ def _search(
     say: Callable[[str], None],
     *,
     adhoc: bool,
+    preempting: threading.Event | None = None,
 ) -> tuple[FitResult, SearchOutcome, dict[str, Any]]:
     """Run the job's Optuna study; returns the best trial's fit, the outcome and its params."""
     import optuna
@@ -601,11 +670,17 @@ def _search(
             maximize=direction == "maximize",
             progress=say,
             label=f"trial {trial.number}: ",
+            preempting=preempting,
         )
         try:
             result = _fit(trainer, spec, params, data, ctx)
         except Pruned as exc:
             raise optuna.TrialPruned(str(exc)) from exc
+        except Preempted:
+            # Optuna fails the trial; the job's next attempt retries it with the same params,
+            # resuming from the checkpoint this trial just wrote.
+            trial.study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number})
+            raise
         if metric not in result.metrics:
             raise FailedPreconditionError(
                 f"trial {trial.number} reported no {metric!r} (got {sorted(result.metrics)}); "
@@ -628,6 +703,8 @@ def _search(
     def check_cancel() -> None:
         if should_stop():
             raise JobCancelledError(f"training job {run_id} cancelled during the search")
+        if preempting is not None and preempting.is_set():
+            raise Preempted(f"training job {run_id} preempted between search trials")
 
     with open_study(spec, run_id, storage) as study:
         say(
@@ -667,12 +744,54 @@ def _search(
         early_stopping=spec.early_stopping,
         progress=say,
         label="refit: ",
+        preempting=preempting,
     )
     return _fit(trainer, spec, best_params, data, ctx), outcome, best_params
 
 
+class Handback(msgspec.Struct, frozen=True, kw_only=True):
+    """A job a preempted worker handed back: where it was checkpointed (``epoch`` completed
+    plus ``step`` steps; ``epoch`` None: nothing new was saved) and the notice-to-QUEUED time."""
+
+    job_id: str
+    notice: str
+    epoch: int | None
+    step: int
+    ms: float
+
+
+def preemption_notice(source: str, *, timeout_s: float = 2.0) -> str | None:
+    """What a preemption notice says, or None while there is none. ``source``: a file path
+    (``file://`` optional; a notice once it exists) or an http(s) URL: a notice once it
+    answers 200 with a body other than ``FALSE`` (AWS spot ``.../spot/instance-action``
+    answers 404 until then; GCP ``.../instance/preempted`` answers ``FALSE``/``TRUE`` and
+    wants the ``Metadata-Flavor: Google`` header, which is sent). Errors and other statuses
+    are no notice."""
+    import urllib.error
+    import urllib.request
+
+    if not source.startswith(("http://", "https://")):
+        path = Path(source.removeprefix("file://"))
+        return f"notice file {path} exists" if path.exists() else None
+    request = urllib.request.Request(source, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, body = int(response.status), response.read(4096)
+    except urllib.error.HTTPError as exc:  # 404: no notice yet
+        exc.close()
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.debug("preemption notice URL %s not answering: %s", source, exc)
+        return None
+    text = body.decode("utf-8", errors="replace").strip()
+    if status != 200 or text.upper() == "FALSE":
+        return None
+    return f"{source} answered {text[:200] or '200'}"
+
+
 class Worker:
-    """Claims jobs from the queue and runs them, heartbeating from a side thread."""
+    """Claims jobs from the queue and runs them, heartbeating from a side thread; hands the
+    running job back at its next step when the machine is preempted (:meth:`preempt`)."""
 
     def __init__(
         self,
@@ -686,6 +805,10 @@ class Worker:
         node: str | None = None,
         gpus: Sequence[int] = (),
         data_roots: Sequence[str] | None = None,
+        preemption_notice: str | None = None,
+        preemption_poll_s: float = 1.0,
+        mig: Sequence[MigDevice] = (),
+        address: str | None = None,
     ) -> None:
         self.queue = queue
         #: Folders label sources must lie under (None: any; ``carrara train worker`` passes
@@ -698,14 +821,46 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.node = node
         self.gpus = tuple(gpus)
-        #: Set by :meth:`shutdown`: the running job stops at its next epoch and goes back to
-        #: the queue (not CANCELLED), to be resumed from its checkpoint by another worker.
+        #: MIG instances of this node the worker may lease.
+        self.mig = tuple(mig)
+        #: Where other nodes reach this one when it holds node rank 0 of a multi-node job.
+        self.address = address or socket.gethostname()
+        #: Set by :meth:`shutdown` / :meth:`preempt` (SIGTERM, a preemption notice): the
+        #: running job checkpoints at its next step and goes back to the queue (not
+        #: CANCELLED), to be resumed from that checkpoint by another worker.
         self.preempted = threading.Event()
+        #: Where preemption notices come from (a file path, or an http(s) URL polled by
+        #: :meth:`run`): see :func:`preemption_notice`.
+        self.preemption_notice = preemption_notice or None
+        self.preemption_poll_s = preemption_poll_s
+        self.notice = ""  # what told the worker to stop
+        self._notice_at = 0.0  # time.monotonic() of the notice
+        #: Jobs this worker handed back on preemption, with the handback time.
+        self.handbacks: list[Handback] = []
 
     def shutdown(self) -> None:
         """Stop soon: hand the running job back to the queue and claim nothing more (what
         ``carrara train worker`` does on SIGTERM)."""
+        self.preempt("SIGTERM / shutdown requested")
+
+    def preempt(self, notice: str) -> None:
+        """The machine is going away: the running job checkpoints at its next training step
+        and is handed back; nothing more is claimed. Safe from a signal handler (no lock)."""
+        if self.preempted.is_set():
+            return
+        self.notice, self._notice_at = notice, time.monotonic()
         self.preempted.set()
+
+    def _watch_notice(self, stop: threading.Event) -> None:
+        source = self.preemption_notice
+        assert source is not None
+        while not stop.is_set() and not self.preempted.is_set():
+            found = preemption_notice(source, timeout_s=max(0.2, min(2.0, self.preemption_poll_s)))
+            if found is not None:
+                log.warning("preemption notice: %s; handing the running job back", found)
+                self.preempt(found)
+                return
+            stop.wait(self.preemption_poll_s)
 
     def _progress(self, job: Job) -> Callable[[str], None]:
         record = getattr(self.queue, "log", None)
@@ -726,9 +881,32 @@ class Worker:
         """Claim and run one job; returns it in its final state, or None when idle."""
         if self.preempted.is_set():
             return None
-        job = self.queue.claim(self.worker_id, node=self.node, gpus=self.gpus)
+        job = self.queue.claim(self.worker_id, node=self.node, gpus=self.gpus, mig=self.mig)
         if job is None:
             return None
+        if job.node_rank > 0:  # another worker admitted this one to a multi-node job
+            return run_follower(
+                self.queue,
+                job,
+                root=checkpoint_root(self.registry),
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                stopping=self.preempted,
+                progress=self._progress(job),
+            )
+        gang = (
+            GANG.set(
+                GangLink(self.queue, job, root=checkpoint_root(self.registry), address=self.address)
+            )
+            if job.nodes > 1
+            else None
+        )
+        try:
+            return self._run_claimed(job)
+        finally:
+            if gang is not None:
+                GANG.reset(gang)
+
+    def _run_claimed(self, job: Job) -> Job:
         cancel = threading.Event()
         done = threading.Event()
 
@@ -748,7 +926,7 @@ class Worker:
         thread.start()
 
         def should_stop() -> bool:
-            if cancel.is_set() or self.preempted.is_set():
+            if cancel.is_set():
                 return True
             if self.queue.get(job.job_id).cancel_requested:
                 cancel.set()
@@ -772,13 +950,18 @@ class Worker:
                 should_stop=should_stop,
                 progress=progress,
                 data_roots=self.data_roots,
+                preempting=self.preempted,
             )
-        except CancelledError:
+        except CancelledError as exc:
             done.set()
             thread.join()
             if self.preempted.is_set() and not cancel.is_set():
-                progress("worker shutting down; job requeued to resume from its checkpoint")
-                return settle(lambda: self.queue.release(job))
+                return self._hand_back(job, exc, progress, settle)
+            if isinstance(exc, Preempted) and job.nodes > 1 and not cancel.is_set():
+                # Another node of the job was preempted: every rank stopped at the same step
+                # and this one (rank 0) wrote the checkpoint; the job goes back to the queue.
+                progress(f"a node of the job was preempted; {exc}; job requeued")
+                return settle(lambda: self.queue.release(job, "a node was preempted; requeued"))
             final = settle(lambda: self.queue.cancelled(job))
             # Only a cancel that ended the job drops its checkpoints; a lost lease (also a
             # stop) leaves them to the worker that took the job over.
@@ -794,10 +977,39 @@ class Worker:
                 progress(f"failed: {error}")
             except Exception:  # the failure itself is what matters
                 log.warning("training job %s: failure line not recorded", job.job_id)
+            if job.nodes > 1 and isinstance(exc, RankFailedError | DeadlineExceededError):
+                # A node or rank was lost: this attempt failed; the job resumes from its
+                # checkpoint on the next gang the queue forms.
+                return self.queue.fail_attempt(job, error)
             return settle(lambda: self.queue.fail(job, error))
         done.set()
         thread.join()
         return settle(lambda: self.queue.complete(job, result))
+
+    def _hand_back(
+        self,
+        job: Job,
+        exc: CancelledError,
+        progress: Callable[[str], None],
+        settle: Callable[[Callable[[], Job]], Job],
+    ) -> Job:
+        """Requeue a preempted job (its checkpoint is written) and record how long it took."""
+        epoch = exc.epoch if isinstance(exc, Preempted) else None
+        step = exc.step if isinstance(exc, Preempted) else 0
+        if epoch is None:
+            where = "nothing new to checkpoint (it resumes from its last checkpoint)"
+        elif step:
+            where = f"checkpointed at epoch {epoch + 2} step {step}"
+        else:
+            where = f"checkpointed at the end of epoch {epoch + 1}"
+        progress("worker shutting down; job requeued to resume from its checkpoint")
+        back = settle(lambda: self.queue.release(job, f"preempted ({self.notice}); requeued"))
+        ms = (time.monotonic() - self._notice_at) * 1000.0
+        progress(f"preemption notice: {self.notice}; {where}; handed back in {ms:.0f} ms")
+        self.handbacks.append(
+            Handback(job_id=job.job_id, notice=self.notice, epoch=epoch, step=step, ms=ms)
+        )
+        return back
 
     def run(
         self,
@@ -806,15 +1018,35 @@ class Worker:
         poll_interval_s: float = 2.0,
         stop: threading.Event | None = None,
     ) -> list[Job]:
-        """Run jobs until ``stop`` is set (or, with ``until_idle``, the queue is empty)."""
+        """Run jobs until ``stop`` is set (or, with ``until_idle``, the queue is empty), or
+        the worker is preempted; with :attr:`preemption_notice` a side thread polls it."""
         finished: list[Job] = []
         stop = stop or threading.Event()
-        while not stop.is_set() and not self.preempted.is_set():
-            job = self.run_once()
-            if job is not None:
-                finished.append(job)
-                continue
-            if until_idle:
-                break
-            stop.wait(poll_interval_s)
+        watch_stop = threading.Event()
+        watcher = None
+        if self.preemption_notice is not None:
+            watcher = threading.Thread(
+                target=self._watch_notice, args=(watch_stop,), name="preemption-notice",
+                daemon=True,
+            )  # fmt: skip
+            watcher.start()
+        try:
+            while not stop.is_set() and not self.preempted.is_set():
+                job = self.run_once()
+                if job is not None:
+                    finished.append(job)
+                    continue
+                if until_idle:
+                    break
+                stop.wait(poll_interval_s)
+        finally:
+            watch_stop.set()
+            if watcher is not None:
+                watcher.join()
+            leave = getattr(self.queue, "leave", None)
+            if leave is not None:
+                try:
+                    leave(self.worker_id)  # no multi-node job may count on this worker now
+                except Exception as exc:
+                    log.warning("worker %s: leaving the queue failed: %s", self.worker_id, exc)
         return finished

@@ -46,6 +46,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_token: str = ""
     log_level: str = "INFO"
     training_gpus_per_node: int = 0  # GPUs of the largest training node (submit-time check)
+    # `carrara train worker`'s --preemption-notice / --preemption-poll-s when not given: a
+    # spot notice file or http(s) metadata URL ("" = none; SIGTERM always counts) and the
+    # seconds between its polls.
+    training_preemption_notice: str = ""
+    training_preemption_poll_s: float = 1.0
     # Auth on the gateway's predict fronts (`carrara up`'s gateway; clients send the token).
     # Off when empty: the gateway listens on loopback and checks nothing.
     gateway_token: str = ""  # bearer token every gRPC call / HTTP predict must carry
@@ -67,6 +72,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if self.training_gpus_per_node < 0:
             raise ConfigError(
                 f"training_gpus_per_node must be >= 0, got {self.training_gpus_per_node}"
+            )
+        if not self.training_preemption_poll_s > 0:
+            raise ConfigError(
+                f"training_preemption_poll_s must be > 0, got {self.training_preemption_poll_s}"
             )
 
     @property

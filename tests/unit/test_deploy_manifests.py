@@ -28,9 +28,10 @@ from carrara.config import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-#: The kustomize entry points: CPU cluster and GPU cluster.
-ENTRY_POINTS = (DEPLOY, DEPLOY / "gpu")
-WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
+#: The kustomize entry points: CPU cluster, GPU cluster, and the CPU cluster with artifacts,
+#: checkpoints and the offline store in an object store.
+ENTRY_POINTS = (DEPLOY, DEPLOY / "gpu", DEPLOY / "object-store")
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 IMAGE = "ghcr.io/carrara-ml/carrara"
 #: The image of each role (deploy/Dockerfile's ROLE): the package extra it installs.
 ROLE_IMAGES = {
@@ -126,12 +127,12 @@ _RENDEZVOUS_RACE = re.compile(r"address already in use|EADDRINUSE|DistNetworkErr
 
 
 def test_every_file_is_listed_in_its_kustomization() -> None:
-    for folder in (DEPLOY, DEPLOY / "base", DEPLOY / "gpu"):
+    for folder in (DEPLOY, DEPLOY / "base", DEPLOY / "gpu", DEPLOY / "object-store"):
         k = _kustomization(folder)
         listed = {
             (folder / e).resolve() for e in k.get("resources", []) if not (folder / e).is_dir()
         }
-        listed |= {(folder / p["path"]).resolve() for p in k.get("patches", [])}
+        listed |= {(folder / p["path"]).resolve() for p in k.get("patches", []) if "path" in p}
         present = {p.resolve() for p in folder.glob("*.yaml") if p.name != "kustomization.yaml"}
         assert listed == present, f"{folder}: listed {sorted(listed)} != files {sorted(present)}"
 
@@ -168,7 +169,7 @@ def test_containers_have_resources_and_deployments_have_probes(entry: str) -> No
         gpus = res.get("limits", {}).get("nvidia.com/gpu")
         if gpus is not None:  # GPUs cannot be overcommitted: requests == limits
             assert res["requests"]["nvidia.com/gpu"] == gpus
-    for d in _by_kind(docs, "Deployment", "StatefulSet"):
+    for d in _by_kind(docs, "Deployment", "StatefulSet", "DaemonSet"):
         for c in _pod_spec(d)["containers"]:
             assert "readinessProbe" in c and "livenessProbe" in c, d["metadata"]["name"]
 
@@ -185,7 +186,7 @@ def test_selectors_match_workloads(entry: str) -> None:
     for svc in _by_kind(docs, "Service"):
         selector = svc["spec"]["selector"]
         assert selector and selects(selector), f"Service {svc['metadata']['name']} selects nothing"
-    for w in _by_kind(docs, "Deployment", "StatefulSet"):
+    for w in _by_kind(docs, "Deployment", "StatefulSet", "DaemonSet"):
         match = w["spec"]["selector"]["matchLabels"]
         assert match.items() <= _pod_labels(w).items(), w["metadata"]["name"]
     deployments = {d["metadata"]["name"]: d for d in _by_kind(docs, "Deployment")}
@@ -327,6 +328,57 @@ def test_settings_in_the_configmap_load(tmp_path: Path) -> None:
     store = open_online_store(settings.online_store_url)
     log.close()
     store.close()
+
+
+def test_object_store_overlay_points_every_store_at_the_bucket(tmp_path: Path) -> None:
+    """deploy/object-store: the patched settings load with s3:// roots, the gateway reads the
+    artifact root the others write, and every Carrara Deployment/CronJob gets the Secret
+    with the AWS_* variables botocore reads (rendered by kubectl when installed)."""
+    from carrara.gateway.config import load_gateway_config
+
+    folder = DEPLOY / "object-store"
+    patch = yaml.safe_load((folder / "config-patch.yaml").read_text())
+    assert patch["kind"] == "ConfigMap" and patch["metadata"]["name"] == "carrara-config"
+    toml_path = tmp_path / "carrara.toml"
+    toml_path.write_text(patch["data"]["carrara.toml"])
+    settings = load_settings(toml_path, env={})
+    assert settings.resolved_offline_store_path.startswith("s3://")
+    assert settings.resolved_artifact_path.startswith("s3://")
+    base = tomllib.loads(_config_data("carrara-config")["carrara.toml"])["carrara"]
+    ours = tomllib.loads(patch["data"]["carrara.toml"])["carrara"]
+    changed = {k for k in base.keys() | ours.keys() if base.get(k) != ours.get(k)}
+    assert changed == {"offline_store_path", "artifact_path"}, changed
+    gw_path = tmp_path / "gateway.yaml"
+    gw_path.write_text(patch["data"]["gateway.yaml"])
+    gw = load_gateway_config(gw_path)
+    assert gw.registry is not None and gw.registry.artifact_path == settings.artifact_path
+    [secret] = [
+        d
+        for d in ALL["deploy/object-store"]
+        if d["kind"] == "Secret" and d["metadata"]["name"] == "carrara-object-store"
+    ]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+    assert all(k.startswith("AWS_") for k in secret["stringData"])  # none refused by Settings
+    if shutil.which("kubectl") is None:
+        return
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    [config] = [
+        d
+        for d in rendered
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "carrara-config"
+    ]
+    assert config["data"] == patch["data"]
+    with_secret = set()
+    for w in _by_kind(rendered, "Deployment", "CronJob"):
+        c = _pod_spec(w)["containers"][0]
+        assert c["image"].split(":")[0] in ROLE_IMAGES, w["metadata"]["name"]
+        assert {"secretRef": {"name": "carrara-object-store"}} in c.get("envFrom", [])
+        with_secret.add(w["metadata"]["name"])
+    assert {"carrara-gateway", "carrara-training-worker", "carrara-control-plane"} <= with_secret
 
 
 @pytest.mark.parametrize("configmap", ["carrara-config", "carrara-gateway-triton"])

@@ -29,6 +29,13 @@ Epoch-based trainers (PyTorch, Keras, XGBoost rounds) drive a loop through the
 the trial and :class:`JobCancelledError`-like errors when the job is cancelled; it returns True
 when early stopping says to stop. ``save_checkpoint`` is called after ``report`` so the
 context persists its early-stopping state together with the trainer's blob.
+
+Preemption (a spot notice, SIGTERM): ``ctx.preempting()`` is a cheap flag (no I/O) that
+trainers poll at their checkpoint points — PyTorch after every step, XGBoost per round, Keras
+per epoch. A preempted trainer writes its state with ``ctx.checkpoint_now`` (whatever the
+checkpoint policy; ``step > 0`` marks a checkpoint taken that many steps into the next epoch)
+and raises :class:`Preempted`; the worker hands the job back to the queue and another worker
+resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from carrara.errors import CarraraError
+from carrara.errors import CancelledError, CarraraError, FailedPreconditionError
 
 __all__ = [
     "Checkpoint",
     "EarlyStopper",
     "FitResult",
     "LocalContext",
+    "Preempted",
     "Pruned",
+    "RankFailedError",
     "TrainContext",
     "TrainData",
     "Trainer",
@@ -60,6 +69,24 @@ Task = Literal["classification", "regression"]
 
 class Pruned(CarraraError):
     """A hyperparameter-search pruner stopped this trial (not a failure of the job)."""
+
+
+class Preempted(CancelledError):
+    """The run stopped because its worker is going away (spot preemption notice, SIGTERM);
+    its state is checkpointed and the job goes back to the queue, not to CANCELLED.
+
+    ``epoch``/``step`` locate the handback checkpoint as in :class:`Checkpoint` (``epoch``
+    None: nothing new was checkpointed; the run's previous checkpoint stands)."""
+
+    def __init__(self, message: str, *, epoch: int | None = None, step: int = 0) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+class RankFailedError(FailedPreconditionError):
+    """A node's torchrun ranks failed (a rank died, or lost its peers): in a multi-node job the
+    attempt failed, not the job; the worker requeues it to resume from its checkpoint."""
 
 
 class TrainData(msgspec.Struct, kw_only=True):
@@ -85,6 +112,7 @@ class TrainData(msgspec.Struct, kw_only=True):
 class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int  # the last COMPLETED epoch (0-based); resume at epoch + 1
     state: bytes  # the trainer's own blob (weights, optimizer, RNG, best-so-far)
+    step: int = 0  # > 0: taken this many steps into epoch + 1 (a preempted run's handback)
 
 
 class FitResult(msgspec.Struct, kw_only=True):
@@ -122,6 +150,16 @@ class TrainContext(Protocol):
 
     def save_checkpoint(self, epoch: int, state: bytes) -> None:
         """Offer a checkpoint after ``epoch``; the checkpoint policy decides if it is kept."""
+        ...
+
+    def preempting(self) -> bool:
+        """True once the worker must hand the job back (spot notice, SIGTERM): checkpoint at
+        the next step or epoch and raise :class:`Preempted`. Cheap: polled every step."""
+        ...
+
+    def checkpoint_now(self, epoch: int, state: bytes, *, step: int = 0) -> None:
+        """Write a checkpoint whatever the policy (the handback of a preempted run):
+        ``epoch`` completed plus ``step`` steps of the next one."""
         ...
 
 
@@ -245,7 +283,8 @@ class EarlyStopper:
 
 class LocalContext:
     """An in-process context for direct use and tests: optional early stopping, checkpoints
-    kept in memory (``checkpoints``), cancellation by setting ``cancelled``."""
+    kept in memory (``checkpoints``), cancellation by setting ``cancelled``, preemption by
+    setting ``preempted``."""
 
     def __init__(self, *, seed: int = 0, early_stopping: EarlyStopper | None = None) -> None:
         self.seed = seed
@@ -253,6 +292,7 @@ class LocalContext:
         self.checkpoints: list[Checkpoint] = []
         self.reports: list[tuple[int, dict[str, float]]] = []
         self.cancelled = False
+        self.preempted = False
 
     def should_stop(self) -> bool:
         return self.cancelled
@@ -266,3 +306,9 @@ class LocalContext:
 
     def save_checkpoint(self, epoch: int, state: bytes) -> None:
         self.checkpoints.append(Checkpoint(epoch=epoch, state=state))
+
+    def preempting(self) -> bool:
+        return self.preempted
+
+    def checkpoint_now(self, epoch: int, state: bytes, *, step: int = 0) -> None:
+        self.checkpoints.append(Checkpoint(epoch=epoch, state=state, step=step))

@@ -11,7 +11,10 @@ every epoch, stops when the context says so (restoring the weights of the lowest
 epoch, like ``restore_best_weights``) and offers a checkpoint (model weights, optimizer state
 and the best weights so far). A resumed run restores all of it and continues at the next epoch;
 its batch order is re-seeded from ``seed + start epoch``, so it is deterministic but not
-bit-identical to an uninterrupted run. ONNX export: :mod:`.keras_onnx`.
+bit-identical to an uninterrupted run. Preemption is honoured between epochs: at the start of
+the next epoch the state after the last one is written with ``ctx.checkpoint_now`` (whatever
+the checkpoint policy) and :class:`Preempted` is raised, so at most the epoch under way is
+redone. ONNX export: :mod:`.keras_onnx`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from numpy.typing import NDArray
 
 from carrara.errors import CancelledError, FailedPreconditionError, InvalidArgumentError
 
-from .base import FitResult, Task, TrainContext, TrainData, evaluate_scores
+from .base import FitResult, Preempted, Task, TrainContext, TrainData, evaluate_scores
 from .keras_onnx import tf_numpy_compat
 from .sklearn_trainer import check_param_names, check_train_data
 
@@ -319,6 +322,14 @@ class _Loop:
     def on_epoch_begin(self, epoch: int) -> None:
         if self.ctx.should_stop():
             raise CancelledError(f"Keras training cancelled before epoch {epoch}")
+        if self.ctx.preempting():
+            if self.last_epoch < 0:  # no epoch of this attempt done: nothing new to save
+                raise Preempted(f"Keras training preempted before epoch {epoch}")
+            # The weights and optimizer now are the end of the last epoch's.
+            self.ctx.checkpoint_now(self.last_epoch, self.state())
+            raise Preempted(
+                f"Keras training preempted after epoch {self.last_epoch}", epoch=self.last_epoch
+            )
 
     def callback(self) -> Any:
         import keras

@@ -3,7 +3,8 @@
 boosting and random forests; native artifact joblib, ONNX through skl2onnx.
 
 sklearn fits in one call, so this trainer has no epochs: it reports nothing per epoch, writes
-no checkpoints and only polls :meth:`TrainContext.should_stop` before fitting.
+no checkpoints and only polls :meth:`TrainContext.should_stop` (and ``preempting``: the job is
+handed back whole, :class:`Preempted`) before fitting; a fit under way runs to its end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from numpy.typing import NDArray
 
 from carrara.errors import CancelledError, InvalidArgumentError
 
-from .base import FitResult, Task, TrainContext, TrainData, evaluate_scores
+from .base import FitResult, Preempted, Task, TrainContext, TrainData, evaluate_scores
 from .parity import DEFAULT_OPSET, INPUT_NAME, attach_score_output
 
 __all__ = ["TRAINER", "SklearnTrainer", "check_train_data", "check_param_names"]
@@ -156,6 +157,8 @@ class SklearnTrainer:
         model = self.build(estimator, params, data.task, ctx.seed)
         if ctx.should_stop():
             raise CancelledError("training cancelled before the sklearn fit started")
+        if ctx.preempting():
+            raise Preempted("preempted before the sklearn fit started (it has no checkpoints)")
         from sklearn.exceptions import ConvergenceWarning
 
         with warnings.catch_warnings(record=True) as caught:

@@ -10,6 +10,12 @@ share of each global batch. Rank 0 writes ``ckpt-<epoch>.pt`` then one line to
 ``events.jsonl`` per epoch, waits for the launcher's ``decision-<epoch>`` (continue / stop /
 cancel / prune) and the loop broadcasts it; at the end rank 0 writes ``final.pt``. A rank that
 fails writes its traceback to ``error-rank<r>.txt`` for the launcher to report.
+
+Preemption: every rank checks for its workdir's ``preempt`` file after each step (a stat; the
+ranks agree by a MAX all-reduce, so one node's file stops every node's ranks after the same
+step). Rank 0 then writes ``ckpt-preempt.pt`` and a ``{"preempt": true, ...}`` line to
+``events.jsonl``; every rank leaves ``preempted-rank<r>`` and exits 0 (the launcher, once it
+sees all its ranks' markers, does not wait for torchrun's teardown).
 """
 
 # mypy: disable-error-code="import-untyped"
@@ -35,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from carrara.errors import CancelledError, DeadlineExceededError
 
-from .base import Pruned, TrainData
+from .base import Preempted, Pruned, TrainData
 from .torch_trainer import (
     Decision,
     Distributed,
@@ -79,6 +85,17 @@ def _leader_hook(workdir: Path, deadline: float) -> Callable[..., Decision]:
     return on_epoch
 
 
+def _leader_preempt(workdir: Path) -> Callable[[int, int, Callable[[], bytes]], None]:
+    def on_preempt(epoch: int, step: int, blob: Callable[[], bytes]) -> None:
+        name = "ckpt-preempt.pt"
+        _write_atomic(workdir / name, blob())
+        line = json.dumps({"preempt": True, "epoch": epoch, "step": step, "checkpoint": name})
+        with (workdir / "events.jsonl").open("a") as f:
+            f.write(line + "\n")
+
+    return on_preempt
+
+
 def run_rank(workdir: Path) -> None:
     """Train this rank's share; rank 0 reports and writes the final state."""
     rank = int(os.environ["RANK"])
@@ -117,7 +134,12 @@ def run_rank(workdir: Path) -> None:
                 model, p, arrays, seed=int(job["seed"]), start_epoch=int(job["resume_epoch"]) + 1,
                 resume_state=state, on_epoch=_leader_hook(workdir, deadline) if rank == 0 else None,
                 dist=Distributed(rank=rank, world=world), ddp_model=ddp,
+                preempting=(workdir / "preempt").exists,
+                on_preempt=_leader_preempt(workdir) if rank == 0 else None,
             )  # fmt: skip
+        except Preempted as exc:
+            _write_atomic(workdir / f"preempted-rank{rank}", str(exc).encode())
+            return
         except (CancelledError, Pruned) as exc:
             if rank == 0:
                 kind = "cancelled" if isinstance(exc, CancelledError) else "pruned"

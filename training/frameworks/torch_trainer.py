@@ -34,6 +34,15 @@ checkpoints through the workdir; the caller's process passes them to ``ctx.repor
 stop / cancel / prune) that rank 0 waits for and all-reduces to every rank, so early stopping
 and cancellation stop all ranks after the same epoch, exactly as in one process. A failed rank
 raises :class:`FailedPreconditionError` with that rank's traceback.
+
+Preemption: the loop polls ``ctx.preempting()`` after every step (no I/O). Under torchrun the
+launcher writes a ``preempt`` file into the workdir once ``ctx.preempting()``; every rank
+checks it after each step and the ranks agree with one MAX all-reduce of a one-element
+tensor, so all stop after the same step; rank 0 relays a mid-epoch checkpoint (epoch in
+progress, steps done, model, optimizer, RNG, best, history, the partial loss sum) that the
+launcher passes to ``ctx.checkpoint_now``, and the fit raises :class:`Preempted`. Resuming
+from it skips the steps already done, so the final model equals an uninterrupted run's
+(bit-identical in one process).
 """
 
 # mypy: disable-error-code="import-untyped"
@@ -54,9 +63,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import numpy as np
@@ -71,7 +80,16 @@ from carrara.errors import (
     InvalidArgumentError,
 )
 
-from .base import FitResult, Pruned, Task, TrainContext, TrainData, evaluate_scores
+from .base import (
+    FitResult,
+    Preempted,
+    Pruned,
+    RankFailedError,
+    Task,
+    TrainContext,
+    TrainData,
+    evaluate_scores,
+)
 from .parity import DEFAULT_OPSET
 
 __all__ = [
@@ -79,9 +97,11 @@ __all__ = [
     "TRAINER",
     "MLPConfig",
     "MLPParams",
+    "NodeGroup",
     "TorchTrainer",
     "fit_distributed",
     "parse_params",
+    "run_node",
 ]
 
 NATIVE_FORMAT = "torch-state-dict"
@@ -360,6 +380,9 @@ class Distributed(msgspec.Struct, kw_only=True):
 
 #: Called by the loop's leader after each epoch: (epoch, metrics, checkpoint blob) → decision.
 EpochHook = Callable[[int, dict[str, float], Callable[[], bytes]], Decision]
+#: Called by the leader when the loop is preempted, before it raises :class:`Preempted`:
+#: (completed epoch, steps done in the next one, mid-epoch checkpoint blob).
+PreemptHook = Callable[[int, int, Callable[[], bytes]], None]
 
 
 class LoopResult(msgspec.Struct, kw_only=True):
@@ -375,7 +398,12 @@ def _checkpoint_blob(
     opt: torch.optim.Optimizer,
     best: dict[str, Any],
     history: list[dict[str, float]],
+    *,
+    step: int = 0,
+    loss_sum: torch.Tensor | None = None,
 ) -> bytes:
+    """The checkpoint after ``epoch`` (plus ``step`` steps of the next one, whose partial
+    training-loss sum is ``loss_sum``: a preempted run's mid-epoch checkpoint)."""
     buf = io.BytesIO()
     torch.save(
         {
@@ -385,10 +413,20 @@ def _checkpoint_blob(
             "rng": torch.get_rng_state(),
             "best": best,
             "history": history,
+            **({"step": step, "loss_sum": loss_sum} if step else {}),
         },
         buf,
     )
     return buf.getvalue()
+
+
+def _agree(local: bool, dist: Distributed | None, device: torch.device) -> bool:
+    """True on every rank when any rank's ``local`` flag is set (one tiny MAX all-reduce)."""
+    if dist is None:
+        return local
+    flag = torch.tensor([1 if local else 0], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def load_blob(blob: bytes) -> dict[str, Any]:
@@ -411,11 +449,19 @@ def train_loop(
     on_epoch: EpochHook | None,
     dist: Distributed | None = None,
     ddp_model: nn.Module | None = None,
+    preempting: Callable[[], bool] | None = None,
+    on_preempt: PreemptHook | None = None,
 ) -> LoopResult:
     """The epoch loop shared by :meth:`TorchTrainer.fit` and the torchrun ranks.
 
     With ``dist``, ``ddp_model`` is the DistributedDataParallel wrapper of ``model``; each
     global batch is split ``r::world`` across ranks and the leader's decision is broadcast.
+
+    ``preempting`` is polled after every step (with ``dist``: on every rank, or on none; the
+    ranks agree by a MAX all-reduce, so any rank's flag stops all after the same step). On
+    preemption the leader passes the mid-epoch checkpoint to ``on_preempt`` and every rank
+    raises :class:`Preempted`. A ``resume_state`` taken mid-epoch skips the steps it holds,
+    so the resumed run trains exactly the steps an uninterrupted one would.
     """
     train_net: nn.Module = ddp_model if ddp_model is not None else model
     opt = _make_optimizer(params, train_net)
@@ -429,6 +475,10 @@ def train_loop(
         history = list(resume_state["history"])
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     device = arrays.x_train.device
+    # A mid-epoch checkpoint: steps of start_epoch already done, and their loss sum (kept by
+    # the leader only, as the epoch's all-reduce adds the other ranks' shares).
+    skip = int(resume_state.get("step", 0)) if resume_state is not None else 0
+    partial = resume_state.get("loss_sum") if resume_state is not None and rank == 0 else None
     n = len(arrays.x_train)
     bs = params.batch_size
     cfg = model.config
@@ -438,7 +488,12 @@ def train_loop(
     for epoch in range(start_epoch, params.epochs):
         perm = epoch_permutation(seed, epoch, n).to(device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, n, bs):
+        first = 0
+        if epoch == start_epoch and skip:
+            first = skip * bs
+            if partial is not None:
+                loss_sum += partial.to(device=device, dtype=torch.float64)
+        for start in range(first, n, bs):
             step_rows = perm[start : start + bs]
             local = step_rows[rank::world]
             opt.zero_grad(set_to_none=True)
@@ -449,6 +504,30 @@ def train_loop(
             torch.autograd.backward(summed * (world / len(step_rows)))
             opt.step()
             loss_sum += summed.detach().double()
+            if preempting is not None and _agree(preempting(), dist, device):
+                steps = start // bs + 1
+                done = loss_sum.clone()
+                if dist is not None:
+                    torch.distributed.all_reduce(done)
+                if rank == 0 and on_preempt is not None:
+                    snap = best
+
+                    def mid(
+                        e: int = epoch,
+                        s: dict[str, Any] = snap,
+                        k: int = steps,
+                        total: torch.Tensor = done,
+                    ) -> bytes:
+                        return _checkpoint_blob(
+                            e - 1, model, opt, s, history, step=k, loss_sum=total.cpu()
+                        )
+
+                    on_preempt(epoch - 1, steps, mid)
+                raise Preempted(
+                    f"training preempted in epoch {epoch + 1} after step {steps}",
+                    epoch=epoch - 1,
+                    step=steps,
+                )
         if dist is not None:
             torch.distributed.all_reduce(loss_sum)
         decision: Decision = "continue"
@@ -599,11 +678,15 @@ class TorchTrainer:
                 ctx.save_checkpoint(epoch, blob())
                 return "stop" if stop else "continue"
 
+            def on_preempt(epoch: int, step: int, blob: Callable[[], bytes]) -> None:
+                ctx.checkpoint_now(epoch, blob(), step=step)
+
             if ctx.should_stop():
                 raise CancelledError("training cancelled before it started")
             loop = train_loop(
                 model, p, arrays, seed=ctx.seed, start_epoch=start, resume_state=state,
-                on_epoch=_cancellable(ctx, on_epoch),
+                on_epoch=_cancellable(ctx, on_epoch), preempting=ctx.preempting,
+                on_preempt=on_preempt,
             )  # fmt: skip
             return _result(
                 model, p, data, loop, checkpoint.epoch if checkpoint else -1, {"world_size": 1}
@@ -716,6 +799,7 @@ def fit_distributed(
     gpus: int = 0,
     timeout_s: float = 3600.0,
     env: Mapping[str, str] | None = None,
+    nodes: NodeGroup | None = None,
 ) -> FitResult:
     """Train ``estimator`` data-parallel on ``nproc_per_node`` torchrun ranks of this machine.
 
@@ -725,6 +809,13 @@ def fit_distributed(
     checkpoint from ``ctx.resume()`` is continued. Raises :class:`FailedPreconditionError`
     with the failing rank's traceback when a rank fails, :class:`DeadlineExceededError` after
     ``timeout_s``. ``env`` adds variables for the ranks.
+
+    With ``nodes`` (``nnodes > 1``), this is node rank 0 of a multi-node fit: the ranks'
+    inputs go to ``nodes.publish`` (which tells the other nodes where to meet, see
+    :mod:`carrara.training.gang`) and torchrun runs with a static rendezvous on this node's
+    store; the other nodes run :func:`run_node`. Each global batch is split across all
+    ``nnodes x nproc_per_node`` ranks. A failed rank on any node raises
+    :class:`RankFailedError`.
     """
     TRAINER._check_estimator(estimator)
     p = parse_params(params)
@@ -732,10 +823,10 @@ def fit_distributed(
     config = _config_for(p, data)
     if nproc_per_node < 1:
         raise InvalidArgumentError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-    if nnodes != 1:
+    if nnodes != (1 if nodes is None else nodes.nnodes):
         raise InvalidArgumentError(
-            f"multi-node torchrun (nnodes={nnodes}) is not supported by this launcher yet; "
-            "use nnodes=1 with processes_per_node ranks"
+            f"nnodes={nnodes}: a multi-node fit needs its node group (``nodes``), which the "
+            "queue gives the worker holding node rank 0"
         )
     use_cuda = gpus > 0 and torch.cuda.is_available()
     if backend is None:
@@ -773,17 +864,19 @@ def fit_distributed(
             "cuda": use_cuda,
             "timeout_s": float(timeout_s),
             "resume_epoch": checkpoint.epoch if checkpoint is not None else -1,
+            "nproc_per_node": nproc_per_node,  # the launcher counts its ranks' preempted markers
         }
         (workdir / "job.json").write_text(json.dumps(job))
         if checkpoint is not None:
             (workdir / "resume.pt").write_bytes(checkpoint.state)
-        port = _free_port()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0",
-            "-m", "carrara.training.frameworks.torch_ddp", str(workdir),
-        ]  # fmt: skip
+        if nodes is not None:
+            master_addr, master_port = nodes.publish(workdir)
+            cmd = _torchrun_cmd(
+                workdir, nproc_per_node, nnodes=nnodes, node_rank=0,
+                master=(master_addr, master_port),
+            )  # fmt: skip
+        else:
+            cmd = _torchrun_cmd(workdir, nproc_per_node)
         child_env = dict(os.environ)
         child_env["OMP_NUM_THREADS"] = str(p.threads)  # torchrun warns when it has to pick
         child_env.update(env or {})
@@ -796,23 +889,17 @@ def fit_distributed(
             try:
                 failure = _relay(proc, workdir, ctx, deadline)
             finally:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                _stop(proc)
+        if nodes is not None:
+            nodes.cleanup()
         if failure is not None:
             raise failure
         rc = proc.returncode
         final_path = workdir / "final.pt"
         if rc != 0 or not final_path.exists():
-            raise FailedPreconditionError(
-                f"distributed training failed (torchrun exit code {rc}, {nproc_per_node} ranks):"
-                f"\n{_rank_errors(workdir, launcher_log)}"
+            raise RankFailedError(
+                f"distributed training failed (torchrun exit code {rc}, {nnodes} node(s) x "
+                f"{nproc_per_node} ranks):\n{_rank_errors(workdir, launcher_log)}"
             )
         final = load_blob(final_path.read_bytes())
     model = MLP(config)
@@ -829,16 +916,150 @@ def fit_distributed(
     )  # fmt: skip
 
 
+class NodeGroup(Protocol):
+    """Node rank 0's link to the other nodes of a multi-node fit."""
+
+    nnodes: int
+
+    def publish(self, workdir: Path) -> tuple[str, int]:
+        """Make the ranks' inputs in ``workdir`` available to the other nodes and say where
+        to meet; returns rank 0's store address and port."""
+        ...
+
+    def cleanup(self) -> None:
+        """The fit is over: drop what :meth:`publish` stored."""
+        ...
+
+
+def _torchrun_cmd(
+    workdir: Path,
+    nproc_per_node: int,
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master: tuple[str, int] | None = None,
+) -> list[str]:
+    """torchrun for one node: a local c10d rendezvous when alone, else a static one on node
+    rank 0's store (``--nnodes N --node-rank r --master-addr A --master-port P``)."""
+    if master is None:
+        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    else:
+        rdzv = [
+            "--rdzv-backend=static", f"--node-rank={node_rank}",
+            f"--master-addr={master[0]}", f"--master-port={master[1]}",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}", *rdzv, "--max-restarts=0",
+        "-m", "carrara.training.frameworks.torch_ddp", str(workdir),
+    ]  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a torchrun that is still running: SIGTERM to its process group, SIGKILL after 10 s."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_node(
+    workdir: Path,
+    *,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int,
+    nproc_per_node: int,
+    gpus: Sequence[int] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    preempting: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run node ``node_rank`` (> 0) of a multi-node fit whose inputs (from node rank 0's
+    ``publish``) are in ``workdir``, until its ranks exit. ``preempting`` makes every rank stop
+    after its current step (rank 0 then checkpoints and hands the job back; this raises
+    :class:`Preempted`); ``should_stop`` kills the ranks (CancelledError). A failed rank
+    raises :class:`RankFailedError`."""
+    job = json.loads((workdir / "job.json").read_text())
+    cmd = _torchrun_cmd(
+        workdir, nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+        master=(master_addr, master_port),
+    )  # fmt: skip
+    child_env = dict(os.environ)
+    child_env["OMP_NUM_THREADS"] = str(int(job["params"].get("threads", 1)))
+    if gpus:
+        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    deadline = time.monotonic() + float(job["timeout_s"])
+    launcher_log = workdir / "torchrun.log"
+    preempt_sent = False
+    with launcher_log.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
+        )
+        try:
+            while proc.poll() is None:
+                if not preempt_sent and preempting():
+                    _write_atomic(workdir / "preempt", b"preempt")
+                    preempt_sent = True
+                if should_stop():
+                    raise CancelledError(f"node rank {node_rank}: stopped")
+                if time.monotonic() > deadline:
+                    raise DeadlineExceededError(
+                        f"node rank {node_rank} ran past its timeout; raise timeout_s"
+                    )
+                time.sleep(0.01)
+        finally:
+            _stop(proc)
+    if any(workdir.glob("preempted-rank*")):
+        raise Preempted(f"node rank {node_rank}: ranks stopped for a preemption")
+    if proc.returncode != 0:
+        raise RankFailedError(
+            f"node rank {node_rank}: torchrun exit code {proc.returncode} "
+            f"({nproc_per_node} ranks):\n{_rank_errors(workdir, launcher_log)}"
+        )
+
+
+def _preempted_ranks(workdir: Path) -> int:
+    """How many ranks left a ``preempted-rank<r>`` marker here (temp files not counted)."""
+    return sum(1 for f in workdir.glob("preempted-rank*") if f.name[14:].isdigit())
+
+
 def _relay(
     proc: subprocess.Popen[bytes], workdir: Path, ctx: TrainContext, deadline: float
 ) -> BaseException | None:
     """Pass rank 0's epoch events to ``ctx`` and answer each with a decision file, until the
-    launcher exits. Returns the error to raise (pruned, timeout), if any."""
+    launcher exits. Returns the error to raise (pruned, preempted, timeout), if any.
+
+    Once ``ctx.preempting()``, a ``preempt`` file tells this node's ranks to stop after their
+    current step; rank 0's ``preempt`` event carries the mid-epoch checkpoint, passed to
+    ``ctx.checkpoint_now``, and each rank leaves a ``preempted-rank<r>`` marker. When every
+    local rank has (``job.json``'s ``nproc_per_node``), torchrun's teardown is cut short."""
     events = workdir / "events.jsonl"
     offset = 0
     failure: BaseException | None = None
+    preempt_sent = False
+    handback: tuple[int, int] | None = None  # (epoch, step) of the mid-epoch checkpoint
+    ranks = int(json.loads((workdir / "job.json").read_text()).get("nproc_per_node", 0))
     while True:
+        # Handed back once the checkpoint is saved and every local rank has stopped training:
+        # no need to wait for torchrun's own teardown (seconds); the caller stops it.
+        # (Rank 0 appends its preempt event before its marker: read below in this pass.)
+        stopped = ranks > 0 and _preempted_ranks(workdir) >= ranks
+        if stopped and proc.poll() is None:
+            # Every local rank stopped training and left its marker; what is left is process
+            # teardown (~1 s here) that a machine being preempted should not wait for.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         finished = proc.poll() is not None
+        if not preempt_sent and ctx.preempting():
+            _write_atomic(workdir / "preempt", b"preempt")
+            preempt_sent = True
         if events.exists():
             with events.open("rb") as f:
                 f.seek(offset)
@@ -849,6 +1070,13 @@ def _relay(
             for line in complete:
                 event = json.loads(line)
                 epoch = int(event["epoch"])
+                if event.get("preempt"):
+                    step = int(event["step"])
+                    ctx.checkpoint_now(
+                        epoch, (workdir / event["checkpoint"]).read_bytes(), step=step
+                    )
+                    handback = (epoch, step)
+                    continue
                 decision: Decision = "continue"
                 try:
                     stop = ctx.report(epoch, event["metrics"])
@@ -868,6 +1096,10 @@ def _relay(
                 "distributed training ran past its timeout; raise timeout_s or train less"
             )
         time.sleep(0.01)
+    if failure is None and _preempted_ranks(workdir):
+        at_epoch, at_step = handback if handback is not None else (None, 0)
+        where = f" after step {at_step} of epoch {at_epoch + 2}" if at_epoch is not None else ""
+        failure = Preempted(f"distributed training preempted{where}", epoch=at_epoch, step=at_step)
     if failure is None and (workdir / "cancelled").exists():
         failure = CancelledError("training cancelled")
     return failure

@@ -9,6 +9,10 @@ from a checkpoint grows exactly the trees an uninterrupted run would. With sampl
 re-seeds its samplers when the booster is loaded, so the resumed trees differ from an
 uninterrupted run's (still deterministic given the seed and the checkpoint).
 
+Preemption is honoured between rounds: once ``ctx.preempting()``, the booster after the last
+round is written with ``ctx.checkpoint_now`` (whatever the checkpoint policy) and
+:class:`Preempted` is raised; at most the round under way is redone elsewhere.
+
 ``val_loss`` is log loss (classification) or mean squared error (regression), like the other
 epoch-based trainers. When early stopping stops the run, the model is cut back to the round
 with the lowest ``val_loss`` (XGBoost's own ``best_iteration`` behaviour).
@@ -33,7 +37,7 @@ from carrara.errors import (
 )
 
 from ..spec import PARAMS
-from .base import FitResult, Task, TrainContext, TrainData, evaluate_scores
+from .base import FitResult, Preempted, Task, TrainContext, TrainData, evaluate_scores
 from .parity import INPUT_NAME, attach_score_output
 from .sklearn_trainer import check_param_names, check_train_data
 
@@ -143,9 +147,15 @@ class XGBoostTrainer:
                 start = 0
             stopped_early = False
             epochs_run = start
+            blob = b""  # the last round's checkpoint, for a preemption handback
             for i in range(start, rounds):
                 if ctx.should_stop():
                     raise CancelledError(f"xgboost training cancelled after round {i - 1}")
+                if ctx.preempting():
+                    if not blob:
+                        raise Preempted(f"xgboost training preempted before round {i}")
+                    ctx.checkpoint_now(i - 1, blob)
+                    raise Preempted(f"xgboost training preempted after round {i - 1}", epoch=i - 1)
                 booster.update(dtrain, iteration=i)
                 epochs_run = i + 1
                 metrics = self._round_metrics(booster.eval_set(evals, iteration=i))
@@ -154,7 +164,8 @@ class XGBoostTrainer:
                     state.best_loss, state.best_epoch = loss, i
                 stop = ctx.report(i, metrics)
                 state.booster = bytes(booster.save_raw("ubj"))
-                ctx.save_checkpoint(i, msgspec.msgpack.encode(state))
+                blob = msgspec.msgpack.encode(state)
+                ctx.save_checkpoint(i, blob)
                 if stop:
                     stopped_early = True
                     break

@@ -10,16 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
-from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
+from carrara.feature_cache import FeatureService
 from carrara.registry.registry import ModelRegistry
 from carrara.training.checkpoints import CheckpointStore, checkpoint_root
 from carrara.training.queue import JobQueue
-from carrara.training.spec import CheckpointSpec, DatasetSpec, JobSpec, ModelSpec
+from carrara.training.spec import JobSpec
 from carrara.training.worker import Worker, run_job
+from tests.training_data import mlp_job, worker_env
 
 DAY_US = 86_400_000_000
 T0_US = 1_780_000_000_000_000
@@ -28,57 +27,9 @@ EPOCHS = 60
 
 
 def _setup(features: FeatureService, tmp_path: Path) -> JobSpec:
-    features.apply(
-        Definitions(
-            entities=(Entity(name="thing", join_key="id"),),
-            groups=(
-                FeatureGroup(
-                    name="g", entity="thing", features=(Feature(name="a"), Feature(name="b"))
-                ),
-            ),
-        )
-    )
-    rng = np.random.default_rng(2)
-    ids = [f"e{i}" for i in range(N)]
-    a, b = rng.normal(size=N), rng.normal(size=N)
-    features.ingest("g", pd.DataFrame({"id": ids, "event_timestamp": [T0_US] * N, "a": a, "b": b}))
-    pd.DataFrame(
-        {
-            "id": ids,
-            "event_timestamp": T0_US + DAY_US + np.arange(N) * 1_000_000,
-            "y": (a - 2 * b + rng.normal(size=N) * 0.5 > 0).astype(np.int64),
-        }
-    ).to_parquet(tmp_path / "labels.parquet")
-    return JobSpec(
-        model_name="resumable",
-        dataset=DatasetSpec(
-            features=["g:a", "g:b"],
-            label_source=str(tmp_path / "labels.parquet"),
-            label_column="y",
-            entity_column="id",
-        ),
-        # Many small epochs (each writes a checkpoint) so the kill lands mid-run.
-        model=ModelSpec(
-            framework="pytorch",
-            estimator="mlp",
-            params={"epochs": EPOCHS, "batch_size": 16, "hidden": [8], "lr": 0.01},
-        ),
-        checkpoint=CheckpointSpec(every_epochs=1, keep=2),
-        seed=4,
-    )
-
-
-def _worker_env(tmp_path: Path, url: str) -> dict[str, str]:
-    """Settings for a `carrara train worker` subprocess over the test's stores."""
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CARRARA_")},
-        "CARRARA_HOME": str(tmp_path / "home"),
-        "CARRARA_REGISTRY_URL": url,
-        "CARRARA_OFFLINE_STORE_PATH": str(tmp_path / "offline"),
-        "CARRARA_ARTIFACT_PATH": str(tmp_path / "artifacts"),
-        "CARRARA_EVENT_LOG_URL": f"local:///{tmp_path / 'events.db'}",
-        "CARRARA_DATA_ROOTS": str(tmp_path),  # the labels are written there
-    }
+    # Many small epochs (each writes a checkpoint) so the kill lands mid-run.
+    params = {"epochs": EPOCHS, "batch_size": 16, "hidden": [8], "lr": 0.01}
+    return mlp_job(features, tmp_path, model_name="resumable", n=N, params=params)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +51,7 @@ def test_sigkilled_worker_is_resumed_from_its_checkpoint(
     try:
         spec = _setup(features, tmp_path)
         job = queue.submit(spec, submitted_by="ci")
-        env = _worker_env(tmp_path, url)
+        env = worker_env(tmp_path, url)
         log_file = open(tmp_path / "worker1.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [sys.executable, "-m", "carrara", "train", "worker", "--until-idle"],
@@ -174,7 +125,7 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(tmp_path: Path) -> None
     try:
         spec = _setup(features, tmp_path)
         job = queue.submit(spec, submitted_by="ci")
-        env = _worker_env(tmp_path, url)
+        env = worker_env(tmp_path, url)
         log_path = tmp_path / "worker.log"
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(

@@ -453,3 +453,20 @@ def test_multi_node_rank_that_never_joins_requeues_and_attempts_are_bounded(
         assert [r.worker for r in q.ranks(job.job_id)] == ["w1", "w3"]
         final = q.fail_attempt(again, "rank died")
         assert final.state == "FAILED" and "attempt 2 failed" in final.error
+
+
+def test_a_worker_that_leaves_is_no_gang_member(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}", worker_presence_s=60) as q:
+        job = q.submit(gpu_spec(0, "gang", nodes=2))
+        assert q.claim("w1", node="n1") is None
+        q.leave("w1")  # shutting down: never counted on again
+        assert q.claim("w2", node="n2") is None
+        assert q.get(job.job_id).state == "QUEUED"
+        # Admitted but leaving before its rank started: the job goes back to the queue.
+        assert q.claim("w3", node="n3") is not None
+        assert q.get(job.job_id).state == "RUNNING"
+        follower = next(r for r in q.ranks(job.job_id) if r.node_rank == 1)
+        q.leave(follower.worker)
+        back = q.get(job.job_id)
+        assert back.state == "QUEUED" and "left before its node rank started" in back.error
+        assert q.device_leases() == [] and q.ranks(job.job_id) == []

@@ -427,7 +427,7 @@ def test_pytorch_ranks_go_through_fit_distributed(
     monkeypatch.setattr(torch_trainer, "fit_distributed", fake)
     spec = env.spec(resources=Resources(cpus=2, processes_per_node=2))
     result = run_job(spec, features=env.features, registry=env.registry)
-    assert calls == [{"nproc_per_node": 2, "nnodes": 1, "gpus": 0, "env": None}]
+    assert calls == [{"nproc_per_node": 2, "nnodes": 1, "gpus": 0, "env": None, "nodes": None}]
     assert result["epochs_run"] == 6
 
 
