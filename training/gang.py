@@ -133,7 +133,8 @@ def run_follower(
 ) -> Job:
     """Run this worker's node rank of ``job`` to the end; returns the job as it then is.
 
-    Waits (up to ``wait_s``, default the queue's lease timeout) for rank 0's rendezvous, fetches
+    Waits for rank 0's rendezvous (rank 0 publishes it once it has built the training set;
+    while the attempt lives, or at most ``wait_s`` when given), fetches
     the inputs, runs the node's ranks with the job's leased GPUs, heartbeats the rank, and
     reports: done (:meth:`JobQueue.rank_done`) or failed (:meth:`JobQueue.fail_attempt`).
     ``stopping`` (the worker is preempted) makes the ranks stop at their next step; rank 0
@@ -170,20 +171,23 @@ def run_follower(
     thread = threading.Thread(target=beat, name=f"rank-beat-{job.job_id[:8]}", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + (wait_s if wait_s is not None else queue.lease_timeout_s)
+        deadline = time.monotonic() + wait_s if wait_s is not None else None
         rdzv: Rendezvous | None = None
         while rdzv is None or not rdzv.inputs:
             if lost.is_set():
                 return queue.get(job.job_id)
+            if stopping.is_set():  # preempted before its ranks started
+                queue.leave(job.rank_worker)
+                return queue.hand_back_attempt(job, "its node was preempted before it started")
             try:
                 rdzv = queue.rendezvous(job)
             except FailedPreconditionError:
                 return queue.get(job.job_id)
             if rdzv is not None and rdzv.inputs:
                 break
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceededError(f"{where}: rank 0 published no rendezvous in time")
-            time.sleep(0.1)
+            time.sleep(0.2)
         fs, _, _ = open_root(root)
         refresh(fs, rdzv.inputs)
         blob = bytes(fs.cat_file(rdzv.inputs))

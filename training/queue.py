@@ -152,6 +152,7 @@ ALTER TABLE training_jobs ADD COLUMN mig_profile TEXT NOT NULL DEFAULT '';
 ALTER TABLE training_jobs ADD COLUMN mig_device TEXT NOT NULL DEFAULT '';
 ALTER TABLE training_jobs ADD COLUMN nodes_requested INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE training_jobs ADD COLUMN rendezvous_json TEXT NOT NULL DEFAULT '';
+ALTER TABLE training_jobs ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE training_nodes ADD COLUMN mig_json TEXT NOT NULL DEFAULT '[]';
 CREATE TABLE training_device_leases (
     node TEXT NOT NULL,
@@ -371,7 +372,7 @@ class JobQueue:
     ranks and leases are written in the same transaction, and each of them receives its rank
     from its next :meth:`claim`. An attempt that fails on any node (:meth:`fail_attempt`, or a
     rank whose worker stops heartbeating) is requeued in its FIFO place to resume from its
-    checkpoint, up to ``max_attempts`` attempts.
+    checkpoint, until ``max_attempts`` attempts have failed.
     """
 
     def __init__(
@@ -939,15 +940,34 @@ class JobQueue:
 
     def fail_attempt(self, job: Job, error: str) -> Job:
         """An attempt failed on some node (a rank died, a node was lost): the job goes back to
-        the queue in its place to resume from its last checkpoint, or FAILED once it has had
-        ``max_attempts`` attempts. Any node of the attempt may call this; only the first call
-        for an attempt acts."""
+        the queue in its place to resume from its last checkpoint, or FAILED once
+        ``max_attempts`` of its attempts have failed (attempts handed back for a preemption or
+        requeued after a silent worker do not count). Any node of the attempt may call this;
+        only the first call for an attempt acts."""
+        return self._end_attempt(job, error, failed=True)
+
+    def hand_back_attempt(self, job: Job, reason: str) -> Job:
+        """A node of a multi-node attempt is going away (preempted) before its ranks started:
+        the attempt ends and the job goes back to the queue, not counted as a failure. Any
+        node of the attempt may call this; only the first call for an attempt acts."""
+        return self._end_attempt(job, reason, failed=False)
+
+    def _end_attempt(self, job: Job, error: str, *, failed: bool) -> Job:
         with self.db.transaction() as tx:
             current = self._get(tx, job.job_id, lock=True)
             if current.state != "RUNNING" or current.attempts != job.attempts:
                 return current
             where = f"node rank {job.node_rank}" if current.nodes > 1 else "the job"
-            if current.attempts >= self.max_attempts:
+            row = tx.fetchone(
+                "SELECT failed_attempts FROM training_jobs WHERE job_id = ?", (job.job_id,)
+            )
+            failures = (int(row[0]) if row is not None else 0) + (1 if failed else 0)
+            tx.execute(
+                "UPDATE training_jobs SET failed_attempts = ? WHERE job_id = ?",
+                (failures, job.job_id),
+            )
+            what = "failed" if failed else "was handed back"
+            if failed and failures >= self.max_attempts:
                 tx.execute(
                     "UPDATE training_jobs SET state = 'FAILED', finished_at_us = ?, error = ?"
                     " WHERE job_id = ?",
@@ -960,7 +980,7 @@ class JobQueue:
                     " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
                     " WHERE job_id = ?",
                     (
-                        f"attempt {current.attempts} failed on {where}: {error}; requeued",
+                        f"attempt {current.attempts} {what} on {where}: {error}; requeued",
                         job.job_id,
                     ),
                 )

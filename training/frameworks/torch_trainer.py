@@ -1029,6 +1029,10 @@ def _preempted_ranks(workdir: Path) -> int:
     return sum(1 for f in workdir.glob("preempted-rank*") if f.name[14:].isdigit())
 
 
+#: How long a stop may wait for the ranks' next epoch before they are ended.
+STOP_GRACE_S = 5.0
+
+
 def _relay(
     proc: subprocess.Popen[bytes], workdir: Path, ctx: TrainContext, deadline: float
 ) -> BaseException | None:
@@ -1045,6 +1049,11 @@ def _relay(
     preempt_sent = False
     handback: tuple[int, int] | None = None  # (epoch, step) of the mid-epoch checkpoint
     ranks = int(json.loads((workdir / "job.json").read_text()).get("nproc_per_node", 0))
+    # A stop (cancel, or the job's lease lost: another node failed or was preempted) normally
+    # takes effect at the next epoch's decision; ranks that make no progress (waiting for a
+    # node that will not come) are ended once it has stood for STOP_GRACE_S.
+    next_look = time.monotonic() + 1.0
+    stop_seen: float | None = None
     while True:
         # Handed back once the checkpoint is saved and every local rank has stopped training:
         # no need to wait for torchrun's own teardown (seconds); the caller stops it.
@@ -1091,7 +1100,17 @@ def _relay(
                     (workdir / event["checkpoint"]).unlink()
         if finished:
             break
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now >= next_look:
+            next_look = now + 1.0
+            if ctx.should_stop():
+                stop_seen = stop_seen or now
+                if now - stop_seen >= STOP_GRACE_S:
+                    _stop(proc)
+                    return CancelledError("distributed training stopped (cancelled or lease lost)")
+            else:
+                stop_seen = None
+        if now > deadline:
             return DeadlineExceededError(
                 "distributed training ran past its timeout; raise timeout_s or train less"
             )

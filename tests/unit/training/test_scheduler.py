@@ -451,8 +451,14 @@ def test_multi_node_rank_that_never_joins_requeues_and_attempts_are_bounded(
         again = q.claim("w1", node="n1")  # w3 (just seen) is its other node now
         assert again is not None and again.attempts == 2
         assert [r.worker for r in q.ranks(job.job_id)] == ["w1", "w3"]
-        final = q.fail_attempt(again, "rank died")
-        assert final.state == "FAILED" and "attempt 2 failed" in final.error
+        # The requeue after a silent worker is no failure; two failed attempts are the cap.
+        back = q.fail_attempt(again, "rank died")
+        assert back.state == "QUEUED" and "attempt 2 failed" in back.error
+        q.claim("w3", node="n3")
+        third = q.claim("w1", node="n1")
+        assert third is not None and third.attempts == 3
+        final = q.fail_attempt(third, "rank died again")
+        assert final.state == "FAILED" and "attempt 3 failed" in final.error
 
 
 def test_a_worker_that_leaves_is_no_gang_member(tmp_path: Path) -> None:
@@ -470,3 +476,21 @@ def test_a_worker_that_leaves_is_no_gang_member(tmp_path: Path) -> None:
         back = q.get(job.job_id)
         assert back.state == "QUEUED" and "left before its node rank started" in back.error
         assert q.device_leases() == [] and q.ranks(job.job_id) == []
+
+
+def test_a_handed_back_attempt_is_not_a_failure(tmp_path: Path) -> None:
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}", max_attempts=1) as q:
+        job = q.submit(gpu_spec(0, "gang", nodes=2))
+        nodes = {"w1": "n1", "w2": "n2"}
+        for _ in range(4):  # preempted before starting, again and again: never FAILED
+            leader = q.claim("w1", node="n1") or q.claim("w2", node="n2")
+            assert leader is not None and leader.node_rank == 0
+            other = "w2" if leader.worker == "w1" else "w1"
+            follower = q.claim(other, node=nodes[other])
+            assert follower is not None and follower.node_rank == 1
+            back = q.hand_back_attempt(follower, "its node was preempted before it started")
+            assert back.state == "QUEUED" and "was handed back on node rank 1" in back.error
+        last = q.claim("w1", node="n1") or q.claim("w2", node="n2")
+        assert last is not None and last.attempts == 5
+        assert q.fail_attempt(last, "rank died").state == "FAILED"  # the first real failure
+        assert q.get(job.job_id).state == "FAILED"
