@@ -138,8 +138,19 @@ def _run(queue: JobQueue, spec: JobSpec, timeout_s: float) -> tuple[Job, float, 
     return done, (end - start) / 1e6, total
 
 
+#: (nodes, ranks per node): one process; two torchrun ranks on one node; one rank on each of
+#: two nodes.
+CONFIGS = ((1, 1), (1, 2), (2, 1))
+
+
 def bench(
-    rows: int, epochs: int, width: int, repeats: int, db: str | None, timeout_s: float
+    rows: int,
+    epochs: int,
+    width: int,
+    repeats: int,
+    db: str | None,
+    timeout_s: float,
+    configs: tuple[tuple[int, int], ...] = CONFIGS,
 ) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="carrara-bench-nodes-") as tmp:
@@ -149,8 +160,7 @@ def bench(
         procs = _workers(folder, url)
         try:
             with JobQueue.open(url) as queue:
-                # One process; two torchrun ranks on one node; one rank on each of two nodes.
-                for nodes, ranks in ((1, 1), (1, 2), (2, 1)):
+                for nodes, ranks in configs:
                     fits: list[float] = []
                     totals: list[float] = []
                     one = msgspec.structs.replace(
@@ -200,12 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--db", help="queue/registry URL (default: SQLite in a temp folder)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--configs",
+        default=",".join(f"{n}x{r}" for n, r in CONFIGS),
+        help="NODESxRANKS per configuration (default: 1x1,1x2,2x1)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run (smoke)")
     parser.add_argument("--json", help="write results to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.epochs, args.width, args.repeats = 400, 2, 8, 1
-    results = bench(args.rows, args.epochs, args.width, args.repeats, args.db, args.timeout)
+    configs = tuple(
+        (int(n), int(r)) for n, r in (c.split("x") for c in args.configs.split(",") if c)
+    )
+    results = bench(
+        args.rows, args.epochs, args.width, args.repeats, args.db, args.timeout, configs
+    )
     if args.json:
         with open(args.json, "wb") as fh:
             fh.write(msgspec.json.encode(results))
