@@ -328,6 +328,30 @@ def _release(tx: Transaction, job_id: str) -> None:
     tx.execute("UPDATE training_workers SET job_id = NULL WHERE job_id = ?", (job_id,))
 
 
+def _requeue(tx: Transaction, job_id: str, error: str) -> None:
+    """Put a RUNNING job back in the queue in its place (its attempt over: no worker, node,
+    devices or rendezvous) and free its leases, ranks and workers."""
+    tx.execute(
+        "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
+        " mig_device = '', rendezvous_json = '', worker = NULL, error = ? WHERE job_id = ?",
+        (error, job_id),
+    )
+    _release(tx, job_id)
+
+
+def _assigned(tx: Transaction, worker: str) -> builtins.list[tuple[str, int]]:
+    """(job id, node rank) of the current attempts' ranks waiting for ``worker`` to start."""
+    return [
+        (r[0], int(r[1]))
+        for r in tx.fetchall(
+            "SELECT r.job_id, r.node_rank FROM training_job_ranks r JOIN training_jobs j"
+            " ON j.job_id = r.job_id WHERE r.worker = ? AND r.state = 'ASSIGNED'"
+            " AND j.state = 'RUNNING' AND r.attempt = j.attempts ORDER BY r.job_id",
+            (worker,),
+        )
+    ]
+
+
 def _used(tx: Transaction, node: str) -> dict[str, int]:
     """Shares leased per device of ``node``."""
     return {
@@ -677,23 +701,17 @@ class JobQueue:
                 " node = excluded.node, seen_at_us = excluded.seen_at_us, job_id = NULL",
                 (worker, node, now),
             )
-            assigned = tx.fetchone(
-                "SELECT r.job_id, r.node_rank FROM training_job_ranks r JOIN training_jobs j"
-                " ON j.job_id = r.job_id WHERE r.worker = ? AND r.state = 'ASSIGNED'"
-                " AND j.state = 'RUNNING' AND r.attempt = j.attempts ORDER BY r.job_id",
-                (worker,),
-            )
-            if assigned is not None:
+            for assigned_job, node_rank in _assigned(tx, worker)[:1]:
                 tx.execute(
                     "UPDATE training_job_ranks SET state = 'RUNNING', heartbeat_at_us = ?"
                     " WHERE job_id = ? AND node_rank = ?",
-                    (now, assigned[0], assigned[1]),
+                    (now, assigned_job, node_rank),
                 )
                 tx.execute(
                     "UPDATE training_workers SET job_id = ? WHERE worker = ?",
-                    (assigned[0], worker),
+                    (assigned_job, worker),
                 )
-                return self._rank_view(tx, assigned[0], int(assigned[1]))
+                return self._rank_view(tx, assigned_job, node_rank)
             if not inventory.empty:
                 tx.execute(
                     "INSERT INTO training_nodes (node, gpus_json, seen_at_us, mig_json)"
@@ -920,19 +938,8 @@ class JobQueue:
         goes back to the queue."""
         requeued: builtins.list[Job] = []
         with self.db.transaction() as tx:
-            for (job_id,) in tx.fetchall(
-                "SELECT r.job_id FROM training_job_ranks r JOIN training_jobs j"
-                " ON j.job_id = r.job_id WHERE r.worker = ? AND r.state = 'ASSIGNED'"
-                " AND j.state = 'RUNNING' AND r.attempt = j.attempts",
-                (worker,),
-            ):
-                tx.execute(
-                    "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
-                    " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
-                    " WHERE job_id = ?",
-                    (f"worker {worker} left before its node rank started; requeued", job_id),
-                )
-                _release(tx, job_id)
+            for job_id, _ in _assigned(tx, worker):
+                _requeue(tx, job_id, f"worker {worker} left before its node rank started; requeued")
                 requeued.append(self._get(tx, job_id))
             tx.execute("DELETE FROM training_workers WHERE worker = ?", (worker,))
         for job in requeued:
@@ -974,17 +981,13 @@ class JobQueue:
                     (_now_us(), f"attempt {current.attempts} failed on {where}: {error}",
                      job.job_id),
                 )  # fmt: skip
+                _release(tx, job.job_id)
             else:
-                tx.execute(
-                    "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
-                    " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
-                    " WHERE job_id = ?",
-                    (
-                        f"attempt {current.attempts} {what} on {where}: {error}; requeued",
-                        job.job_id,
-                    ),
+                _requeue(
+                    tx,
+                    job.job_id,
+                    f"attempt {current.attempts} {what} on {where}: {error}; requeued",
                 )
-            _release(tx, job.job_id)
             after = self._get(tx, job.job_id)
         self._publish(after)
         return after
@@ -1064,13 +1067,7 @@ class JobQueue:
         original place, GPUs released, checkpoints kept for the next attempt to resume."""
         with self.db.transaction() as tx:
             self._owned(tx, job)
-            tx.execute(
-                "UPDATE training_jobs SET state = 'QUEUED', node = NULL, gpus_json = '[]',"
-                " mig_device = '', rendezvous_json = '', worker = NULL, error = ?"
-                " WHERE job_id = ?",
-                (reason, job.job_id),
-            )
-            _release(tx, job.job_id)
+            _requeue(tx, job.job_id, reason)
             back = self._get(tx, job.job_id)
         self._publish(back)
         return back
