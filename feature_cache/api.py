@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from carrara.feature_cache.online_store import EmbeddedOnlineStore
-from carrara.feature_cache.service import FeatureService, float32_rows
+from carrara.feature_cache.service import FeatureService, GroupFreshness, float32_rows
 from carrara.http import (
     Endpoint,
     ErrorBody,
@@ -33,8 +33,10 @@ from carrara.http import json_response as _json
 __all__ = [
     "EntityFeatures",
     "ErrorBody",
+    "FeatureSummary",
     "GetOnlineRequest",
     "GetOnlineResponse",
+    "GroupSummary",
     "create_app",
     "endpoints",
 ]
@@ -72,7 +74,19 @@ class GetOnlineResponse(msgspec.Struct):
     results: list[EntityFeatures]
 
 
+class FeatureSummary(msgspec.Struct):
+    """One feature of a group, as its definition declares it."""
+
+    name: str
+    dtype: str
+    description: str = ""
+    owner_team: str = ""
+
+
 class GroupSummary(msgspec.Struct):
+    """A group's latest version, for catalog pages: ``features`` are the names in order,
+    ``feature_specs`` the same features with dtype and metadata."""
+
     name: str
     version: int
     entity: str
@@ -80,6 +94,14 @@ class GroupSummary(msgspec.Struct):
     ttl_days: float
     online: bool
     offline: bool
+    description: str = ""
+    owner_team: str = ""
+    entity_key: str = ""  # the entity's join key column
+    source: str = ""
+    transform: str = ""
+    aggregated: bool = False
+    created_at_us: int = 0  # when this version was applied
+    feature_specs: list[FeatureSummary] = []
 
 
 _request_decoder = msgspec.json.Decoder(GetOnlineRequest)
@@ -143,7 +165,7 @@ def endpoints(service: FeatureService) -> list[Endpoint]:
         return _json(GetOnlineResponse(result.group, result.version, names, out))
 
     async def list_groups(request: Request) -> Response:
-        groups = service.list_groups()
+        groups = await run_in_threadpool(service.list_groups)
         return _json(
             [
                 GroupSummary(
@@ -154,10 +176,24 @@ def endpoints(service: FeatureService) -> list[Endpoint]:
                     g.definition.ttl_days,
                     g.definition.online,
                     g.definition.offline,
+                    description=g.definition.description,
+                    owner_team=g.definition.owner_team,
+                    entity_key=g.entity.key,
+                    source=g.definition.source,
+                    transform=g.definition.transform,
+                    aggregated=g.definition.is_aggregated,
+                    created_at_us=g.created_at_us,
+                    feature_specs=[
+                        FeatureSummary(f.name, f.dtype, f.description, f.owner_team)
+                        for f in g.definition.features
+                    ],
                 )
                 for g in groups
             ]
         )
+
+    async def freshness(request: Request) -> Response:
+        return _json(await run_in_threadpool(service.freshness))
 
     async def healthz(request: Request) -> Response:
         return _json(Health("ok"))
@@ -178,6 +214,14 @@ def endpoints(service: FeatureService) -> list[Endpoint]:
             "Feature groups (latest versions)",
             list[GroupSummary],
             list_groups,
+        ),
+        Endpoint(
+            "GET",
+            "/features/freshness",
+            "Online freshness of every group (last write, newest event, age vs TTL)",
+            list[GroupFreshness],
+            freshness,
+            errors=(503,),
         ),
         Endpoint("GET", "/healthz", "Liveness", Health, healthz),
     ]

@@ -1,5 +1,15 @@
 """The online store: latest feature vector per entity and group version.
 
+Freshness. Every write of a batch (:meth:`OnlineStore.write_vectors`, what batch and
+streaming materialization and aggregated ingestion call) also records, per group version, a
+:class:`WriteRecord`: when it last wrote (wall clock), the newest event time it ever wrote and
+how many rows the last write had — one small extra write per batch. On Redis it is the hash
+``[{namespace}:]carrara-freshness`` (field ``{group}:{version}``, value ``"{ms} {rows}"``)
+and the sorted set ``[{namespace}:]carrara-freshness-event`` (member ``{group}:{version}``,
+score the newest event time in µs, only ever raised: ``ZADD GT``); on Redis Cluster the same
+two keys behind one hash tag (one node, one round trip). ``-`` never occurs in a group name,
+so these keys cannot collide with feature vectors.
+
 Key ``{group}:{version}:{entity_id}`` (with an optional ``{namespace}:`` prefix), value the
 ``FeatureVector`` protobuf (its ``created_timestamp_us`` is the write time). A value expires
 when its event time is older than the group's TTL, matching the offline point-in-time rule.
@@ -19,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+import msgspec
+
 from carrara.core import FeatureVector, decode_feature_vector
 from carrara.errors import UnavailableError
 from carrara.feature_cache.redis_cluster import ClusterStats, RedisClusterIO
@@ -30,6 +42,7 @@ __all__ = [
     "OnlineStore",
     "RedisClusterOnlineStore",
     "RedisOnlineStore",
+    "WriteRecord",
     "open_online_store",
 ]
 
@@ -39,6 +52,52 @@ Item = tuple[str, bytes, int | None]
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: The freshness records' key suffix (``-`` cannot appear in a group name).
+FRESHNESS_KEY = "carrara-freshness"
+
+
+class WriteRecord(msgspec.Struct, frozen=True):
+    """What the online store knows of a group version's writes."""
+
+    last_write_ms: int  # wall clock of the last write that stored rows (ms since the epoch)
+    newest_event_us: int  # newest event time ever written (µs since the epoch)
+    rows_last_write: int  # rows that write stored
+
+
+def _field(group: str, version: int) -> str:
+    return f"{group}:{version}"
+
+
+def _parse_field(field: str | bytes) -> tuple[str, int] | None:
+    text = field.decode() if isinstance(field, bytes) else field
+    group, _, version = text.rpartition(":")
+    return (group, int(version)) if group and version.isdigit() else None
+
+
+def _records(
+    stamps: dict[Any, Any], newest: list[Any] | dict[Any, Any]
+) -> dict[tuple[str, int], WriteRecord]:
+    """Freshness records from a ``HGETALL`` reply (a dict) and a ``ZRANGE ... WITHSCORES``
+    reply (a flat member, score list, or pairs as redis-py and RESP3 give them)."""
+    scores: dict[Any, Any]
+    if isinstance(newest, dict):
+        scores = newest
+    elif newest and isinstance(newest[0], list | tuple):
+        scores = dict(newest)
+    else:
+        scores = dict(zip(newest[::2], newest[1::2], strict=True))
+    events = {_parse_field(k): int(float(v)) for k, v in scores.items()}
+    out: dict[tuple[str, int], WriteRecord] = {}
+    for k, v in stamps.items():
+        key = _parse_field(k)
+        text = v.decode() if isinstance(v, bytes) else str(v)
+        at, _, rows = text.partition(" ")
+        if key is None or not at.isdigit() or not rows.isdigit():
+            continue
+        out[key] = WriteRecord(int(at), events.get(key, 0), int(rows))
+    return out
 
 
 class OnlineStore(ABC):
@@ -76,6 +135,21 @@ class OnlineStore(ABC):
     def now_ms(self) -> int:
         return _now_ms()
 
+    def freshness_key(self) -> str:
+        """The (logical) key of the freshness records."""
+        return f"{self.namespace}:{FRESHNESS_KEY}" if self.namespace else FRESHNESS_KEY
+
+    def record_write(  # noqa: B027 (a hook: plug-ins may keep no freshness)
+        self, group: str, version: int, *, at_ms: int, newest_event_us: int, rows: int
+    ) -> None:
+        """Note a write of ``rows`` rows of a group version (see :class:`WriteRecord`); the
+        newest event time only moves forward. A backend that does not override this (a
+        plug-in) keeps no freshness: its groups read as never written."""
+
+    def write_records(self) -> dict[tuple[str, int], WriteRecord]:
+        """Every group version's :class:`WriteRecord`, by ``(group, version)``."""
+        return {}
+
     def read(self, group: str, version: int, entity_ids: Sequence[str]) -> list[bytes | None]:
         return self.get_many(self.keys(group, version, entity_ids))
 
@@ -91,6 +165,7 @@ class OnlineStore(ABC):
         keys = [self.key_prefix(v.group, v.group_version) + v.entity_id for v in vectors]
         current: list[bytes | None] = self.get_many(keys) if only_newer else [None] * len(keys)
         items: list[Item] = []
+        newest = 0
         for key, vec, old in zip(keys, vectors, current, strict=True):
             expires: int | None = None
             if ttl_us:
@@ -105,8 +180,17 @@ class OnlineStore(ABC):
                 ):
                     continue
             items.append((key, vec.encode(), expires))
+            newest = max(newest, vec.event_timestamp_us)
         if items:
             self.set_many(items)
+            first = vectors[0]
+            self.record_write(
+                first.group,
+                first.group_version,
+                at_ms=now_ms,
+                newest_event_us=newest,
+                rows=len(items),
+            )
         return len(items)
 
     def __enter__(self) -> OnlineStore:
@@ -123,6 +207,7 @@ class EmbeddedOnlineStore(OnlineStore):
         self.namespace = namespace
         self._clock = clock or _now_ms
         self._data: dict[str, tuple[bytes, int | None]] = {}
+        self._writes: dict[tuple[str, int], WriteRecord] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -154,6 +239,18 @@ class EmbeddedOnlineStore(OnlineStore):
         with self._lock:
             for k in keys:
                 self._data.pop(k, None)
+
+    def record_write(
+        self, group: str, version: int, *, at_ms: int, newest_event_us: int, rows: int
+    ) -> None:
+        with self._lock:
+            old = self._writes.get((group, version))
+            newest = max(newest_event_us, old.newest_event_us if old else 0)
+            self._writes[(group, version)] = WriteRecord(at_ms, newest, rows)
+
+    def write_records(self) -> dict[tuple[str, int], WriteRecord]:
+        with self._lock:
+            return dict(self._writes)
 
     def purge_expired(self) -> int:
         """Drop expired entries (reads already ignore them); returns how many."""
@@ -248,6 +345,33 @@ class RedisOnlineStore(OnlineStore):
             pipe.delete(k)
         pipe.execute()
 
+    def record_write(
+        self, group: str, version: int, *, at_ms: int, newest_event_us: int, rows: int
+    ) -> None:
+        import redis
+
+        key, field = self.freshness_key(), _field(group, version)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, field, f"{at_ms} {rows}")
+        pipe.zadd(f"{key}-event", {field: newest_event_us}, gt=True)
+        try:
+            pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
+
+    def write_records(self) -> dict[tuple[str, int], WriteRecord]:
+        import redis
+
+        key = self.freshness_key()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.zrange(f"{key}-event", 0, -1, withscores=True)
+        try:
+            stamps, newest = pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise UnavailableError(f"online store Redis is unreachable: {exc}") from exc
+        return _records(stamps, newest)
+
     def close(self) -> None:
         self.client.close()
 
@@ -278,6 +402,35 @@ class RedisClusterOnlineStore(RedisOnlineStore):
 
     def delete_many(self, keys: Sequence[str]) -> None:
         self.io.delete_many(keys)
+
+    def _freshness_keys(self) -> tuple[bytes, bytes]:
+        # Both keys behind the hash tag of the first: one node, one pipelined round trip.
+        key = self.freshness_key()
+        tag = self.io.tag_of(key)
+        return tag + key.encode(), tag + f"{key}-event".encode()
+
+    def record_write(
+        self, group: str, version: int, *, at_ms: int, newest_event_us: int, rows: int
+    ) -> None:
+        stamps, events = self._freshness_keys()
+        field = _field(group, version).encode()
+        self.io.call(
+            stamps,
+            [
+                [b"HSET", stamps, field, f"{at_ms} {rows}".encode()],
+                [b"ZADD", events, b"GT", b"%d" % newest_event_us, field],
+            ],
+        )
+
+    def write_records(self) -> dict[tuple[str, int], WriteRecord]:
+        stamps, events = self._freshness_keys()
+        hgetall, zrange = self.io.call(
+            stamps,
+            [[b"HGETALL", stamps], [b"ZRANGE", events, b"0", b"-1", b"WITHSCORES"]],
+        )
+        if not isinstance(hgetall, dict):  # RESP2: a flat field, value list
+            hgetall = dict(zip(hgetall[::2], hgetall[1::2], strict=True))
+        return _records(hgetall, zrange)
 
     def close(self) -> None:
         self.io.close()

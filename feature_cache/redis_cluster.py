@@ -353,6 +353,30 @@ class RedisClusterIO:
             cmds.append(_Cmd(table[slot], slot, _pack_keys(b"DEL", ks), idx, False, ks))
         self._run(cmds, [None] * len(keys), write=True)
 
+    def tag_of(self, logical: str) -> bytes:
+        """The hash tag (shard) a logical key is stored under."""
+        return self.tags[zlib.crc32(logical.encode()) % self.shards]
+
+    def call(self, key: bytes, commands: Sequence[Sequence[bytes]]) -> list[Any]:
+        """Run ``commands`` (arguments naming physical keys in ``key``'s slot) on the node
+        that holds ``key``, in one pipelined round trip, following redirects; their replies
+        in order. Raises UnavailableError when the node cannot answer (small bookkeeping
+        such as the freshness records, not the hot path)."""
+        if not commands:
+            return []
+        self._maybe_refresh()
+        slot = key_slot(key)
+        node = self._slot_node[slot]
+        cmds = [
+            _Cmd(node, slot, _pack(*args), [i], False, [key]) for i, args in enumerate(commands)
+        ]
+        out: list[Any] = [None] * len(cmds)
+        if self._run(cmds, out, write=False):
+            raise UnavailableError(
+                f"online store Redis Cluster could not answer for {key.decode(errors='replace')}"
+            )
+        return out
+
     def _maybe_refresh(self) -> None:
         if self._stale:
             self.refresh()

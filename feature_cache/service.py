@@ -43,7 +43,13 @@ if TYPE_CHECKING:
     from carrara.config import Settings
     from carrara.eventlog import EventLog
 
-__all__ = ["MAX_ONLINE_BATCH", "BatchTooLargeError", "FeatureService", "OnlineFeatures"]
+__all__ = [
+    "MAX_ONLINE_BATCH",
+    "BatchTooLargeError",
+    "FeatureService",
+    "GroupFreshness",
+    "OnlineFeatures",
+]
 
 #: Most entities one online read may ask for.
 MAX_ONLINE_BATCH = 10_000
@@ -81,6 +87,23 @@ class OnlineFeatures(msgspec.Struct, frozen=True):
         frame = pd.DataFrame(np.where(self.missing, np.nan, self.values), columns=self.features)
         frame.insert(0, "entity_id", self.entity_ids)
         return frame
+
+
+class GroupFreshness(msgspec.Struct, frozen=True, kw_only=True):
+    """How fresh a group's online values are (``FeatureService.freshness``). Times are
+    seconds since the Unix epoch (UTC, fractional); ``None`` where the online store has no
+    record of a write of this group version (never written, or by a store that keeps no
+    freshness)."""
+
+    group: str
+    version: int
+    online: bool  # the group is served online (False: never written online, never stale)
+    ttl_s: float | None  # None: values never expire
+    last_write_at: float | None  # wall clock of the last online write that stored rows
+    newest_event_ts: float | None  # newest event time ever written online
+    age_s: float | None  # now - newest_event_ts
+    rows_last_write: int | None  # rows that last write stored
+    stale: bool  # online and (never written, or age_s > ttl_s when a TTL is set)
 
 
 def float32_rows(values: Any, missing: Any) -> list[list[float | None]]:
@@ -423,6 +446,50 @@ class FeatureService:
         return OnlineFeatures(
             group, reader.group.version, list(entity_ids), reader.features, values, missing, found
         )
+
+    def freshness(self) -> list[GroupFreshness]:
+        """Online freshness of every group in the catalog (latest versions, by name): when
+        the online store last wrote it, the newest event time it holds and how old that is
+        against the group's TTL. One read of the store's freshness records."""
+        groups = self.list_groups()
+        records = self.online.write_records()
+        now_ms = self.online.now_ms()
+        out = []
+        for g in groups:
+            d = g.definition
+            ttl_s = d.ttl_days * 86_400.0 if d.ttl_days else None
+            rec = records.get((g.name, g.version))
+            if rec is None:
+                out.append(
+                    GroupFreshness(
+                        group=g.name,
+                        version=g.version,
+                        online=d.online,
+                        ttl_s=ttl_s,
+                        last_write_at=None,
+                        newest_event_ts=None,
+                        age_s=None,
+                        rows_last_write=None,
+                        stale=d.online,
+                    )
+                )
+                continue
+            newest = rec.newest_event_us / 1e6
+            age = now_ms / 1e3 - newest
+            out.append(
+                GroupFreshness(
+                    group=g.name,
+                    version=g.version,
+                    online=d.online,
+                    ttl_s=ttl_s,
+                    last_write_at=rec.last_write_ms / 1e3,
+                    newest_event_ts=newest,
+                    age_s=age,
+                    rows_last_write=rec.rows_last_write,
+                    stale=d.online and ttl_s is not None and age > ttl_s,
+                )
+            )
+        return out
 
     # -- materialization --------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from carrara.errors import FailedPreconditionError, NotFoundError
 from carrara.eventlog import EventLog
 from carrara.sql import Database, Transaction
 from carrara.types import Topic
@@ -30,6 +31,7 @@ from carrara.types import Topic
 from .schema import ensure_schema
 
 __all__ = [
+    "ActiveAlert",
     "Alert",
     "AlertSink",
     "AlertSubscriber",
@@ -38,10 +40,12 @@ __all__ = [
     "EventLogSink",
     "SinkBackoff",
     "WebhookSink",
+    "acknowledge_alert",
     "active_alerts",
     "apply_conditions",
     "decode_alert",
     "deliver_outbox",
+    "firing_alerts",
     "retrain_on_degradation",
     "sink_names",
 ]
@@ -75,6 +79,16 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     latest_samples: int | None = None
     latest_message: str = ""
     latest_ms: int | None = None
+
+
+class ActiveAlert(Alert, frozen=True, kw_only=True):
+    """A firing alert as :func:`active_alerts` lists it: the firing :class:`Alert` and who
+    acknowledged it (``acknowledged_by`` None while nobody has; an alert that resolves and
+    fires again starts unacknowledged)."""
+
+    acknowledged_by: str | None = None
+    acknowledged_at_ms: int | None = None
+    ack_comment: str = ""
 
 
 class Condition(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,28 +182,85 @@ def apply_conditions(
                 " alert, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.key, c.model, c.version, c.kind, c.subject, int(c.active), blob, now),
             )
+        elif c.active:  # fires again after it resolved: a new condition, not acknowledged
+            tx.execute(
+                "UPDATE monitoring_alerts SET active = 1, alert = ?, updated_ms = ?,"
+                " clear_streak = 0, acknowledged_by = NULL, acknowledged_ms = NULL,"
+                " ack_comment = NULL WHERE alert_key = ?",
+                (blob, now, c.key),
+            )
         else:
             tx.execute(
-                "UPDATE monitoring_alerts SET active = ?, alert = ?, updated_ms = ?,"
+                "UPDATE monitoring_alerts SET active = 0, alert = ?, updated_ms = ?,"
                 " clear_streak = 0 WHERE alert_key = ?",
-                (int(c.active), blob, now, c.key),
+                (blob, now, c.key),
             )
         tx.execute("INSERT INTO monitoring_alert_outbox (payload) VALUES (?)", (blob,))
         out.append(alert)
     return out
 
 
+_ALERT_COLUMNS = "alert, acknowledged_by, acknowledged_ms, ack_comment"
+
+
+def _active(row: Sequence[Any]) -> ActiveAlert:
+    blob, by, at, comment = row
+    return ActiveAlert(
+        **msgspec.structs.asdict(_alert_decoder.decode(bytes(blob))),
+        acknowledged_by=None if by is None else str(by),
+        acknowledged_at_ms=None if at is None else int(at),
+        ack_comment="" if comment is None else str(comment),
+    )
+
+
 def active_alerts(db: Database, model: str | None = None) -> list[Alert]:
-    """Conditions firing now (the firing alert of each)."""
+    """Conditions firing now (the firing alert of each; an :class:`ActiveAlert`, with its
+    acknowledgement: :func:`firing_alerts` says so in its type)."""
+    return [*firing_alerts(db, model)]
+
+
+def firing_alerts(db: Database, model: str | None = None) -> list[ActiveAlert]:
+    """Conditions firing now, each with its acknowledgement, by key."""
     ensure_schema(db)
     with db.transaction() as tx:
-        sql = "SELECT alert FROM monitoring_alerts WHERE active = 1"
+        sql = f"SELECT {_ALERT_COLUMNS} FROM monitoring_alerts WHERE active = 1"
         params: tuple[Any, ...] = ()
         if model is not None:
             sql += " AND model = ?"
             params = (model,)
         rows = tx.fetchall(sql + " ORDER BY alert_key", params)
-    return [_alert_decoder.decode(bytes(r[0])) for r in rows]
+    return [_active(r) for r in rows]
+
+
+def acknowledge_alert(
+    db: Database, key: str, by: str, comment: str = "", *, now_ms: int | None = None
+) -> ActiveAlert:
+    """Mark the firing alert ``key`` acknowledged by ``by`` (again: the newest
+    acknowledgement replaces the earlier one). NotFoundError for a key no condition ever had,
+    FailedPreconditionError for a condition that is not firing now."""
+    ensure_schema(db)
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    with db.transaction() as tx:
+        row = tx.fetchone("SELECT active FROM monitoring_alerts WHERE alert_key = ?", (key,))
+        if row is None:
+            raise NotFoundError(
+                f"no alert {key!r}; keys are '<model>:v<version>:<kind>:<subject>'"
+                " (GET /monitoring/alerts lists the active ones)"
+            )
+        if not row[0]:
+            raise FailedPreconditionError(
+                f"alert {key!r} is not firing (it resolved); only active alerts can be acknowledged"
+            )
+        tx.execute(
+            "UPDATE monitoring_alerts SET acknowledged_by = ?, acknowledged_ms = ?,"
+            " ack_comment = ? WHERE alert_key = ? AND active = 1",
+            (by, now, comment, key),
+        )
+        found = tx.fetchone(
+            f"SELECT {_ALERT_COLUMNS} FROM monitoring_alerts WHERE alert_key = ?", (key,)
+        )
+    assert found is not None
+    return _active(found)
 
 
 class AlertSink(Protocol):

@@ -1,15 +1,21 @@
 """The monitoring HTTP API (Starlette routes, msgspec bodies), mounted by ``carrara up``.
 
-``GET /monitoring/alerts?model=`` (active alerts), ``PUT /monitoring/models/{model}/config``
+``GET /monitoring/alerts?model=`` (active alerts, with their acknowledgement),
+``POST /monitoring/alerts/acknowledge`` (role ``deployer``; the alert key goes in the body, as
+a key may hold any character of a feature name, ``/`` included), the JSON reads of
+:mod:`carrara.monitoring.views` (``GET /monitoring/models``, ``GET
+/monitoring/models/{model}/drift?version=&limit=``, ``.../distributions?version=``,
+``.../performance?version=&limit=``), ``PUT /monitoring/models/{model}/config``
 (window, thresholds, margins), ``PUT /monitoring/models/{model}/versions/{version}/reference``
 (a reference profile built by the caller with ``build_profile``, msgpack), ``POST
 /monitoring/run?flush=`` (consume what is logged, judge windows; returns the alert transitions)
 and ``GET /monitoring/models/{model}/report?version=`` (the HTML report). Errors answer as the
 registry API does: ``{"error": <grpc code>, "message": ...}`` with the error's HTTP status.
-Writes need a bearer token (from ``tokens``) with role ``publisher``, checked before the body
-is read; ``tokens=None`` leaves them open (a single-user setup). Bodies over
-:data:`MAX_BODY_BYTES` are refused with 413 while they are read. Routes, their OpenAPI entries
-and the token guard come from one table (:func:`endpoints`, the kernel's HTTP kit).
+Writes need a bearer token (from ``tokens``) with role ``publisher`` (acknowledging an alert:
+``deployer``), checked before the body is read; ``tokens=None`` leaves them open (a
+single-user setup). Bodies over :data:`MAX_BODY_BYTES` are refused with 413 while they are
+read. Routes, their OpenAPI entries and the token guard come from one table
+(:func:`endpoints`, the kernel's HTTP kit).
 """
 
 from __future__ import annotations
@@ -33,20 +39,34 @@ from carrara.http import (
     check_int64,
     decode_json,
     decode_msgpack,
+    principal_of,
     read_body,
 )
 from carrara.http import json_response as _json
 from carrara.sql import Database
 from carrara.types import Topic
 
-from .alerts import Alert, active_alerts
+from .alerts import ActiveAlert, Alert, acknowledge_alert, firing_alerts
 from .config import ModelMonitorConfig
 from .consumer import MonitoringConsumer
 from .profiles import ReferenceProfile, store_profile
 from .store import configure_model
+from .views import (
+    MAX_WINDOWS,
+    DistributionView,
+    DriftView,
+    ModelList,
+    PerformanceView,
+    check_window_count,
+    distribution_view,
+    drift_view,
+    model_list,
+    performance_view,
+)
 
 __all__ = [
     "API_CONSUMER",
+    "Acknowledgement",
     "AlertList",
     "MonitorRun",
     "create_routes",
@@ -61,13 +81,36 @@ API_CONSUMER = "api"
 SETTLE_S = 10.0
 MAX_BODY_BYTES = 64 << 20
 WRITE_ROLE = "publisher"
+#: Acknowledging an alert is an operator's call, as deploying is.
+ACK_ROLE = "deployer"
+MAX_ACK_BODY_BYTES = 64 << 10
+MAX_ACK_COMMENT_CHARS = 4_000
 MSGPACK = "application/msgpack"
 #: Descriptions of the path parameters, for the OpenAPI document.
 PATH_PARAMS = {"model": "the model's name", "version": "the model version"}
 
 
 class AlertList(msgspec.Struct, frozen=True):
-    alerts: list[Alert]
+    alerts: list[ActiveAlert]
+
+
+class Acknowledgement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of ``POST /monitoring/alerts/acknowledge``: the alert's key
+    (``"<model>:v<version>:<kind>:<subject>"``, as ``GET /monitoring/alerts`` lists it) and why."""
+
+    key: str
+    comment: str = ""
+
+
+def _int_query(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{name} must be an integer, got {raw!r}") from exc
+    return check_int64(value, name)
 
 
 class MonitorRun(msgspec.Struct, frozen=True):
@@ -104,7 +147,7 @@ def endpoints(db: Database, event_log: EventLog, *, group: str = "monitoring") -
 
     async def alerts(request: Request) -> Response:
         model = request.query_params.get("model") or None
-        found = await run_in_threadpool(active_alerts, db, model)
+        found = await run_in_threadpool(firing_alerts, db, model)
         return _json(AlertList(found))
 
     async def configure(request: Request) -> Response:
@@ -129,6 +172,40 @@ def endpoints(db: Database, event_log: EventLog, *, group: str = "monitoring") -
             )
         await run_in_threadpool(store_profile, db, profile)
         return Response(status_code=204)
+
+    async def models(request: Request) -> Response:
+        return _json(await run_in_threadpool(model_list, db))
+
+    def window_count(request: Request) -> int:
+        last = _int_query(request, "limit")
+        return MAX_WINDOWS if last is None else check_window_count(last)
+
+    async def drift(request: Request) -> Response:
+        model, version = request.path_params["model"], _int_query(request, "version")
+        last = window_count(request)
+        return _json(await run_in_threadpool(drift_view, db, model, version, last=last))
+
+    async def distributions(request: Request) -> Response:
+        model, version = request.path_params["model"], _int_query(request, "version")
+        return _json(await run_in_threadpool(distribution_view, db, model, version))
+
+    async def performance(request: Request) -> Response:
+        model, version = request.path_params["model"], _int_query(request, "version")
+        last = window_count(request)
+        return _json(await run_in_threadpool(performance_view, db, model, version, last=last))
+
+    async def acknowledge(request: Request) -> Response:
+        raw = await read_body(request, MAX_ACK_BODY_BYTES)
+        body = decode_json(
+            raw, Acknowledgement, what="acknowledgement", hint='send {"key": ..., "comment": ...}'
+        )
+        if len(body.comment) > MAX_ACK_COMMENT_CHARS:
+            raise InvalidArgumentError(
+                f"comment is {len(body.comment)} characters; at most {MAX_ACK_COMMENT_CHARS}"
+            )
+        who = principal_of(request)
+        by = who.subject if who is not None else "anonymous"
+        return _json(await run_in_threadpool(acknowledge_alert, db, body.key, by, body.comment))
 
     async def run(request: Request) -> Response:
         flush = request.query_params.get("flush", "true").lower() not in ("0", "false", "no")
@@ -162,14 +239,7 @@ def endpoints(db: Database, event_log: EventLog, *, group: str = "monitoring") -
     async def report(request: Request) -> Response:
         from .report import render_report
 
-        model = request.path_params["model"]
-        raw = request.query_params.get("version")
-        try:
-            version = int(raw) if raw else None
-        except ValueError as exc:
-            raise InvalidArgumentError(f"version must be an integer, got {raw!r}") from exc
-        if version is not None:
-            check_int64(version, "version")
+        model, version = request.path_params["model"], _int_query(request, "version")
         html = await run_in_threadpool(render_report, db, model, version)
         return HTMLResponse(html)
 
@@ -177,6 +247,51 @@ def endpoints(db: Database, event_log: EventLog, *, group: str = "monitoring") -
     w = WRITE_ROLE
     return [
         Endpoint("GET", "/monitoring/alerts", "Active alerts", AlertList, alerts, query=("model",)),
+        Endpoint(
+            "POST",
+            "/monitoring/alerts/acknowledge",
+            "Acknowledge a firing alert",
+            ActiveAlert,
+            acknowledge,
+            Acknowledgement,
+            role=ACK_ROLE,
+            action="acknowledging an alert",
+            errors=(404, 409),
+        ),
+        Endpoint(
+            "GET",
+            "/monitoring/models",
+            "Monitored models, their versions and alerts",
+            ModelList,
+            models,
+        ),
+        Endpoint(
+            "GET",
+            m + "/drift",
+            "Drift (PSI, KS, JS and status) per feature of the newest judged windows",
+            DriftView,
+            drift,
+            query=("version", "limit"),
+            errors=(404,),
+        ),
+        Endpoint(
+            "GET",
+            m + "/distributions",
+            "Reference vs current distributions in the latest judged window",
+            DistributionView,
+            distributions,
+            query=("version",),
+            errors=(404,),
+        ),
+        Endpoint(
+            "GET",
+            m + "/performance",
+            "Performance metrics per window (delayed labels) with their baselines",
+            PerformanceView,
+            performance,
+            query=("version", "limit"),
+            errors=(404,),
+        ),
         Endpoint(
             "PUT",
             m + "/config",

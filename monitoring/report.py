@@ -10,23 +10,25 @@ report renders, not only that the markup exists.
 from __future__ import annotations
 
 import html
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from numpy.typing import NDArray
 
 from carrara.errors import NotFoundError
 from carrara.sql import Database
 
 from .alerts import active_alerts
-from .drift import FeatureDrift, coarse_counts
-from .profiles import FeatureProfile, ReferenceProfile, list_profiles, load_profile
-from .store import drift_history, performance_history, windows_of
+from .config import ModelMonitorConfig
+from .drift import FeatureDrift
+from .profiles import ReferenceProfile, list_profiles, load_profile
+from .store import drift_history, model_config, performance_history, window_sizes, window_state
+from .views import feature_bins, format_number
 
 __all__ = ["render_report", "write_report"]
+
+_fmt = format_number
 
 _COLORS = [
     "#1f77b4",
@@ -57,14 +59,6 @@ def _alert_figure(
     if samples is not None:
         text += f" on {samples:,} rows"
     return text
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if x != 0 and (abs(x) < 10**-digits or abs(x) >= 10**5):
-        return f"{x:.2e}"
-    return f"{x:.{digits}f}"
 
 
 def _time(ms: int) -> str:
@@ -201,31 +195,6 @@ def bar_chart(
     return "\n".join([*out, "</svg>"])
 
 
-def _bins(
-    feature: FeatureProfile, counts: NDArray[np.int64] | None
-) -> tuple[list[str], list[float], list[float] | None]:
-    ref = coarse_counts(feature, feature.reference_counts()).astype(float)
-    cur = None if counts is None else coarse_counts(feature, counts).astype(float)
-    if feature.numeric is not None:
-        edges = feature.numeric.edges
-        cuts = [0, *feature.numeric.psi_cuts]
-        labels = []
-        for i in range(len(cuts)):
-            hi = cuts[i + 1] - 1 if i + 1 < len(cuts) else len(edges)
-            if hi < len(edges):
-                labels.append(f"≤{_fmt(edges[hi], 2)}")
-            else:  # the open last group: above the edge before it
-                labels.append(f">{_fmt(edges[cuts[i] - 1], 2)}" if cuts[i] > 0 else "all")
-    else:
-        assert feature.categorical is not None
-        labels = [*feature.categorical.categories, "other"]
-    ref_share = (ref / ref.sum()).tolist() if ref.sum() else ref.tolist()
-    cur_share = None
-    if cur is not None:
-        cur_share = (cur / cur.sum()).tolist() if cur.sum() else cur.tolist()
-    return labels, ref_share, cur_share
-
-
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
@@ -257,15 +226,13 @@ def render_report(db: Database, model: str, version: int | None = None) -> str:
     profile: ReferenceProfile = load_profile(db, model, version)
     v = profile.version
     history = drift_history(db, model, v)
-    windows = windows_of(db, model, v)
+    windows = window_sizes(db, model, v)
     perf = performance_history(db, model, v)
     alerts = active_alerts(db, model)
+    drift_config = model_config(db, model, ModelMonitorConfig()).drift
     latest_start = max((s for s, _ in history), default=None)
     latest: dict[str, FeatureDrift] = {r.feature: r for s, r in history if s == latest_start}
-    latest_counts = None
-    for start, _, state in windows:
-        if start == latest_start:
-            latest_counts = state
+    latest_counts = None if latest_start is None else window_state(db, model, v, latest_start)
 
     parts: list[str] = [
         "<!DOCTYPE html>",
@@ -276,7 +243,7 @@ def render_report(db: Database, model: str, version: int | None = None) -> str:
         f"<p>Generated {_e(_time(time.time_ns() // 1_000_000))} UTC. Versions profiled:"
         f" {_e(', '.join(map(str, versions)))}. Reference rows: {profile.rows}."
         f" Windows judged: {len({s for s, _ in history})}; stored: {len(windows)};"
-        f" predictions in windows: {sum(w.n for _, _, w in windows)}.</p>",
+        f" predictions in windows: {sum(n for _, n in windows.values())}.</p>",
         "<h2>Active alerts</h2>",
     ]
     if alerts:
@@ -305,7 +272,10 @@ def render_report(db: Database, model: str, version: int | None = None) -> str:
     for start, res in history:
         if res.psi is not None:
             series.setdefault(res.feature, []).append((float(start), res.psi))
-    thresholds = [("alert", 0.2, "#d62728"), ("warn", 0.1, "#ff7f0e")]
+    thresholds = [
+        ("alert", drift_config.psi_alert, "#d62728"),
+        ("warn", drift_config.psi_warn, "#ff7f0e"),
+    ]
     parts.append(
         line_chart("drift-over-time", f"PSI per window, {model} v{v}", series, hlines=thresholds)
     )
@@ -347,7 +317,7 @@ def render_report(db: Database, model: str, version: int | None = None) -> str:
         counts = None
         if latest_counts is not None and f.name in latest_counts.counts:
             counts = np.asarray(latest_counts.counts[f.name], dtype=np.int64)
-        labels, ref, cur = _bins(f, counts)
+        labels, ref, cur = feature_bins(f, counts)
         parts.append(bar_chart(f"dist-{i}", f"{f.name}: reference vs current", labels, ref, cur))
     parts.append("</div>")
 

@@ -108,6 +108,14 @@ MIGRATIONS = [
         sql="CREATE TABLE monitoring_alert_deliveries (outbox_id BIGINT NOT NULL,"
         " sink TEXT NOT NULL, PRIMARY KEY (outbox_id, sink))",
     ),
+    # Who acknowledged a firing alert, when, and why (NULL: not acknowledged). Cleared when
+    # the condition fires again after it resolved.
+    Migration(
+        "0004_alert_acknowledgement",
+        sql="ALTER TABLE monitoring_alerts ADD COLUMN acknowledged_by TEXT;\n"
+        "ALTER TABLE monitoring_alerts ADD COLUMN acknowledged_ms BIGINT;\n"
+        "ALTER TABLE monitoring_alerts ADD COLUMN ack_comment TEXT",
+    ),
 ]
 
 _migrated: weakref.WeakSet[Database] = weakref.WeakSet()

@@ -48,6 +48,7 @@ from carrara.registry.types import (
     Lineage,
     Model,
     ModelVersion,
+    PendingApproval,
     PromotionResult,
     Signature,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "EvaluationRequest",
     "PayloadTooLargeError",
     "RegisterRequest",
+    "RejectRequest",
     "UpdateModelRequest",
     "create_app",
     "endpoints",
@@ -123,6 +125,12 @@ class EvaluationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
 class ApproveRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     comment: str = ""
+
+
+class RejectRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Why a version is turned down (required: an empty reason is a 400)."""
+
+    reason: str = ""
 
 
 async def _body(request: Request, kind: Any, *, optional: bool = False) -> Any:
@@ -283,6 +291,21 @@ def endpoints(registry: ModelRegistry) -> list[Endpoint]:
         )
         return _json(approval, 201)
 
+    async def reject(request: Request) -> Response:
+        who = principal_of(request)
+        body: RejectRequest = await _body(request, RejectRequest, optional=True)
+        rejection = await call(
+            registry.reject,
+            model_of(request),
+            version_of(request),
+            actor=who,
+            reason=body.reason,
+        )
+        return _json(rejection, 201)
+
+    async def pending_approvals(request: Request) -> Response:
+        return _json(await call(registry.pending_approvals))
+
     async def promote(request: Request) -> Response:
         who = principal_of(request)
         result = await call(registry.promote, model_of(request), version_of(request), actor=who)
@@ -405,6 +428,23 @@ def endpoints(registry: ModelRegistry) -> list[Endpoint]:
             ApproveRequest,
             201,
             "approver",
+        ),
+        Endpoint(
+            "POST",
+            v + "/reject",
+            "Reject a version (blocks a high-stakes promotion until approved again)",
+            Approval,
+            reject,
+            RejectRequest,
+            201,
+            "approver",
+        ),
+        Endpoint(
+            "GET",
+            "/approvals/pending",
+            "STAGING versions of high-stakes models awaiting an approval",
+            list[PendingApproval],
+            pending_approvals,
         ),
         Endpoint(
             "POST",

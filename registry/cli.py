@@ -256,6 +256,18 @@ def _cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reject(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.registry.reject(args.model, args.version, actor=c.actor, reason=args.reason))
+    return 0
+
+
+def _cmd_pending(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.registry.pending_approvals())
+    return 0
+
+
 def _cmd_promote(args: argparse.Namespace) -> int:
     with _client(args) as c:
         _print(c.registry.promote(args.model, args.version, actor=c.actor))
@@ -432,6 +444,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = add("approve", _cmd_approve, "approve a high-stakes promotion (approver role)")
     model_version(p)
     p.add_argument("--comment", default="")
+    p = add("reject", _cmd_reject, "reject a version; blocks a high-stakes promotion (approver)")
+    model_version(p)
+    p.add_argument("--reason", required=True, help="why (shown to the model's owners)")
+    add("pending", _cmd_pending, "STAGING versions of high-stakes models awaiting approval")
     model_version(add("promote", _cmd_promote, "run the gates and promote to PRODUCTION"))
     model_version(add("archive", _cmd_archive, "archive a version"))
     p = add("deploy", _cmd_deploy, "deploy a version (optionally with a traffic split)")

@@ -22,6 +22,7 @@ from carrara.registry.api import (
     CreateModelRequest,
     EvaluationRequest,
     RegisterRequest,
+    RejectRequest,
     UpdateModelRequest,
 )
 from carrara.registry.auth import Principal
@@ -36,6 +37,7 @@ from carrara.registry.types import (
     Lineage,
     Model,
     ModelVersion,
+    PendingApproval,
     PromotionResult,
     Signature,
     TrafficSplit,
@@ -245,9 +247,24 @@ class RegistryClient:
         )
         return approval
 
+    def reject(self, name: str, version: int, *, actor: Principal, reason: str) -> Approval:
+        rejection: Approval = self._call(
+            "POST",
+            f"/models/{name}/versions/{version}/reject",
+            Approval,
+            json=RejectRequest(reason=reason),
+        )
+        return rejection
+
     def approvals(self, name: str, version: int) -> list[Approval]:
         found: list[Approval] = self._call(
             "GET", f"/models/{name}/versions/{version}/approvals", list[Approval]
+        )
+        return found
+
+    def pending_approvals(self) -> list[PendingApproval]:
+        found: list[PendingApproval] = self._call(
+            "GET", "/approvals/pending", list[PendingApproval]
         )
         return found
 

@@ -26,6 +26,7 @@ from carrara.registry.deployments import (
 )
 from carrara.registry.outbox import OutboxMixin, enqueue_event
 from carrara.registry.records import (
+    latest_decisions,
     model_row,
     spec_decoder,
     split_decoder,
@@ -104,20 +105,15 @@ def _check_live_approvals(
     staging = sorted(n for n in live if found[n][1] == "STAGING")
     if not staging:
         return
-    marks = ", ".join("?" for _ in staging)
-    approved = {
-        r[0]
-        for r in tx.fetchall(
-            f"SELECT DISTINCT version_id FROM approvals WHERE version_id IN ({marks})",
-            [found[n][4] for n in staging],
-        )
-    }
-    missing = [n for n in staging if found[n][4] not in approved]
+    # The latest decision counts: a rejection after an approval takes the approval back.
+    latest = latest_decisions(tx, [found[n][4] for n in staging])
+    missing = [n for n in staging if latest.get(found[n][4], ("", "", "", ""))[3] != "approved"]
     if missing:
         raise FailedPreconditionError(
             f"model {name!r} is high-stakes: STAGING version(s) {missing} have no approval "
-            "and may not take live traffic; have a user with the 'approver' role run "
-            f"carrara models approve {name} {missing[0]}, or deploy them as shadows"
+            "(or were rejected since) and may not take live traffic; have a user with the "
+            f"'approver' role run carrara models approve {name} {missing[0]}, or deploy them "
+            "as shadows"
         )
 
 

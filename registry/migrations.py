@@ -143,6 +143,28 @@ CREATE TABLE registry_outbox (
 """
 
 
+_DECISION = "decision TEXT NOT NULL DEFAULT 'approved' CHECK (decision IN ('approved', 'rejected'))"
+_APPROVALS_SQLITE = f"""
+CREATE TABLE approvals_new (
+    approval_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    version_id BIGINT NOT NULL REFERENCES model_versions(version_id),
+    approver TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    {_DECISION}
+);
+INSERT INTO approvals_new (approval_id, version_id, approver, comment, created_at)
+    SELECT approval_id, version_id, approver, comment, created_at FROM approvals;
+DROP TABLE approvals;
+ALTER TABLE approvals_new RENAME TO approvals;
+CREATE INDEX approvals_by_version ON approvals (version_id, approval_id)
+"""
+_APPROVALS_POSTGRESQL = f"""
+ALTER TABLE approvals ADD COLUMN {_DECISION};
+ALTER TABLE approvals DROP CONSTRAINT IF EXISTS approvals_version_id_approver_key;
+CREATE INDEX approvals_by_version ON approvals (version_id, approval_id)
+"""
+
 MIGRATIONS = [
     Migration(
         "0001_initial",
@@ -154,6 +176,15 @@ MIGRATIONS = [
     Migration(
         "0002_serving_spec",
         sql="ALTER TABLE model_versions ADD COLUMN serving_spec_json TEXT NOT NULL DEFAULT '{}'",
+    ),
+    # Approvers' decisions: a row is an approval or a rejection (its comment the reason), and
+    # one approver may decide a version more than once (approve, reject, approve again), so
+    # the (version_id, approver) uniqueness goes. SQLite cannot drop a table constraint:
+    # the table is rebuilt with its rows and ids.
+    Migration(
+        "0003_approval_decisions",
+        sqlite=_APPROVALS_SQLITE,
+        postgresql=_APPROVALS_POSTGRESQL,
     ),
 ]
 

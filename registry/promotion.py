@@ -1,8 +1,9 @@
 """Promotion: evaluation metrics, approvals, the gated promotion to PRODUCTION, archiving.
 
 A promotion runs the model's gates (``gates.py``) against the candidate's recorded evaluations
-and the current PRODUCTION version's, requires an approval on a high-stakes model, and archives
-the previous PRODUCTION version in the same transaction.
+and the current PRODUCTION version's, requires on a high-stakes model that the version's latest
+approver decision be an approval (not a rejection), and archives the previous PRODUCTION
+version in the same transaction.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ from carrara.registry.records import (
     VERSION_COLUMNS,
     check_metrics,
     gates_decoder,
+    latest_decisions,
     model_row,
     to_json,
     version_from_row,
     version_row,
 )
-from carrara.registry.types import Approval, GateResult, ModelVersion, PromotionResult
+from carrara.registry.types import (
+    Approval,
+    Decision,
+    GateResult,
+    ModelVersion,
+    PendingApproval,
+    PromotionResult,
+)
 from carrara.registry.util import now_iso
 
 __all__ = ["Evaluator", "PromotionMixin"]
@@ -89,58 +98,137 @@ class PromotionMixin(ModelsMixin):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def approve(self, name: str, version: int, *, actor: Principal, comment: str = "") -> Approval:
-        """Sign off a version of a high-stakes model for promotion (approver role only)."""
+        """Sign off a version of a high-stakes model for promotion (approver role only).
+
+        Refused (``AlreadyExistsError``) when the version's latest decision already is this
+        approver's approval; after a rejection (anyone's) a new approval is what unblocks."""
         require_role(actor, "approver", "approving a promotion")
+        return self._decide(name, version, actor, "approved", comment)
+
+    def reject(self, name: str, version: int, *, actor: Principal, reason: str) -> Approval:
+        """Turn down a STAGING version (approver role only), with the ``reason`` the people
+        who registered it read. On a high-stakes model the version cannot be promoted while
+        this is its latest decision; a later approval unblocks it."""
+        require_role(actor, "approver", "rejecting a promotion")
+        if not reason.strip():
+            raise InvalidArgumentError(
+                f"rejecting model {name!r} version {version} needs a reason (--reason)"
+            )
+        return self._decide(name, version, actor, "rejected", reason)
+
+    def _decide(
+        self, name: str, version: int, actor: Principal, decision: Decision, comment: str
+    ) -> Approval:
         with self.db.transaction() as tx:
             model = model_row(tx, name, lock=True)
             v = version_from_row(version_row(tx, model, version))
             if v.status != "STAGING":
                 raise FailedPreconditionError(
                     f"model {name!r} version {version} is {v.status}; only STAGING versions "
-                    "can be approved"
+                    f"can be {decision}"
                 )
+            latest = latest_decisions(tx, [v.version_id]).get(v.version_id)
             if (
-                tx.fetchone(
-                    "SELECT 1 FROM approvals WHERE version_id = ? AND approver = ?",
-                    (v.version_id, actor.subject),
-                )
-                is not None
+                decision == "approved"
+                and latest is not None
+                and latest[3] == "approved"
+                and latest[0] == actor.subject
             ):
                 raise AlreadyExistsError(
                     f"{actor.subject!r} already approved model {name!r} version {version}"
                 )
             now = now_iso()
             tx.execute(
-                "INSERT INTO approvals (version_id, approver, comment, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (v.version_id, actor.subject, comment, now),
+                "INSERT INTO approvals (version_id, approver, comment, created_at, decision)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (v.version_id, actor.subject, comment, now, decision),
             )
-            self._audit(
-                tx,
-                model[0],
-                v.version_id,
-                actor,
-                "version.approve",
-                {"version": version, "comment": comment},
-            )
+            detail: dict[str, Any] = {"version": version}
+            if decision == "approved":
+                detail["comment"] = comment
+            else:
+                detail["reason"] = comment
+            action = "version.approve" if decision == "approved" else "version.reject"
+            self._audit(tx, model[0], v.version_id, actor, action, detail)
         return Approval(
-            model=name, version=version, approver=actor.subject, comment=comment, created_at=now
+            model=name,
+            version=version,
+            approver=actor.subject,
+            comment=comment,
+            created_at=now,
+            decision=decision,
         )
 
     def approvals(self, name: str, version: int) -> list[Approval]:
-        """Sign-offs recorded for a version, oldest first."""
+        """Decisions (approvals and rejections) recorded for a version, oldest first."""
         with self.db.transaction() as tx:
             model = model_row(tx, name)
             v = version_row(tx, model, version)
             rows = tx.fetchall(
-                "SELECT approver, comment, created_at FROM approvals WHERE version_id = ?"
-                " ORDER BY approval_id",
+                "SELECT approver, comment, created_at, decision FROM approvals"
+                " WHERE version_id = ? ORDER BY approval_id",
                 (v[0],),
             )
         return [
-            Approval(model=name, version=version, approver=r[0], comment=r[1], created_at=r[2])
+            Approval(
+                model=name,
+                version=version,
+                approver=r[0],
+                comment=r[1],
+                created_at=r[2],
+                decision=r[3],
+            )
             for r in rows
         ]
+
+    def pending_approvals(self) -> list[PendingApproval]:
+        """Every STAGING version of a high-stakes model whose latest decision is not
+        ``approved`` (nobody decided yet, or the latest decision is a rejection), newest
+        first, each with its decisions (oldest first): an approver's work queue."""
+        with self.db.transaction() as tx:
+            rows = tx.fetchall(
+                f"SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m"
+                " ON m.model_id = v.model_id WHERE m.high_stakes <> 0 AND v.status = 'STAGING'"
+                " ORDER BY v.version_id DESC"
+            )
+            decided = tx.fetchall(
+                "SELECT a.version_id, a.approver, a.comment, a.created_at, a.decision"
+                " FROM approvals a JOIN model_versions v ON v.version_id = a.version_id"
+                " JOIN models m ON m.model_id = v.model_id"
+                " WHERE m.high_stakes <> 0 AND v.status = 'STAGING' ORDER BY a.approval_id"
+            )
+        decisions: dict[int, list[tuple[Any, ...]]] = {}
+        for r in decided:
+            decisions.setdefault(r[0], []).append(tuple(r[1:]))
+        out = []
+        for row in rows:
+            v = version_from_row(row)
+            mine = decisions.get(v.version_id, [])
+            if mine and mine[-1][3] == "approved":
+                continue
+            out.append(
+                PendingApproval(
+                    model=v.model,
+                    version=v.version,
+                    status=v.status,
+                    created_by=v.created_by,
+                    created_at=v.created_at,
+                    metrics=v.metrics,
+                    high_stakes=True,
+                    decisions=[
+                        Approval(
+                            model=v.model,
+                            version=v.version,
+                            approver=d[0],
+                            comment=d[1],
+                            created_at=d[2],
+                            decision=d[3],
+                        )
+                        for d in mine
+                    ],
+                )
+            )
+        return out
 
     def promote(self, name: str, version: int, *, actor: Principal) -> PromotionResult:
         """Run the gates (and approval check) and make ``version`` the one PRODUCTION version.
@@ -214,18 +302,24 @@ class PromotionMixin(ModelsMixin):
             reasons = [r.detail for r in failed]
             approvers: list[str] = []
             if model[2]:
-                approvers = [
-                    r[0]
-                    for r in tx.fetchall(
-                        "SELECT approver FROM approvals WHERE version_id = ? ORDER BY approval_id",
-                        (v.version_id,),
-                    )
-                ]
-                if not approvers:
+                decisions = tx.fetchall(
+                    "SELECT approver, comment, decision FROM approvals WHERE version_id = ?"
+                    " ORDER BY approval_id",
+                    (v.version_id,),
+                )
+                approvers = list(dict.fromkeys(r[0] for r in decisions if r[2] == "approved"))
+                if not decisions:
                     reasons.append(
                         f"model {name!r} is high-stakes: version {version} needs an approval "
                         "from a user with the 'approver' role (carrara models approve "
                         f"{name} {version})"
+                    )
+                elif decisions[-1][2] != "approved":
+                    who, why = decisions[-1][0], decisions[-1][1]
+                    reasons.append(
+                        f"model {name!r} is high-stakes: version {version} was rejected by "
+                        f"{who!r}: {why!r}; it needs a new approval from a user with the "
+                        f"'approver' role (carrara models approve {name} {version})"
                     )
             if reasons:
                 self._audit(

@@ -24,6 +24,7 @@ __all__ = [
     "check_metrics",
     "check_name",
     "gates_decoder",
+    "latest_decisions",
     "model_from_row",
     "model_row",
     "spec_decoder",
@@ -169,3 +170,18 @@ def model_from_row(row: Sequence[Any]) -> Model:
         latest_version=row[8],
         production_version=row[9],
     )
+
+
+def latest_decisions(tx: Transaction, version_ids: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+    """The latest approver decision of each of ``version_ids`` (absent: never decided), as
+    ``(approver, comment, created_at, decision)``."""
+    if not version_ids:
+        return {}
+    marks = ", ".join("?" for _ in version_ids)
+    rows = tx.fetchall(
+        "SELECT a.version_id, a.approver, a.comment, a.created_at, a.decision FROM approvals a"
+        f" WHERE a.version_id IN ({marks}) AND a.approval_id = (SELECT MAX(b.approval_id)"
+        " FROM approvals b WHERE b.version_id = a.version_id)",
+        list(version_ids),
+    )
+    return {r[0]: tuple(r[1:]) for r in rows}

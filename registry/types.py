@@ -9,6 +9,7 @@ import msgspec
 __all__ = [
     "Approval",
     "AuditEntry",
+    "Decision",
     "Deployment",
     "DeployRequest",
     "DeployedVariant",
@@ -17,6 +18,7 @@ __all__ = [
     "Lineage",
     "Model",
     "ModelVersion",
+    "PendingApproval",
     "PromotionResult",
     "Signature",
     "Status",
@@ -120,14 +122,34 @@ class PromotionResult(msgspec.Struct, frozen=True, kw_only=True):
     gate_results: list[GateResult]
 
 
+Decision = Literal["approved", "rejected"]
+
+
 class Approval(msgspec.Struct, frozen=True, kw_only=True):
-    """An approver's sign-off on one version of a high-stakes model."""
+    """An approver's decision on one version: a sign-off (``approved``, with an optional
+    comment) or a rejection (``rejected``, ``comment`` holding the required reason). On a
+    high-stakes model the version's latest decision must be ``approved`` to promote it."""
 
     model: str
     version: int
     approver: str
     comment: str
     created_at: str
+    decision: Decision = "approved"
+
+
+class PendingApproval(msgspec.Struct, frozen=True, kw_only=True):
+    """A STAGING version of a high-stakes model whose latest decision is not ``approved``
+    (never decided, or rejected): what ``GET /approvals/pending`` lists for approvers."""
+
+    model: str
+    version: int
+    status: Status
+    created_by: str
+    created_at: str
+    metrics: dict[str, float]
+    high_stakes: bool
+    decisions: list[Approval]  # oldest first; empty when nobody decided yet
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):

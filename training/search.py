@@ -8,6 +8,10 @@ file next to the registry database; ad-hoc runs keep it in memory. A resumed job
 same study: finished trials are not rerun; a trial the dead worker left RUNNING is marked FAIL
 and enqueued again with the same parameters (its checkpoints let it resume mid-way).
 
+The outcome (:class:`SearchOutcome`) lists the study's trials (:class:`TrialRecord`: number,
+state, value, searched params), at most :data:`MAX_TRIAL_RECORDS`, for the job result and the
+version's ``training.search`` tag.
+
 Sampler: TPE seeded with the job's seed (plus the number of trials already in the study, so a
 resumed or joining worker does not replay the first proposals). Pruner: Optuna's
 ``MedianPruner`` fed by :meth:`TrainContext.report`.
@@ -33,8 +37,10 @@ if TYPE_CHECKING:
     from .spec import JobSpec, ParamRange, SearchSpec
 
 __all__ = [
+    "MAX_TRIAL_RECORDS",
     "METRIC_DIRECTIONS",
     "SearchOutcome",
+    "TrialRecord",
     "metric_and_direction",
     "close_storage",
     "open_storage",
@@ -43,6 +49,7 @@ __all__ = [
     "run_search",
     "study_name",
     "suggest_params",
+    "trial_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,20 @@ ATTEMPT_ATTR = "carrara.attempt"
 RETRY_ATTR = "carrara.retry_of"
 
 
+TrialStateName = Literal["COMPLETE", "PRUNED", "FAIL", "RUNNING"]
+#: The most trials :attr:`SearchOutcome.trials` lists.
+MAX_TRIAL_RECORDS = 500
+
+
+class TrialRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One trial of the study, as the job result and the version's lineage list it."""
+
+    number: int
+    state: TrialStateName
+    value: float | None  # the search metric of a COMPLETE trial; None otherwise
+    params: dict[str, Any]  # the searched params' values (not the spec's fixed ones)
+
+
 class SearchOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """What a search found; recorded in the job result and the version's lineage."""
 
@@ -75,6 +96,9 @@ class SearchOutcome(msgspec.Struct, frozen=True, kw_only=True):
     best_value: float
     best_params: dict[str, Any]
     retried_trials: list[int] = msgspec.field(default_factory=list)
+    #: every trial of the study (all workers, all attempts) by number, but trials still
+    #: WAITING in the queue; at most MAX_TRIAL_RECORDS: the latest ones plus the best
+    trials: list[TrialRecord] = msgspec.field(default_factory=list)
 
 
 def study_name(job_id: str) -> str:
@@ -216,6 +240,42 @@ def suggest_params(trial: optuna.Trial, space: Mapping[str, ParamRange]) -> dict
     return out
 
 
+def trial_records(study: optuna.Study, limit: int = MAX_TRIAL_RECORDS) -> list[TrialRecord]:
+    """The study's trials as :class:`TrialRecord` by number (WAITING ones left out). Beyond
+    ``limit``, the latest ``limit`` are kept, the best trial always among them."""
+    from optuna.trial import TrialState
+
+    states: dict[TrialState, TrialStateName] = {
+        TrialState.COMPLETE: "COMPLETE",
+        TrialState.PRUNED: "PRUNED",
+        TrialState.FAIL: "FAIL",
+        TrialState.RUNNING: "RUNNING",
+    }
+    trials = sorted(
+        (t for t in study.get_trials(deepcopy=False) if t.state in states),
+        key=lambda t: t.number,
+    )
+    if len(trials) > limit:
+        kept = trials[len(trials) - limit :] if limit > 0 else []
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if kept and complete:
+            best = study.best_trial
+            if all(t.number != best.number for t in kept):
+                kept = [best, *kept[1:]]
+        trials = kept
+    return [
+        TrialRecord(
+            number=t.number,
+            state=states[t.state],
+            value=float(t.value)
+            if t.state == TrialState.COMPLETE and t.value is not None
+            else None,
+            params=dict(t.params),
+        )
+        for t in trials
+    ]
+
+
 def _retry_stale(study: optuna.Study, attempt: int) -> list[int]:
     """Fail the trials an earlier attempt of this job left RUNNING (its worker died) and
     enqueue each again with the same parameters; returns their numbers."""
@@ -297,4 +357,5 @@ def run_search(
         best_value=float(best.value),
         best_params=dict(best.params),
         retried_trials=retried,
+        trials=trial_records(study),
     )

@@ -55,6 +55,7 @@ from .frameworks.base import (
     Pruned,
     RankFailedError,
     TrainData,
+    bound_history,
 )
 from .gang import GANG, GangLink, run_follower
 from .queue import Job, JobQueue
@@ -384,6 +385,8 @@ def _result_from_version(v: ModelVersion, run_id: str) -> dict[str, Any]:
         "epochs_run": tag("training.epochs_run", 0),
         "best_epoch": tag("training.best_epoch", -1),
         "resumed_from_epoch": tag("training.resumed_from_epoch", -1),
+        "history": tag("training.history", []),
+        **({"search": tag("training.search", {})} if "training.search" in tags else {}),
         "reused_version": True,
     }
 
@@ -569,6 +572,7 @@ def run_job(
     }
     if result.extra:
         tags["training.extra"] = _json(result.extra)
+    tags["training.history"] = _json(result.history)  # "[]" for a fit without epochs
     if outcome is not None:
         tags["training.search"] = _json(outcome)
     existing = registry.version_for_run(spec.model_name, run_id)
@@ -615,6 +619,7 @@ def run_job(
         "parity_max_abs_diff": parity.max_abs_diff,
         "parity_atol": parity.atol,
         "parity_rtol": parity.rtol,
+        "history": result.history,
     }
     if epochs_this_attempt >= 0:
         out["epochs_this_attempt"] = epochs_this_attempt
@@ -691,6 +696,8 @@ def _search(
         trial.set_user_attr("carrara.epochs_run", result.epochs_run)
         trial.set_user_attr("carrara.best_epoch", result.best_epoch)
         trial.set_user_attr("carrara.native_format", result.native_format)
+        # For a later attempt that loads this trial's model; thinner, as the study keeps it.
+        trial.set_user_attr("carrara.history", bound_history(result.history, 200))
         if ctx.store is not None:
             ctx.store.save_model(result.native)
         fitted[trial.number] = result
@@ -735,6 +742,7 @@ def _search(
             classes=list(data.classes),
             epochs_run=int(best.user_attrs.get("carrara.epochs_run", 0)),
             best_epoch=int(best.user_attrs.get("carrara.best_epoch", -1)),
+            history=list(best.user_attrs.get("carrara.history", [])),
         )
         return result, outcome, best_params
     say(f"the model of trial {outcome.best_trial} is gone; refitting its params")

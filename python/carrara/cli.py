@@ -51,6 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         backend=args.backend,
         pg_url=args.pg_url,
         redis_url=args.redis_url,
+        keep=args.keep,
     )
 
 
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url",
         default="redis://127.0.0.1:6379/0",
         help="Redis for --backend redis (online store and event log)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the platform (needs --path): writes PATH/carrara.toml for `carrara up "
+        "--config` and a token for its web console",
     )
     demo.set_defaults(func=_cmd_demo)
     db = sub.add_parser("db", help="database schema of the registry, catalog and monitoring")

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from carrara.feature_cache.materialize import MaterializeResult
     from carrara.feature_cache.offline_store import CompactionResult
     from carrara.feature_cache.pit_join import TrainingSet
-    from carrara.feature_cache.service import OnlineFeatures
+    from carrara.feature_cache.service import GroupFreshness, OnlineFeatures
     from carrara.feature_cache.streaming import StreamingMaterializer
     from carrara.gateway.engine import PredictionResult
     from carrara.gateway.server import GatewayServer
@@ -207,6 +207,14 @@ class RemoteFeatures:
         found = np.array([e.found for e in r.results], dtype=np.bool_)
         return OnlineFeatures(
             r.group, r.version, [e.entity_id for e in r.results], r.features, values, missing, found
+        )
+
+    def freshness(self) -> list[GroupFreshness]:
+        """Online freshness of every group, as the server's online store records it."""
+        from carrara.feature_cache.service import GroupFreshness
+
+        return self._call(  # type: ignore[no-any-return]
+            "GET", "/features/freshness", list[GroupFreshness]
         )
 
     def materialize(

@@ -56,6 +56,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_token: str = ""  # bearer token every gRPC call / HTTP predict must carry
     gateway_tls_cert: str = ""  # PEM certificate chain: both fronts speak TLS only
     gateway_tls_key: str = ""  # PEM private key of gateway_tls_cert
+    # The gateway's HTTP front whose /metrics the web console shows live (carrara up sets it).
+    gateway_url: str = ""
     # Folders training jobs may read label files from (os.pathsep-separated, like PATH);
     # "" = {home} and the offline store. Checked at submission and again by the worker.
     data_roots: str = ""

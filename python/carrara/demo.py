@@ -44,6 +44,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from carrara.config import Settings
     from carrara.platform import Platform
     from carrara.training.queue import Job
     from carrara.training.spec import JobSpec
@@ -161,6 +162,10 @@ class DemoReport(msgspec.Struct, kw_only=True):
     drift: DriftInfo | None = None
     versions: list[VersionInfo] = msgspec.field(default_factory=list)
     retrain: RetrainInfo | None = None
+    #: --keep: the settings file `carrara up --config` opens the kept platform with, and a
+    #: console token (roles reader, publisher, deployer, approver) for its web console.
+    settings_file: str = ""
+    console_token: str = ""
 
     def stage(self, name: str) -> StageResult:
         return next(s for s in self.stages if s.name == name)
@@ -313,19 +318,20 @@ def _with_query(url: str, **params: str) -> str:
 
 @contextmanager
 def _open_platform(
-    backend: str, root: Path, pg_url: str, redis_url: str
-) -> Iterator[tuple[Platform, str, str]]:
+    backend: str, root: Path, pg_url: str, redis_url: str, *, keep: bool = False
+) -> Iterator[tuple[Platform, str, str, Settings]]:
     """The platform for ``backend`` (``embedded`` or a set of ``postgres``/``redis``): with
     PostgreSQL a fresh schema (search_path), with Redis a fresh key prefix for the online
-    store and the event log; both are dropped after the run."""
+    store and the event log; both are dropped after the run unless ``keep``."""
     from carrara.config import Settings
     from carrara.errors import InvalidArgumentError
     from carrara.platform import Platform
 
     parts = {b.strip() for b in backend.split(",") if b.strip()}
     if parts == {"embedded"}:
-        with Platform.local(root, cache_ttl_seconds=30.0) as p:
-            yield p, "embedded (SQLite, in-process online store, local event log)", ""
+        local = Settings(home=str(root), cache_ttl_seconds=30.0)
+        with Platform.open(local) as p:
+            yield p, "embedded (SQLite, in-process online store, local event log)", "", local
         return
     unknown = parts - set(BACKENDS)
     if unknown or not parts:
@@ -344,14 +350,46 @@ def _open_platform(
         values["online_store_url"] = _with_query(redis_url, namespace=run)
         values["event_log_url"] = _with_query(redis_url, prefix=f"{run}:events")
         described.append(f"Redis prefix {run}")
+    settings = Settings(**values)
     try:
-        with Platform.open(Settings(**values)) as p:
-            yield p, ", ".join(described), run
+        with Platform.open(settings) as p:
+            yield p, ", ".join(described), run, settings
     finally:
-        if "postgres" in parts:
+        if "postgres" in parts and not keep:
             _drop_schema(pg_url, run)
-        if "redis" in parts:
+        if "redis" in parts and not keep:
             _drop_redis_prefix(redis_url, run)
+
+
+def _keep(
+    p: Platform, settings: Settings, root: Path, report: DemoReport, console: Console
+) -> None:
+    """Write ``{root}/carrara.toml`` (the run's settings; `carrara up --config` opens it) and
+    a console token for a user who may approve and deploy, and say how to open the console."""
+    values = msgspec.structs.asdict(settings)
+    defaults = msgspec.structs.asdict(type(settings)())
+    lines = ["# The platform `carrara demo --keep` left in place: carrara up --config THIS_FILE"]
+    for key, value in values.items():
+        if key != "home" and value == defaults[key]:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = msgspec.json.encode(str(value)).decode()
+        lines.append(f"{key} = {text}")
+    settings_file = root / "carrara.toml"
+    settings_file.write_text("\n".join(lines) + "\n")
+    token = p.registry.tokens.create("demo-user", ["reader", "publisher", "deployer", "approver"])
+    token_file = root / "console-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    report.settings_file, report.console_token = str(settings_file), token
+    console.print(
+        f"[bold]kept[/]: carrara up --config {settings_file}, then open "
+        f"http://127.0.0.1:8080/console and log in with the token in {token_file}"
+    )
 
 
 def _create_schema(pg_url: str, schema: str) -> None:
@@ -401,6 +439,7 @@ def run_demo(
     pg_url: str = "postgresql://postgres@127.0.0.1:5432/test",
     redis_url: str = "redis://127.0.0.1:6379/0",
     console: Console | None = None,
+    keep: bool = False,
 ) -> int:
     """Run the loop; returns a process exit code (0 when every stage's check held)."""
     report = demo_report(
@@ -413,6 +452,7 @@ def run_demo(
         pg_url=pg_url,
         redis_url=redis_url,
         console=console,
+        keep=keep,
     )
     return 0 if report.ok else 1
 
@@ -428,9 +468,18 @@ def demo_report(
     pg_url: str = "postgresql://postgres@127.0.0.1:5432/test",
     redis_url: str = "redis://127.0.0.1:6379/0",
     console: Console | None = None,
+    keep: bool = False,
 ) -> DemoReport:
-    """Run the loop and return its numbers (printed as it goes, and as a table at the end)."""
+    """Run the loop and return its numbers (printed as it goes, and as a table at the end).
+
+    ``keep``: leave the platform in place (``path``'s files, and the PostgreSQL schema and
+    Redis prefix of a server-backed run) and write ``{path}/carrara.toml`` for
+    ``carrara up --config`` plus a console token, so the run can be explored in the console.
+    """
     from carrara.errors import InvalidArgumentError
+
+    if keep and path is None:
+        raise InvalidArgumentError("--keep needs --path (where the kept platform's files live)")
 
     if entities < 100:
         raise InvalidArgumentError(f"--entities must be at least 100, got {entities}")
@@ -451,9 +500,16 @@ def demo_report(
         with tempfile.TemporaryDirectory(prefix="carrara-demo-") as tmp:
             root = Path(path) if path is not None else Path(tmp)
             root.mkdir(parents=True, exist_ok=True)
-            with _open_platform(backend, root, pg_url, redis_url) as (p, where, isolation):
+            with _open_platform(backend, root, pg_url, redis_url, keep=keep) as (
+                p,
+                where,
+                isolation,
+                settings,
+            ):
                 demo.report.isolation = isolation
                 demo.run(p, root, where)
+                if keep:
+                    _keep(p, settings, root, demo.report, console)
     finally:
         quiet.setLevel(level)
     return demo.finish()

@@ -135,6 +135,11 @@ class ControlPlane:
                 self.training_api = True
         # One table: the app's own endpoints and every part's (less the paths the app answers
         # itself); routes and /openapi.json both come from it.
+        from carrara.console import PATH_PARAMS as CONSOLE_PARAMS
+        from carrara.console import Console
+
+        self.console = Console(settings, self.auth)
+        parts.append(("console", self.console.endpoints(), CONSOLE_PARAMS))
         own = [
             Endpoint("GET", "/healthz", "Liveness", Health, self._healthz),
             Endpoint("GET", "/readyz", "Readiness (registry database up)", Readiness, self._readyz),

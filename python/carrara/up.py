@@ -261,6 +261,9 @@ class Services:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         self._env = {**inherited, **settings_env(settings), **(extra_env or {})}
         self._env["PYTHONUNBUFFERED"] = "1"
+        # The console (in the API process) shows this gateway's live figures.
+        if not settings.gateway_url:
+            self._env[f"{ENV_PREFIX}GATEWAY_URL"] = self.gateway_url
         self.children: list[_Child] = []
         self.skipped: list[str] = []
         #: Set (e.g. by a signal handler) to stop waiting for health during ``start()``.
@@ -531,6 +534,7 @@ class Services:
     def urls(self) -> dict[str, str]:
         return {
             "api": self.api_url,
+            "console": f"{self.api_url}/console",
             "gateway (HTTP)": self.gateway_url,
             "gateway (gRPC)": self.grpc_target,
         }

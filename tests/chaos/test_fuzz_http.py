@@ -323,7 +323,7 @@ def fill(template: str, rng: random.Random) -> str:
 
 VALID = {"model_id": MODEL, "model": MODEL, "group": GROUP, "version_id:int": "1", "version": "1",
          "version:int": "1", "job_id": "nope", "name": "t1", "group_version": f"{GROUP}:1",
-         "rest:path": "x"}  # fmt: skip
+         "rest:path": "x", "asset": "app.js"}  # fmt: skip
 
 
 def valid_path(template: str) -> str:

@@ -1,6 +1,8 @@
-"""``carrara demo`` in-process at small size: every stage's check holds and the summary's
-numbers say what the demo claims (both frameworks registered with ONNX parity, the 90/10
-split, the drift alert naming the shifted feature, the alert-triggered retraining)."""
+"""``carrara demo`` in-process at small size on PostgreSQL + Redis (``--keep``: the session's
+one run, which the console's browser test then explores): every stage's check holds and the
+summary's numbers say what the demo claims (both frameworks registered with ONNX parity, the
+90/10 split, the drift alert naming the shifted feature, the alert-triggered retraining), and
+what ``--keep`` leaves opens again with ``carrara up --config``'s settings."""
 
 from __future__ import annotations
 
@@ -15,18 +17,11 @@ from carrara.cli import build_parser
 from carrara.demo import AUC_GATE, CANARY_SHARE, SHIFTED, demo_report, split_tolerance
 from carrara.errors import InvalidArgumentError
 
+from .conftest import KeptDemo
 
-def test_demo_small_run_holds_every_check(tmp_path: Path) -> None:
-    out = io.StringIO()
-    report = demo_report(
-        3_000,
-        path=tmp_path,
-        load_seconds=1.0,
-        rate=300.0,
-        train_rows=8_000,
-        console=Console(file=out, width=160),
-    )
-    text = out.getvalue()
+
+def test_demo_small_run_holds_every_check(kept_demo: KeptDemo) -> None:
+    report, text = kept_demo.report, kept_demo.text
     assert report.ok, text
     assert all(s.ok for s in report.stages), text
     assert report.pending == [], text  # trainers, worker and triggers have all landed
@@ -98,6 +93,24 @@ def test_demo_small_run_holds_every_check(tmp_path: Path) -> None:
     assert math.isfinite(report.seconds) and report.seconds > 0
     assert "demo all checks passed" in text
 
+    # --keep: the settings file reopens the same stores, the console token has its roles.
+    from carrara.platform import Platform
+    from carrara.up import load_up_config
+
+    assert report.backend == "postgres,redis" and report.isolation
+    settings, _ = load_up_config(report.settings_file)
+    assert (
+        report.isolation in settings.registry_url and report.isolation in settings.online_store_url
+    )
+    assert (kept_demo.root / "console-token").read_text().strip() == report.console_token
+    with Platform.open(settings) as p:
+        assert [v.status for v in p.registry.list_versions("rider_churn")].count("PRODUCTION") == 1
+        who = p.registry.tokens.authenticate(report.console_token)
+        assert (who.subject, sorted(who.roles)) == (
+            "demo-user",
+            ["approver", "deployer", "publisher", "reader"],
+        )
+
 
 def test_demo_rejects_bad_sizes_and_backends(tmp_path: Path) -> None:
     quiet = Console(file=io.StringIO())
@@ -105,6 +118,8 @@ def test_demo_rejects_bad_sizes_and_backends(tmp_path: Path) -> None:
         demo_report(10, path=tmp_path, console=quiet)
     with pytest.raises(InvalidArgumentError, match="--train-rows"):
         demo_report(1_000, path=tmp_path, train_rows=5, console=quiet)
+    with pytest.raises(InvalidArgumentError, match="--keep needs --path"):
+        demo_report(1_000, keep=True, console=quiet)
     with pytest.raises(InvalidArgumentError, match="unknown --backend 'mysql'"):
         demo_report(1_000, path=tmp_path, backend="mysql", console=quiet)
 
@@ -138,3 +153,5 @@ def test_demo_cli_flags() -> None:
         50.0,
         1000,
     )
+    assert args.keep is False
+    assert build_parser().parse_args(["demo", "--path", "/x", "--keep"]).keep is True

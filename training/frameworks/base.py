@@ -61,7 +61,10 @@ __all__ = [
     "TrainContext",
     "TrainData",
     "Trainer",
+    "MAX_HISTORY_POINTS",
+    "bound_history",
     "evaluate_scores",
+    "history_entry",
 ]
 
 Task = Literal["classification", "regression"]
@@ -127,6 +130,10 @@ class FitResult(msgspec.Struct, kw_only=True):
     best_epoch: int = -1
     resumed_from_epoch: int = -1  # -1: started from scratch
     extra: dict[str, Any] = msgspec.field(default_factory=dict)  # trainer-specific lineage
+    #: the learning curve: one entry per epoch (boosting round) of the whole run, resumed
+    #: epochs included, from :func:`history_entry`, thinned by :func:`bound_history`; empty
+    #: for trainers without epochs (scikit-learn)
+    history: list[dict[str, float]] = msgspec.field(default_factory=list)
 
 
 @runtime_checkable
@@ -229,6 +236,33 @@ def evaluate_scores(
         if len(yt) > 1:
             out["r2"] = float(m.r2_score(yt, pred))
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+#: The most points a :attr:`FitResult.history` keeps (longer runs are thinned).
+MAX_HISTORY_POINTS = 1000
+
+
+def history_entry(epoch: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """One learning-curve point for the 0-based ``epoch``: ``{"epoch": epoch + 1, ...}`` plus
+    ``metrics``, whose keys the trainer has already spelt ``loss`` (training) or ``val_*``
+    (validation); non-finite values are left out."""
+    out = {"epoch": float(epoch + 1)}
+    out.update((k, float(v)) for k, v in metrics.items() if math.isfinite(float(v)))
+    return out
+
+
+def bound_history(
+    history: list[dict[str, float]], max_points: int = MAX_HISTORY_POINTS
+) -> list[dict[str, float]]:
+    """``history`` with at most ``max_points`` entries: every k-th one from the first, plus
+    the last (each entry keeps its own ``epoch``, so a thinned curve still plots right)."""
+    n = len(history)
+    if n <= max_points:
+        return list(history)
+    if max_points < 2:
+        return history[-max_points:] if max_points > 0 else []
+    k = -(-(n - 1) // (max_points - 1))  # ceil: ceil((n - 1) / k) + 1 <= max_points
+    return [*history[0 : n - 1 : k], history[-1]]
 
 
 class EarlyStopper:

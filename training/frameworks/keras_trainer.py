@@ -32,7 +32,16 @@ from numpy.typing import NDArray
 
 from carrara.errors import CancelledError, FailedPreconditionError, InvalidArgumentError
 
-from .base import FitResult, Preempted, Task, TrainContext, TrainData, evaluate_scores
+from .base import (
+    FitResult,
+    Preempted,
+    Task,
+    TrainContext,
+    TrainData,
+    bound_history,
+    evaluate_scores,
+    history_entry,
+)
 from .keras_onnx import tf_numpy_compat
 from .sklearn_trainer import check_param_names, check_train_data
 
@@ -224,6 +233,7 @@ class KerasTrainer:
             epochs_run=epochs_run,
             best_epoch=loop.best_epoch,
             resumed_from_epoch=checkpoint.epoch if checkpoint is not None else -1,
+            history=bound_history(loop.history),
             extra={"stopped_early": loop.stopped_early, "hidden": hidden},
         )
 
@@ -266,6 +276,15 @@ class KerasTrainer:
             return path.read_bytes()
 
 
+#: The checkpoint's learning-curve table: one row per epoch (NaN: not reported).
+_HISTORY_COLUMNS = ("epoch", "loss", "val_loss")
+
+
+def _history_table(history: list[dict[str, float]]) -> NDArray[np.float64]:
+    rows = [[h.get(c, math.nan) for c in _HISTORY_COLUMNS] for h in history]
+    return np.asarray(rows, np.float64).reshape(-1, len(_HISTORY_COLUMNS))
+
+
 class _Loop:
     """The per-epoch side of training: report, track the best epoch, checkpoint, stop."""
 
@@ -277,6 +296,7 @@ class _Loop:
         self.best_weights: list[NDArray[Any]] = []
         self.last_epoch = -1
         self.stopped_early = False
+        self.history: list[dict[str, float]] = []  # FitResult.history, resumed epochs included
 
     def state(self) -> bytes:
         optimizer = self.model.optimizer
@@ -286,6 +306,7 @@ class _Loop:
             best=self.best_weights,
             best_epoch=self.best_epoch,
             best_loss=math.nan if self.best_loss is None else self.best_loss,
+            history=[_history_table(self.history)],
         )
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -304,11 +325,17 @@ class _Loop:
         self.best_epoch = int(state["best_epoch"])
         loss = float(state["best_loss"])
         self.best_loss = None if math.isnan(loss) else loss
+        table = state.get("history") or [np.zeros((0, len(_HISTORY_COLUMNS)))]
+        self.history = [
+            history_entry(int(row[0]) - 1, dict(zip(_HISTORY_COLUMNS[1:], row[1:], strict=True)))
+            for row in np.asarray(table[0], np.float64).reshape(-1, len(_HISTORY_COLUMNS))
+        ]
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
         logs = logs or {}
         metrics = {k: float(v) for k, v in logs.items() if k in ("loss", "val_loss")}
         self.last_epoch = epoch
+        self.history.append(history_entry(epoch, metrics))
         loss = metrics.get("val_loss", metrics.get("loss", math.nan))
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_epoch = loss, epoch

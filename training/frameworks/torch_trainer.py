@@ -88,7 +88,9 @@ from .base import (
     Task,
     TrainContext,
     TrainData,
+    bound_history,
     evaluate_scores,
+    history_entry,
 )
 from .parity import DEFAULT_OPSET
 
@@ -597,6 +599,20 @@ def _native_blob(model: MLP, extra: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _curve(history: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    """The loop's per-epoch metrics as :attr:`FitResult.history`: ``loss``, ``val_loss`` and
+    the validation metrics renamed ``val_<name>`` (``auc`` -> ``val_auc``)."""
+    return bound_history(
+        [
+            history_entry(
+                epoch,
+                {k if k == "loss" or k.startswith("val_") else f"val_{k}": v for k, v in m.items()},
+            )
+            for epoch, m in enumerate(history)
+        ]
+    )
+
+
 def _result(
     model: MLP,
     p: MLPParams,
@@ -617,6 +633,7 @@ def _result(
         epochs_run=loop.epochs_run,
         best_epoch=loop.best_epoch,
         resumed_from_epoch=resumed_from,
+        history=_curve(loop.history),
         extra={
             "params": msgspec.to_builtins(p),
             "stopped_early": loop.stopped_early,

@@ -37,7 +37,16 @@ from carrara.errors import (
 )
 
 from ..spec import PARAMS
-from .base import FitResult, Preempted, Task, TrainContext, TrainData, evaluate_scores
+from .base import (
+    FitResult,
+    Preempted,
+    Task,
+    TrainContext,
+    TrainData,
+    bound_history,
+    evaluate_scores,
+    history_entry,
+)
 from .parity import INPUT_NAME, attach_score_output
 from .sklearn_trainer import check_param_names, check_train_data
 
@@ -62,11 +71,13 @@ _METRIC = re.compile(r"(\w+)-([\w@.]+):(-?[\d.eE+-]+|nan|inf)")
 
 
 class _State(msgspec.Struct, kw_only=True):
-    """The checkpoint blob: the booster after a round, plus the best round so far."""
+    """The checkpoint blob: the booster after a round, the best round so far and the
+    learning curve up to that round (:attr:`FitResult.history` entries)."""
 
     booster: bytes
     best_epoch: int = -1
     best_loss: float | None = None
+    history: list[dict[str, float]] = msgspec.field(default_factory=list)
 
 
 class XGBoostTrainer:
@@ -162,6 +173,11 @@ class XGBoostTrainer:
                 loss = metrics.get("val_loss", metrics.get("loss", math.nan))
                 if state.best_loss is None or loss < state.best_loss:
                     state.best_loss, state.best_epoch = loss, i
+                state.history.append(
+                    history_entry(
+                        i, {k: v for k, v in metrics.items() if k == "loss" or k[:4] == "val_"}
+                    )
+                )
                 stop = ctx.report(i, metrics)
                 state.booster = bytes(booster.save_raw("ubj"))
                 blob = msgspec.msgpack.encode(state)
@@ -195,6 +211,7 @@ class XGBoostTrainer:
             epochs_run=epochs_run,
             best_epoch=state.best_epoch,
             resumed_from_epoch=checkpoint.epoch if checkpoint is not None else -1,
+            history=bound_history(state.history),
             extra={
                 "rounds": booster.num_boosted_rounds(),
                 "stopped_early": stopped_early,

@@ -137,6 +137,21 @@ def test_sdk_reads_equal_the_embedded_store(
     assert on_cluster.online.stats.degraded_keys == 0  # type: ignore[attr-defined]
 
 
+def test_freshness_is_recorded_as_on_the_embedded_store(
+    filled: tuple[FeatureService, FeatureService],
+) -> None:
+    on_cluster, embedded = filled
+    got = {f.group: f for f in on_cluster.freshness()}
+    want = {f.group: f for f in embedded.freshness()}
+    assert set(got) == set(want) == {"ratings", "trips"}
+    for name, f in got.items():
+        assert f.rows_last_write == want[name].rows_last_write and f.rows_last_write
+        assert f.stale is want[name].stale is False
+        # Each service was filled with its own "now" (seconds apart).
+        assert f.newest_event_ts == pytest.approx(want[name].newest_event_ts, abs=30)
+        assert f.age_s is not None and 0 <= f.age_s < 600
+
+
 def test_keys_are_hash_tagged_and_spread_over_every_master(
     cluster: RedisCluster, filled: tuple[FeatureService, FeatureService]
 ) -> None:
@@ -145,13 +160,22 @@ def test_keys_are_hash_tagged_and_spread_over_every_master(
     masters = cluster.masters()
     assert len(masters) == 3
     counts = []
+    freshness: list[bytes] = []
     for port in masters:
         node = _node(port)
         keys = list(node.scan_iter(count=1000))
-        counts.append(len(keys))
         assert all(k.split(b"}", 1)[0] + b"}" in tags for k in keys)
         assert all(k.split(b"}", 1)[1].startswith(b"t:") for k in keys)  # the namespace
+        # The freshness records: two keys behind one tag, so on one node.
+        mine = [k for k in keys if b":carrara-freshness" in k]
+        assert len(mine) in (0, 2)
+        freshness += mine
+        counts.append(len(keys) - len(mine))
         node.close()
+    assert sorted(k.split(b"}", 1)[1] for k in freshness) == [
+        b"t:carrara-freshness",
+        b"t:carrara-freshness-event",
+    ]
     assert sum(counts) == 2 * N
     assert min(counts) > 0.25 * 2 * N, counts  # even: each master holds about a third
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import msgspec
 import numpy as np
 import pytest
 
+from carrara.errors import FailedPreconditionError, NotFoundError
 from carrara.eventlog import EventLog, RedisEventLog, open_event_log
 from carrara.monitoring import (
     Alert,
@@ -17,11 +19,20 @@ from carrara.monitoring import (
     ModelMonitorConfig,
     MonitoringConsumer,
     active_alerts,
+    submit_labels,
     upgrade,
 )
+from carrara.monitoring.alerts import (
+    Condition,
+    acknowledge_alert,
+    apply_conditions,
+    firing_alerts,
+)
+from carrara.monitoring.performance import roc_auc
 from carrara.monitoring.profiles import load_profile
 from carrara.monitoring.store import windows_of
 from carrara.monitoring.traffic import SyntheticModel, phased_records, publish, register_synthetic
+from carrara.monitoring.views import distribution_view, drift_view, model_list, performance_view
 from carrara.monitoring.windows import Binner
 from carrara.sql import Database, connect
 from carrara.types import Topic
@@ -39,6 +50,7 @@ def pg(postgres_url: str) -> Iterator[Database]:
         "0001_monitoring",
         "0002_alert_clear_streak",
         "0003_alert_deliveries",
+        "0004_alert_acknowledgement",
     ]
     db = connect(postgres_url)
     yield db
@@ -128,3 +140,56 @@ def test_label_delay_on_postgres_and_redis(pg: Database, rlog: EventLog) -> None
     consumer.run(stop_when_idle=True, block_ms=0)
     assert [(a.subject, a.state) for a in seen if a.kind == "performance"] == [("auc", "firing")]
     assert [a.key for a in active_alerts(pg, MODEL)] == [f"{MODEL}:v1:performance:auc"]
+
+
+def test_read_views_and_acknowledgement_on_postgres(pg: Database, rlog: EventLog) -> None:
+    """The JSON read views and alert acknowledgement on PostgreSQL: drift of the shifted
+    feature, distributions, performance per window and the acknowledgement's lifecycle."""
+    sm = SyntheticModel(seed=24)
+    baseline = register_synthetic(pg, sm, model=MODEL, config=CONFIG)
+    recs = records(sm, [(2, {}), (2, {"x3": 1.0})], per_window=500)
+    publish(rlog, recs)
+    p = np.array([r.prediction[0] for r in recs])
+    y = sm.labels(p, np.random.default_rng(2))
+    submit_labels(pg, sm.label_records(recs, y, timestamp_ms=1))
+    consumer = MonitoringConsumer(pg, rlog)
+    consumer.run(stop_when_idle=True, block_ms=0)
+    consumer.judge(flush=True)
+
+    key = f"{MODEL}:v1:drift:x3"
+    [summary] = model_list(pg).models
+    assert (summary.model, summary.versions) == (MODEL, [1])
+    assert summary.active_alerts == len(active_alerts(pg, MODEL)) >= 1
+    drift = drift_view(pg, MODEL)
+    assert [w.window_start for w in drift.windows] == [k * WINDOW_MS for k in range(4)]
+    newest = drift.windows[-1].features["x3"]
+    assert newest.status == "alert" and (newest.psi or 0) > drift.thresholds.psi_alert
+    assert [w.window_start for w in drift_view(pg, MODEL, 1, last=3).windows] == [
+        k * WINDOW_MS for k in range(1, 4)
+    ]
+    dist = {f.feature: f for f in distribution_view(pg, MODEL).features}
+    assert sum(dist["x3"].current) == pytest.approx(1.0) == sum(dist["x3"].reference)
+    gap = max(abs(c - r) for c, r in zip(dist["x3"].current, dist["x3"].reference, strict=True))
+    assert gap > 0.1
+    [auc] = performance_view(pg, MODEL).metrics
+    assert auc.baseline == pytest.approx(baseline) and len(auc.windows) == 4
+    first = [i for i, r in enumerate(recs) if r.timestamp_ms < WINDOW_MS]
+    assert auc.windows[0].n == len(first) == 500
+    assert auc.windows[0].value == pytest.approx(roc_auc(y[first], p[first]))
+
+    acked = acknowledge_alert(pg, key, "dana", "on it")
+    assert [
+        (a.acknowledged_by, a.ack_comment) for a in firing_alerts(pg, MODEL) if a.key == key
+    ] == [("dana", "on it")]
+    assert acked.acknowledged_at_ms is not None
+    condition = Condition(model=MODEL, version=1, kind="drift", subject="x3", active=False)
+    with pg.transaction() as tx:
+        apply_conditions(tx, [condition])
+    with pytest.raises(FailedPreconditionError, match="not firing"):
+        acknowledge_alert(pg, key, "dana")
+    with pg.transaction() as tx:
+        apply_conditions(tx, [msgspec.structs.replace(condition, active=True)])
+    [again] = [a for a in firing_alerts(pg, MODEL) if a.key == key]
+    assert (again.acknowledged_by, again.acknowledged_at_ms, again.ack_comment) == (None, None, "")
+    with pytest.raises(NotFoundError):
+        acknowledge_alert(pg, f"{MODEL}:v1:drift:nope", "dana")

@@ -83,6 +83,12 @@ def test_two_ranks_match_one_process() -> None:
     for k, v in local.metrics.items():
         assert ddp.metrics[k] == pytest.approx(v, abs=ATOL)
     assert ddp.metrics["accuracy"] > 0.8
+    # the learning curve comes back from rank 0 as in one process
+    assert [h["epoch"] for h in ddp.history] == [1.0, 2.0, 3.0, 4.0]
+    for hd, hl in zip(ddp.history, local.history, strict=True):
+        assert hd.keys() == hl.keys() >= {"loss", "val_loss", "val_auc", "val_accuracy"}
+        for k in hd:
+            assert hd[k] == pytest.approx(hl[k], abs=ATOL), k
 
 
 def test_ddp_resumes_a_single_process_checkpoint_and_early_stops() -> None:
@@ -96,6 +102,9 @@ def test_ddp_resumes_a_single_process_checkpoint_and_early_stops() -> None:
     assert (resumed.resumed_from_epoch, resumed.epochs_run) == (1, 4)
     assert [e for e, _ in ctx.reports] == [2, 3]
     assert_same_model(resumed.model, full.model, X)
+    # the resumed curve holds the local run's epochs 1-2 (from the checkpoint) and its own 3-4
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0, 4.0]
+    assert resumed.history[:2] == full.history[:2]
 
     # Early stopping decided by the caller's context stops every rank at the same epoch and
     # keeps the best (first) epoch's weights: validating on flipped labels, val_loss rises.

@@ -106,7 +106,12 @@ def test_store_and_load_by_model_and_version(db: Database) -> None:
 
 def test_upgrade_is_idempotent(tmp_path: object) -> None:
     url = f"sqlite:///{tmp_path}/u.db"
-    assert upgrade(url) == ["0001_monitoring", "0002_alert_clear_streak", "0003_alert_deliveries"]
+    assert upgrade(url) == [
+        "0001_monitoring",
+        "0002_alert_clear_streak",
+        "0003_alert_deliveries",
+        "0004_alert_acknowledgement",
+    ]
     assert upgrade(url) == []
 
 

@@ -5,6 +5,7 @@ OnnxBackend. XGBoost and Keras: ``test_frameworks_xgboost.py``, ``test_framework
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any
 
 import joblib
@@ -14,6 +15,7 @@ import pytest
 from carrara.errors import CancelledError, FailedPreconditionError, InvalidArgumentError
 from carrara.gateway.backends import OnnxBackend
 from carrara.training.frameworks import LocalContext, TrainData, get_trainer
+from carrara.training.frameworks.base import bound_history, history_entry
 from carrara.training.frameworks.parity import Parity, check_parity, onnx_scores
 from carrara.training.frameworks.sklearn_trainer import TRAINER as SKLEARN
 from carrara.training.spec import ESTIMATORS
@@ -60,6 +62,7 @@ def test_sklearn_fit_export_parity_roundtrip(
     assert_sane(result.metrics, data)
     # train metrics are reported beside validation ones
     assert ("train_auc" if task == "classification" else "train_rmse") in result.metrics
+    assert result.history == []  # no epochs, no learning curve
 
     onnx_bytes = SKLEARN.export_onnx(result, data)
     parity = check_parity(SKLEARN, result.model, onnx_bytes, data.x_val, data.task)
@@ -193,3 +196,20 @@ def test_parity_reports_a_mismatch_with_numbers() -> None:
     empty = check_parity(SKLEARN, good.model, wrong_onnx, data.x_val[:0], "classification")
     assert empty == Parity(max_abs_diff=0.0, atol=1e-4, rtol=1e-5, rows=0, ok=True)
     assert onnx_scores(wrong_onnx, data.x_val[:4]).dtype == np.float32
+
+
+def test_history_entries_are_one_based_finite_and_bounded() -> None:
+    assert history_entry(0, {"loss": 1, "val_loss": float("nan"), "val_auc": 0.5}) == {
+        "epoch": 1.0,
+        "loss": 1.0,
+        "val_auc": 0.5,
+    }
+    run = [history_entry(e, {"loss": 1.0 / (e + 1)}) for e in range(2500)]
+    kept = bound_history(run, 1000)
+    epochs = [int(h["epoch"]) for h in kept]
+    assert len(kept) <= 1000 and epochs[0] == 1 and epochs[-1] == 2500  # first and last kept
+    steps = {b - a for a, b in itertools.pairwise(epochs[:-1])}
+    assert steps == {3}  # every 3rd epoch: ceil(2499 / 999)
+    assert kept[-1] == run[-1] and all(h == run[int(h["epoch"]) - 1] for h in kept)
+    assert bound_history(run[:1000], 1000) == run[:1000]  # short runs are kept whole
+    assert len(bound_history(run[:1001], 1000)) <= 1000

@@ -59,6 +59,10 @@ def test_fit_metrics_parity_roundtrip(task: str, k: int) -> None:
     val_losses = [m["val_loss"] for _, m in ctx.reports]
     assert result.best_epoch == int(np.argmin(val_losses))
     assert val_losses[-1] < val_losses[0]
+    assert result.history == [
+        {"epoch": float(e + 1), "loss": m["loss"], "val_loss": m["val_loss"]}
+        for e, m in ctx.reports
+    ]
 
     onnx_bytes = KERAS.export_onnx(result, data)
     parity = check_parity(KERAS, result.model, onnx_bytes, data.x_val, data.task)
@@ -115,11 +119,17 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state() -> None:
     # training went on from the saved weights, not from scratch
     assert resumed.reports[0][1]["val_loss"] < first.reports[0][1]["val_loss"]
     assert result.metrics["rmse"] < 0.5 * float(np.std(data.y_val))
+    # the curve covers all 6 epochs: the checkpoint carried epochs 1-3
+    assert [e["epoch"] for e in result.history] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert [e["val_loss"] for e in result.history] == [
+        m["val_loss"] for _, m in first.reports + resumed.reports
+    ]
     # nothing left to do: a checkpoint at the last epoch returns at once
     done = LocalContext(seed=9)
     done.checkpoints = list(first.checkpoints)
     again = KERAS.fit("mlp", {**PARAMS, "epochs": 3}, data, done)
     assert again.epochs_run == 3 and done.reports == []
+    assert again.history == part.history and len(again.history) == 3
 
 
 def test_cancellation_between_epochs() -> None:

@@ -58,6 +58,17 @@ def test_fit_metrics_parity_roundtrip(task: str, k: int) -> None:
         )
     else:
         assert ctx.reports[-1][1]["val_loss"] == pytest.approx(result.metrics["log_loss"], rel=1e-3)
+    # the learning curve: one entry per round, train/validation loss (and rmse) of each
+    h = result.history
+    assert len(h) == result.epochs_run == 40
+    assert [e["epoch"] for e in h] == [float(i) for i in range(1, 41)]
+    assert [e["val_loss"] for e in h] == val_losses
+    assert [e["loss"] for e in h] == [m["loss"] for _, m in ctx.reports]
+    if task == "regression":
+        assert set(h[-1]) == {"epoch", "loss", "val_loss", "val_rmse"}
+        assert h[-1]["val_rmse"] == pytest.approx(result.metrics["rmse"], rel=1e-4)
+    else:
+        assert set(h[-1]) == {"epoch", "loss", "val_loss"}
 
     # ONNX parity on 300 rows, within the tolerance the trainer states
     onnx_bytes = XGB.export_onnx(result, data)
@@ -129,6 +140,10 @@ def test_resume_continues_at_the_next_round_exactly(task: str, k: int) -> None:
         m["val_loss"] for _, m in resumed.reports
     ]
     assert result.best_epoch == int(np.argmin(all_losses))
+    # the curve travels in the checkpoint too: all 8 rounds, not only the resumed ones
+    assert [e["epoch"] for e in result.history] == [float(i) for i in range(1, 9)]
+    assert [e["val_loss"] for e in result.history] == all_losses
+    assert result.history == whole.history
 
 
 class _PruneAt(LocalContext):

@@ -19,6 +19,7 @@ from carrara.training.search import (
     optuna_storage_url,
     run_search,
     study_name,
+    trial_records,
 )
 from carrara.training.spec import (
     CheckpointSpec,
@@ -149,6 +150,19 @@ def test_in_memory_search_is_seeded_and_respects_n_trials(
     assert (a.n_trials, a.n_complete, a.n_pruned, a.trials_this_attempt) == (6, 6, 0, 6)
     assert a.study_name == "carrara-job" and a.metric == "auc" and a.direction == "maximize"
     assert a.best_value == max(t.value for t in study.trials if t.value is not None)
+    # every trial is listed, by number, with its params inside the declared ranges
+    assert [(t.number, t.state) for t in a.trials] == [(i, "COMPLETE") for i in range(6)]
+    for t in a.trials:
+        assert 1e-4 <= t.params["lr"] <= 1.0 and t.params["depth"] in range(1, 9)
+        assert t.params["act"] in ("relu", "tanh") and set(t.params) == set(SPACE)
+        assert t.value == quadratic(optuna.trial.FixedTrial(t.params))
+    assert a.best_value == max(t.value for t in a.trials if t.value is not None)
+    assert a.trials[a.best_trial].params == a.best_params
+    assert a.trials == b.trials  # seeded
+    # capped: the latest trials, the best one always kept
+    latest = trial_records(study, limit=3)
+    want = [3, 4, 5] if a.best_trial >= 3 else [a.best_trial, 4, 5]
+    assert [t.number for t in latest] == want and trial_records(study, limit=0) == []
     assert not recwarn.list  # Optuna stays quiet (no ExperimentalWarning etc.)
 
 
@@ -182,6 +196,8 @@ def test_median_pruner_stops_bad_trials_through_the_worker_context() -> None:
     assert all(0 <= v <= 1 for v in pruned.intermediate_values.values())  # auc, not a loss
     assert pruned.value is None or 0 <= pruned.value <= 1
     assert len(epochs_seen) < 8 * 10
+    assert [t.state for t in outcome.trials] == [t.state.name for t in study.trials]
+    assert all(t.value is None for t in outcome.trials if t.state == "PRUNED")
 
 
 def test_an_auc_study_never_records_negative_losses() -> None:
@@ -259,3 +275,7 @@ def test_resumed_search_continues_the_study_and_retries_a_dead_trial(tmp_path: P
     assert seen[0] == (6, dead_params, 5)  # same params, marked as a retry of trial 5
     assert states == ["COMPLETE"] * 5 + ["FAIL"] + ["COMPLETE"] * 2
     assert resumed.n_trials == 7 and resumed.best_value >= first.best_value
+    # the outcome lists the study's trials of every attempt, the failed one included
+    assert [t.state for t in resumed.trials] == states
+    assert resumed.trials[5].value is None and resumed.trials[6].params == dead_params
+    assert [t.value for t in resumed.trials[:5]] == [t.value for t in first.trials]

@@ -71,6 +71,15 @@ def test_metrics_and_onnx_parity(data: TrainData, width: int) -> None:
     assert (result.n_train, result.n_validation, result.epochs_run) == (300, 100, 8)
     assert [e for e, _ in ctx.reports] == list(range(8))
     assert all({"loss", "val_loss"} <= set(m) for _, m in ctx.reports)
+    # The learning curve: one entry per epoch (1-based), the loop's metrics renamed val_*;
+    # the last epoch's model is the returned one, so its metrics are the reported ones.
+    h = result.history
+    assert [e["epoch"] for e in h] == [float(e) for e in range(1, 9)]
+    assert [e["loss"] for e in h] == [m["loss"] for _, m in ctx.reports]
+    assert [e["val_loss"] for e in h] == [m["val_loss"] for _, m in ctx.reports]
+    for name, value in result.metrics.items():
+        key = name if name.startswith("val_") else f"val_{name}"
+        assert h[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     if data.task == "classification":
         assert result.metrics["auc"] > 0.9 and result.metrics["accuracy"] > 0.8
         # training improved the fit: the loss went down from the first epoch
@@ -155,6 +164,8 @@ def test_early_stopping_restores_best_weights() -> None:
     # the returned model is epoch 0's, not epoch 2's
     assert result.metrics["val_loss"] == pytest.approx(losses[0], rel=1e-6)
     assert len(ctx.checkpoints) == 3
+    assert [e["epoch"] for e in result.history] == [1.0, 2.0, 3.0]  # all epochs run
+    assert [e["val_loss"] for e in result.history] == losses
 
 
 class CrashAfter(LocalContext):
@@ -193,6 +204,8 @@ def test_resume_gives_the_same_weights(optimizer: str) -> None:
     assert_same_weights(resumed.model, full.model)
     assert again.reports == full_ctx.reports[3:]
     assert resumed.metrics == full.metrics
+    # the curve of the resumed run holds every epoch, the ones before the crash included
+    assert len(resumed.history) == 6 and resumed.history == full.history
 
 
 def test_cancel_raises_cancelled_after_the_epoch() -> None:

@@ -138,6 +138,15 @@ def test_every_framework_trains_exports_and_registers(
         assert v.metrics["auc"] > 0.85
     else:  # target = 3a - b: std ~3.2
         assert v.metrics["rmse"] < 1.5
+    # The learning curve: one point per epoch / boosting round, in the result and the tags.
+    history = result["history"]
+    assert json.loads(v.tags["training.history"]) == history
+    rounds = params.get("epochs", params.get("n_estimators", 0)) if framework != "sklearn" else 0
+    assert len(history) == result["epochs_run"] == rounds
+    assert [h["epoch"] for h in history] == list(range(1, rounds + 1))
+    assert all({"loss", "val_loss"} <= set(h) for h in history)
+    if framework == "pytorch":  # the last epoch's model is the registered one
+        assert history[-1]["val_rmse"] == pytest.approx(v.metrics["rmse"], rel=1e-6)
     served = env.registry.load_artifact("m", result["version"])
     session = ort.InferenceSession(served, providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "features"
@@ -169,6 +178,11 @@ def test_pytorch_job_registers_full_lineage(env: Env) -> None:
     assert json.loads(v.tags["training.classes"]) == ["no", "yes"] == result["classes"]
     assert json.loads(v.tags["training.params"])["hidden"] == [8]
     assert v.tags["training.epochs_run"] == "6" and result["epochs_run"] == 6
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1]["val_auc"] == pytest.approx(v.metrics["auc"], rel=1e-9)
+    assert history[-1]["val_log_loss"] == pytest.approx(v.metrics["log_loss"], rel=1e-6)
+    assert history[-1]["loss"] < history[0]["loss"]
     assert result["epochs_this_attempt"] == 6 and result["resumed_from_epoch"] == -1
     parity = json.loads(v.tags["training.parity"])
     assert parity["rows"] == 80 and parity["max_abs_diff"] <= parity["atol"] + parity["rtol"]
@@ -262,9 +276,12 @@ def test_a_resumed_job_continues_from_its_checkpoint_and_registers_once(env: Env
         r = done.result
         assert r["resumed_from_epoch"] == 3 and r["epochs_run"] == 8
         assert r["epochs_this_attempt"] == 4  # epochs 4..7, nothing repeated or skipped
+        # the curve is whole: epochs 1-4 came with the checkpoint attempt 1 left
+        assert [h["epoch"] for h in r["history"]] == [1, 2, 3, 4, 5, 6, 7, 8]
         versions = env.registry.list_versions("m")
         assert [v.run_id for v in versions] == [job.job_id]
         assert versions[0].tags["training.resumed_from_epoch"] == "3"
+        assert json.loads(versions[0].tags["training.history"]) == r["history"]
         # Killed between register and complete: the next attempt reuses the version.
         again = queue.submit(spec)
         claimed = queue.claim("w3")
@@ -273,6 +290,7 @@ def test_a_resumed_job_continues_from_its_checkpoint_and_registers_once(env: Env
         (redo,) = Worker(queue, features=env.features, registry=env.registry).run(until_idle=True)
         assert redo.job_id == again.job_id and redo.state == "SUCCEEDED"
         assert redo.result["reused_version"] is True
+        assert redo.result["history"] == first_run["history"] != []
         assert redo.result["version"] == first_run["version"] == 2
         assert [v.run_id for v in env.registry.list_versions("m")] == [job.job_id, again.job_id]
         lines = [x.message for x in queue.logs(again.job_id)]
@@ -307,6 +325,18 @@ def test_search_job_registers_the_best_trial(env: Env) -> None:
     assert json.loads(v.tags["training.search"])["best_trial"] == s["best_trial"]
     assert json.loads(v.tags["training.params"]) == result["params"]
     assert sum(line.startswith("trial ") and " complete rmse=" in line for line in lines) == 4
+    # every trial, its params inside the declared ranges; the best one is the best value's
+    trials = s["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2, 3]
+    assert all(t["state"] == "COMPLETE" for t in trials)
+    for t in trials:
+        assert t["params"]["max_depth"] in range(1, 5)
+        assert 0.01 <= t["params"]["learning_rate"] <= 0.5
+    assert s["best_value"] == min(t["value"] for t in trials)
+    assert trials[s["best_trial"]]["value"] == s["best_value"]
+    assert trials[s["best_trial"]]["params"] == s["best_params"]
+    assert json.loads(v.tags["training.search"])["trials"] == trials
+    assert result["history"] == [] and v.tags["training.history"] == "[]"  # sklearn: no epochs
 
 
 def test_pytorch_search_prunes_and_checkpoints_per_trial(env: Env) -> None:
@@ -323,6 +353,14 @@ def test_pytorch_search_prunes_and_checkpoints_per_trial(env: Env) -> None:
     assert s["n_complete"] + s["n_pruned"] == 5 and s["n_complete"] >= 1
     assert result["metrics"]["auc"] == pytest.approx(s["best_value"])
     assert not Path(checkpoint_root(env.registry), result["run_id"]).exists()
+    states = [t["state"] for t in s["trials"]]
+    assert len(states) == 5 and states.count("PRUNED") == s["n_pruned"]
+    assert all(1e-5 <= t["params"]["lr"] <= 0.3 for t in s["trials"])
+    assert max(t["value"] for t in s["trials"] if t["state"] == "COMPLETE") == s["best_value"]
+    # the best trial's curve: every epoch it ran, its last point the registered metrics
+    history = result["history"]
+    assert len(history) == result["epochs_run"] == 6
+    assert history[-1]["val_auc"] == pytest.approx(s["best_value"])
 
 
 def test_pruned_is_raised_from_report() -> None:

@@ -1,0 +1,197 @@
+"""The console's server side: its routes on the control plane (app files, whoami, live gateway
+figures) and the figures' arithmetic (Prometheus text, windowed rates, split shares and
+histogram quantiles) against hand-computed values."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from carrara.config import Settings
+from carrara.console.gateway_metrics import GatewayScraper, parse_metrics, quantile
+from carrara.services import ControlPlane
+
+TOKEN = "console-unit-token"
+
+
+def call(app: Any, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    home = tmp_path_factory.mktemp("console")
+    cp = ControlPlane(Settings(home=str(home), online_store_url="memory://", api_token=TOKEN))
+    try:
+        yield cp
+    finally:
+        cp.close()
+
+
+def test_app_files_are_served_with_etags(plane: ControlPlane) -> None:
+    index = call(plane.app, "GET", "/console")
+    assert index.status_code == 200
+    assert index.headers["content-type"].startswith("text/html")
+    for name in ("app.js", "charts.js", "style.css"):
+        assert f"/console/{name}" in index.text
+        r = call(plane.app, "GET", f"/console/{name}")
+        assert r.status_code == 200
+        assert r.headers["cache-control"] == "no-cache"
+        again = call(
+            plane.app, "GET", f"/console/{name}", headers={"If-None-Match": r.headers["etag"]}
+        )
+        assert again.status_code == 304 and again.content == b""
+    assert (
+        call(plane.app, "GET", "/console/app.js")
+        .headers["content-type"]
+        .startswith("text/javascript")
+    )
+    missing = call(plane.app, "GET", "/console/missing.js")
+    assert missing.status_code == 404 and missing.json()["error"] == "NOT_FOUND"
+    # Only files of the app's folder, by a plain name: no way out of it.
+    assert call(plane.app, "GET", "/console/..%2F__init__.py").status_code == 404
+    assert call(plane.app, "GET", "/console/__init__.py").status_code == 404
+
+
+def test_whoami_checks_the_token(plane: ControlPlane) -> None:
+    r = call(plane.app, "GET", "/auth/whoami")
+    assert r.status_code == 401 and "Bearer" in r.json()["message"]
+    assert (
+        call(plane.app, "GET", "/auth/whoami", headers={"Authorization": "Bearer x"}).status_code
+        == 401
+    )
+    assert (
+        call(plane.app, "GET", "/auth/whoami", headers={"Authorization": "Basic x"}).status_code
+        == 401
+    )
+    ok = call(plane.app, "GET", "/auth/whoami", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.json() == {"subject": "bootstrap", "roles": ["admin"]}
+    token = plane.registry.tokens.create("ana", ["approver", "reader"])
+    ana = call(plane.app, "GET", "/auth/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert ana.json() == {"subject": "ana", "roles": ["approver", "reader"]}
+
+
+def test_console_routes_are_documented(plane: ControlPlane) -> None:
+    paths = call(plane.app, "GET", "/openapi.json").json()["paths"]
+    for path in ("/console", "/console/{asset}", "/auth/whoami", "/serving/variants"):
+        assert path in paths
+
+
+def test_serving_figures_without_a_gateway_say_so(plane: ControlPlane) -> None:
+    r = call(plane.app, "GET", "/serving/variants")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["reachable"] is False and "no gateway" in body["error"]
+    assert call(plane.app, "GET", "/serving/variants?window_s=abc").status_code == 400
+    assert call(plane.app, "GET", "/serving/variants?window_s=0").status_code == 400
+
+
+# -- the figures ----------------------------------------------------------------------------
+
+BOUNDS = ("0.001", "0.005", "0.01", "+Inf")
+
+
+def _text(counts: dict[str, tuple[float, float, list[float]]], errors: float = 0.0) -> str:
+    """Gateway /metrics text: variant -> (entities, requests, per-bucket counts)."""
+    lines = ["# HELP carrara_predictions_total Entities predicted", "# TYPE x counter"]
+    for variant, (entities, requests, buckets) in counts.items():
+        version = "1" if variant == "champion" else "2"
+        labels = f'model="m",version="{version}",variant="{variant}"'
+        lines.append(f"carrara_predictions_total{{{labels}}} {entities}")
+        running = 0.0
+        for bound, count in zip(BOUNDS, buckets, strict=True):
+            running += count
+            lines.append(
+                f'carrara_predict_latency_seconds_bucket{{{labels},le="{bound}"}} {running}'
+            )
+        lines.append(f"carrara_predict_latency_seconds_count{{{labels}}} {requests}")
+        lines.append(f"carrara_predict_latency_seconds_sum{{{labels}}} 0.5")
+    lines.append(f'carrara_predict_errors_total{{model="m",code="UNAVAILABLE"}} {errors}')
+    lines.append('carrara_predict_degraded_total{model="m"} 3.0')
+    lines.append("carrara_predict_shed_total 2.0")
+    return "\n".join(lines) + "\n"
+
+
+def test_parse_metrics_reads_labels_and_skips_comments() -> None:
+    series = parse_metrics('# HELP a b\na_total{x="1",y="q\\"s"} 4.5\nb 2\nbad{x="1"} notanumber\n')
+    assert series == {("a_total", (("x", "1"), ("y", 'q\\"s'))): 4.5, ("b", ()): 2.0}
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    buckets = [(0.001, 0.0), (0.005, 50.0), (0.01, 100.0), (float("inf"), 100.0)]
+    assert quantile(0.5, buckets) == pytest.approx(0.005)
+    assert quantile(0.25, buckets) == pytest.approx(0.003)  # halfway into (0.001, 0.005]
+    assert quantile(0.99, buckets) == pytest.approx(0.0099)
+    assert quantile(0.5, [(0.001, 0.0), (float("inf"), 0.0)]) is None
+    # Past the last finite bound: that bound is the answer.
+    assert quantile(0.99, [(0.001, 0.0), (float("inf"), 10.0)]) == pytest.approx(0.001)
+
+
+def test_windowed_rates_shares_and_latency(tmp_path: Path) -> None:
+    now = [1000.0]
+    texts = [
+        _text({"champion": (900.0, 90.0, [0, 90, 0, 0]), "canary": (100.0, 10.0, [0, 10, 0, 0])}),
+        # 5 s later: champion +800 entities (80 calls, all in (5, 10] ms), canary +200 (20 calls).
+        _text(
+            {"champion": (1700.0, 170.0, [0, 90, 80, 0]), "canary": (300.0, 30.0, [0, 10, 20, 0])},
+            errors=4.0,
+        ),
+    ]
+    scraper = GatewayScraper("http://gw", lambda: texts.pop(0), clock=lambda: now[0])
+    first = scraper.figures(10.0)
+    assert first.reachable and first.window_s == 0.0
+    by = {v.variant: v for v in first.variants}
+    assert by["champion"].entities_per_s is None and by["champion"].share is None
+    # No window yet: latency since the start (all in (1, 5] ms; median halfway in).
+    assert by["champion"].p50_ms == pytest.approx(3.0)
+    now[0] = 1005.0
+    second = scraper.figures(10.0)
+    assert second.window_s == pytest.approx(5.0)
+    by = {v.variant: v for v in second.variants}
+    assert by["champion"].entities_per_s == pytest.approx(160.0)
+    assert by["canary"].entities_per_s == pytest.approx(40.0)
+    assert by["canary"].requests_per_s == pytest.approx(4.0)
+    assert by["champion"].share == pytest.approx(0.8) and by["canary"].share == pytest.approx(0.2)
+    assert by["canary"].version == 2 and by["canary"].entities_total == 300.0
+    # The window's calls all fell in (5, 10] ms: p50 = 7.5 ms, p99 = 9.95 ms.
+    assert by["champion"].p50_ms == pytest.approx(7.5)
+    assert by["champion"].p99_ms == pytest.approx(9.95)
+    assert second.errors == {"m": 4.0} and second.degraded == {"m": 0.0}
+    assert second.shed_total == 2.0
+
+
+def test_a_window_uses_only_samples_inside_it() -> None:
+    now = [0.0]
+    values = iter([100.0, 200.0, 260.0])
+
+    def fetch() -> str:
+        v = next(values)
+        return _text({"champion": (v, v, [0, v, 0, 0])})
+
+    scraper = GatewayScraper("http://gw", fetch, clock=lambda: now[0])
+    scraper.figures(10.0)
+    now[0] = 30.0  # the first sample is outside a 10 s window
+    alone = scraper.figures(10.0)
+    assert alone.window_s == 0.0
+    now[0] = 36.0
+    paired = scraper.figures(10.0)
+    assert paired.window_s == pytest.approx(6.0)
+    assert paired.variants[0].entities_per_s == pytest.approx(10.0)
+
+
+def test_an_unreachable_gateway_is_reported_not_raised() -> None:
+    def fetch() -> str:
+        raise ConnectionError("connection refused")
+
+    figures = GatewayScraper("http://gw", fetch).figures(10.0)
+    assert not figures.reachable and "refused" in figures.error and figures.variants == []
