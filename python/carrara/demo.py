@@ -166,6 +166,8 @@ class DemoReport(msgspec.Struct, kw_only=True):
     #: console token (roles reader, publisher, deployer, approver) for its web console.
     settings_file: str = ""
     console_token: str = ""
+    labelled: int = 0  # served predictions whose outcome was published as a delayed label
+    served_auc: float | None = None  # the champion's AUC on them, as monitoring judged it
 
     def stage(self, name: str) -> StageResult:
         return next(s for s in self.stages if s.name == name)
@@ -660,6 +662,8 @@ class _Demo:
         }
         labels = _labels(snapshots, self.stats, self.rng)
         r.label_rows = len(labels)
+        # Each rider's latest outcome: the delayed labels of the traffic served in stage 7.
+        self._churn = labels.sort_values("event_timestamp").groupby("rider_id")["churned"].last()
         if len(labels) > self.train_rows:
             labels = labels.sample(self.train_rows, random_state=11).reset_index(drop=True)
         r.training_rows = len(labels)
@@ -782,7 +786,9 @@ class _Demo:
         reference = ts[columns].fillna(ts[columns].mean())
         reference.columns = names
         outputs = natives[champ.version][1](reference.to_numpy(np.float32))
-        p.monitor.set_reference(MODEL, champ.version, reference, outputs)
+        p.monitor.set_reference(
+            MODEL, champ.version, reference, outputs, baseline={"auc": champ.auc}
+        )
         p.monitor.configure(MODEL, ModelMonitorConfig(window_ms=WINDOW_MS, allowed_lateness_ms=0))
 
         self.stage("load run (embedded gateway, open loop)")
@@ -832,14 +838,22 @@ class _Demo:
             gres.requests > 0 and gres.ok == gres.requests and grpc_diff <= 1e-6,
         )
 
-        # 7. Monitoring on unshifted traffic: no feature drifts.
+        # 7. Monitoring on unshifted traffic: no feature drifts; the outcomes of some served
+        # predictions arrive (delayed labels) and the served AUC is judged against the
+        # champion's holdout AUC.
         self.stage("monitoring: baseline")
+        labelled = self._delayed_labels(p)
         before = self._firing(p, champ.version)
         false_alarms = sorted(s for s in before if s != "__prediction__")
+        served_auc = self._served_auc(p, champ.version)
+        r.labelled, r.served_auc = labelled, served_auc
+        auc_text = f"{served_auc:.3f}" if served_auc is not None else "not judged"
         self.done(
             "monitoring (baseline)",
-            "no feature drift" if not false_alarms else f"unexpected drift on {false_alarms}",
-            not false_alarms,
+            ("no feature drift" if not false_alarms else f"unexpected drift on {false_alarms}")
+            + f"; {labelled:,} predictions labelled later, served AUC {auc_text} "
+            f"(holdout {champ.auc:.3f})",
+            not false_alarms and served_auc is not None,
         )
 
         # 8. An alert trigger on the model, then shift one feature and expect the alert.
@@ -1053,6 +1067,42 @@ class _Demo:
             result = run_stage(spec, plan, make_target=lambda: CallableTarget(call))
         self.progress.remove_task(task)
         return result, counts
+
+    def _delayed_labels(self, p: Platform, batches: int = 3, size: int = 400) -> int:
+        """Serve ``batches`` batches of riders one monitoring window apart and publish each
+        prediction's outcome (the rider's latest churn label) on the ``labels`` topic, as the
+        ground truth arriving after the fact would be."""
+        from carrara.monitoring.traffic import publish
+        from carrara.types import LabelRecord
+
+        riders = list(self._churn.index)
+        count = 0
+        for b in range(batches):
+            ids = [riders[(b * size + i) % len(riders)] for i in range(size)]
+            served = p.predict(MODEL, ids)
+            now_ms = time.time_ns() // 1_000_000
+            records = [
+                LabelRecord(
+                    request_id=f"{served.request_id}:{i}",
+                    model=MODEL,
+                    label=float(self._churn[rider]),
+                    timestamp_ms=now_ms,
+                )
+                for i, rider in enumerate(served.entity_ids)
+            ]
+            publish(p.events, records)
+            count += len(records)
+            if b < batches - 1:
+                time.sleep(WINDOW_MS / 1000)  # the next batch lands in the next window
+        return count
+
+    def _served_auc(self, p: Platform, version: int) -> float | None:
+        """The newest judged AUC of ``version`` on labelled traffic."""
+        from carrara.monitoring.store import performance_history
+
+        history = performance_history(p.monitor.db, MODEL, version)
+        values = [v for _, metric, v, _ in history if metric == "auc"]
+        return values[-1] if values else None
 
     def _firing(self, p: Platform, version: int) -> set[str]:
         p.monitor.run()

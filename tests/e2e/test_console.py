@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.console import CHROMIUM, console_pages, measure
+from bench.console import CHROMIUM, console_pages, login, measure
 from carrara import Client
 from carrara.demo import MODEL, SHIFTED, DemoReport
 from carrara.registry.auth import Principal
@@ -302,6 +302,18 @@ def _walk(
         assert traffic.errors == []
         assert 16.0 <= observed <= 24.0
 
+        # Roll back: the previous deployment (90/10) is active again, the history says so.
+        page.get_by_test_id("rollback").click()
+        page.get_by_test_id("dialog-confirm").click()
+        page.wait_for_function(
+            "() => document.querySelector(\"[data-testid='configured-canary']\")"
+            "?.textContent === '10%'",
+            timeout=10_000,
+        )
+        active = http.get(f"/models/{MODEL}/deployments/active").json()
+        assert active["rollback_of"] is not None and active["created_by"] == "demo-user"
+        assert f"rollback of #{active['rollback_of']}" in _text(page, "deploy-history")
+
         # -- promote (a deployer) ------------------------------------------------------------
         page.get_by_role("link", name="Approvals").click()
         _ready(page, "approvals")
@@ -323,6 +335,9 @@ def _walk(
             if j["spec"]["model"]["framework"] == "pytorch" and j["state"] == "SUCCEEDED"
         )
         assert len(jobs) == 5  # v1, v2, the alert-triggered retrain, the search, the queued
+        triggers = _text(page, "triggers")
+        retrain_job = report.retrain.job_id if report.retrain else ""
+        assert "retrain-on-drift" in triggers and retrain_job in triggers
         _shot(page, "08-training")
         page.get_by_test_id(f"job-{torch_job['job_id']}").click()
         _ready(page, "job")
@@ -347,6 +362,24 @@ def _walk(
         assert dots.count() == sum(1 for t in trials if t["value"] is not None) >= 3
         assert page.get_by_test_id("trial-param").input_value() == "C"
         _shot(page, "10-search")
+
+        # The search registered a new STAGING version of the high-stakes model: reject it.
+        searched = http.get(f"/training-jobs/{search_id}").json()["result"]["version"]
+        page.goto(f"{api}/console#/models/{MODEL}")
+        _ready(page, "model")
+        page.get_by_test_id(f"reject-{searched}").click()
+        page.get_by_test_id("dialog-confirm").click()  # no reason yet: refused in the dialog
+        assert "Reason is required" in _text(page, "dialog-error")
+        page.get_by_test_id("dialog-reason").fill("logistic baseline, not a candidate")
+        page.get_by_test_id("dialog-confirm").click()
+        page.wait_for_selector(f"[data-testid='decision-{searched}'] .rejected")
+        decided = http.get(f"/models/{MODEL}/versions/{searched}/approvals").json()
+        assert [(d["decision"], d["comment"]) for d in decided] == [
+            ("rejected", "logistic baseline, not a candidate")
+        ]
+        assert ("demo-user", "version.reject") in {
+            (a["actor"], a["action"]) for a in http.get(f"/models/{MODEL}/audit").json()
+        }
 
         # Cancel the waiting job from its page.
         page.goto(f"{api}/console#/training/{queued_id}")
@@ -393,6 +426,16 @@ def _walk(
         assert alert["subject"] in _text(page, "alerts")
         assert page.get_by_test_id("drift-chart").locator("path").count() >= 1
         assert page.get_by_test_id("distributions").locator("svg").count() >= 1
+        # The champion's AUC on labelled traffic, against its holdout baseline.
+        assert version == report.champion
+        perf = http.get(f"/monitoring/models/{MODEL}/performance?version={version}").json()
+        auc = next(m for m in perf["metrics"] if m["metric"] == "auc")
+        assert auc["windows"] and auc["baseline"] == pytest.approx(
+            next(v.auc for v in report.versions if v.version == version)
+        )
+        chart = page.get_by_test_id("perf-auc")
+        assert chart.locator("circle").count() == len(auc["windows"])
+        assert "baseline" in (chart.text_content() or "")
         _shot(page, "12-monitoring")
         page.get_by_test_id(f"ack-{alert['subject']}").click()
         page.get_by_test_id("dialog-comment").fill("retrained on the shifted data")
@@ -414,6 +457,54 @@ def _walk(
         Path(record).write_text(
             "\n".join(f"{name} {ms:.1f}" for name, ms in timings.items()) + "\n"
         )
+
+
+def test_buttons_follow_the_tokens_roles(
+    console_up: tuple[Services, DemoReport, int, int],
+) -> None:
+    """A reader sees no write button; an approver may approve and reject, not promote or move
+    traffic; the API refuses what the page does not offer (403)."""
+    from playwright.sync_api import sync_playwright
+
+    from carrara.platform import Platform
+
+    services, report = console_up[:2]
+    settings, _ = load_up_config(report.settings_file)
+    with Platform.open(settings) as p:
+        reader = p.registry.tokens.create("rita", ["reader"])
+        approver = p.registry.tokens.create("alex", ["approver", "reader"])
+    staging = [
+        v["version"]
+        for v in httpx.get(f"{services.api_url}/models/{MODEL}/versions?status=STAGING").json()
+    ]
+    assert staging  # the search's rejected version at least
+    writes = ("promote-", "archive-", "approve-", "reject-")
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        for token, may in ((reader, ()), (approver, ("approve-", "reject-"))):
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            login(page, services.api_url, token)
+            page.goto(f"{services.api_url}/console#/models/{MODEL}")
+            _ready(page, "model")
+            for prefix in writes:
+                shown = page.locator(f"[data-testid^='{prefix}']").count()
+                assert (shown > 0) == (prefix in may), (prefix, shown)
+            page.goto(f"{services.api_url}/console#/deployments?model={MODEL}")
+            _ready(page, "deployments")
+            assert page.get_by_test_id("apply-split").count() == 0
+            assert page.get_by_test_id("rollback").count() == 0
+            page.close()
+        browser.close()
+    assert problems == []
+    refused = httpx.post(
+        f"{services.api_url}/models/{MODEL}/versions/{staging[0]}/promote",
+        headers={"Authorization": f"Bearer {approver}"},
+    )
+    assert refused.status_code == 403 and "deployer" in refused.json()["message"]
 
 
 def test_console_assets_are_served_offline(

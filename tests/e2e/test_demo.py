@@ -69,6 +69,11 @@ def test_demo_small_run_holds_every_check(kept_demo: KeptDemo) -> None:
     assert report.canary_share is not None
     assert abs(report.canary_share - CANARY_SHARE) <= report.split_tolerance
 
+    # Delayed labels: 3 batches of 400 served predictions labelled with the riders' outcomes;
+    # monitoring judged the champion's served AUC, close to its holdout AUC (same population).
+    assert report.labelled == 1_200
+    assert report.served_auc is not None and abs(report.served_auc - champion.auc) < 0.1
+
     # Drift: the alert names the shifted feature and only it (the prediction drifts too).
     d = report.drift
     assert d is not None
