@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from carrara.gateway.engine import PredictionResult
     from carrara.gateway.server import GatewayServer
     from carrara.monitoring import Alert, ModelMonitorConfig
+    from carrara.monitoring.alerts import ActiveAlert
+    from carrara.monitoring.views import DistributionView, DriftView, PerformanceView
     from carrara.registry.auth import Principal
     from carrara.registry.types import Deployment, TrafficSplit
     from carrara.training.queue import Job, LogLine
@@ -435,6 +437,52 @@ class RemoteMonitor:
             "GET", f"/monitoring/models/{model}/report", str, params={"version": version}
         )
         return html
+
+    def drift(self, model: str, version: int | None = None, *, last: int = 200) -> DriftView:
+        """PSI, KS and JS per feature of the ``last`` newest judged windows (``version``:
+        default the newest with windows), with the drift thresholds."""
+        from carrara.monitoring.views import DriftView
+
+        params = {"version": version, "limit": last}
+        out: DriftView = self._call(
+            "GET", f"/monitoring/models/{quote(model, safe='')}/drift", DriftView, params=params
+        )
+        return out
+
+    def distributions(self, model: str, version: int | None = None) -> DistributionView:
+        """Reference vs current shares per bin of every profiled feature, newest window."""
+        from carrara.monitoring.views import DistributionView
+
+        path = f"/monitoring/models/{quote(model, safe='')}/distributions"
+        out: DistributionView = self._call(
+            "GET", path, DistributionView, params={"version": version}
+        )
+        return out
+
+    def performance(
+        self, model: str, version: int | None = None, *, last: int = 200
+    ) -> PerformanceView:
+        """Each metric per window on labelled predictions, with the baseline and threshold."""
+        from carrara.monitoring.views import PerformanceView
+
+        path = f"/monitoring/models/{quote(model, safe='')}/performance"
+        out: PerformanceView = self._call(
+            "GET", path, PerformanceView, params={"version": version, "limit": last}
+        )
+        return out
+
+    def acknowledge(self, key: str, comment: str = "") -> ActiveAlert:
+        """Acknowledge the firing alert ``key`` (``model:vN:kind:subject``) as the token's
+        subject (role deployer)."""
+        from carrara.monitoring.alerts import ActiveAlert
+
+        out: ActiveAlert = self._call(
+            "POST",
+            "/monitoring/alerts/acknowledge",
+            ActiveAlert,
+            json={"key": key, "comment": comment},
+        )
+        return out
 
 
 # -- the client -----------------------------------------------------------------------------

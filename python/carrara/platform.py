@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from carrara.gateway.engine import PredictionResult
     from carrara.gateway.server import GatewayServer
     from carrara.monitoring import Alert, ModelMonitorConfig, MonitoringConsumer
+    from carrara.monitoring.alerts import ActiveAlert
+    from carrara.monitoring.views import DistributionView, DriftView, PerformanceView
     from carrara.registry.auth import Principal
     from carrara.registry.registry import ModelRegistry
     from carrara.registry.types import Deployment, TrafficSplit
@@ -218,6 +220,40 @@ class Monitor:
 
         self.consumer  # noqa: B018 - creates the monitoring tables
         return render_report(self.db, model, version)
+
+    def drift(self, model: str, version: int | None = None, *, last: int = 200) -> DriftView:
+        """PSI, KS and JS per feature of the ``last`` newest judged windows (``version``:
+        default the newest with windows), with the drift thresholds."""
+        from carrara.monitoring.views import drift_view
+
+        self.consumer  # noqa: B018 - creates the monitoring tables
+        return drift_view(self.db, model, version, last=last)
+
+    def distributions(self, model: str, version: int | None = None) -> DistributionView:
+        """Reference vs current shares per bin of every profiled feature, newest window."""
+        from carrara.monitoring.views import distribution_view
+
+        self.consumer  # noqa: B018 - creates the monitoring tables
+        return distribution_view(self.db, model, version)
+
+    def performance(
+        self, model: str, version: int | None = None, *, last: int = 200
+    ) -> PerformanceView:
+        """Each metric per window on labelled predictions, with the baseline and threshold."""
+        from carrara.monitoring.views import performance_view
+
+        self.consumer  # noqa: B018 - creates the monitoring tables
+        return performance_view(self.db, model, version, last=last)
+
+    def acknowledge(self, key: str, comment: str = "") -> ActiveAlert:
+        """Acknowledge the firing alert ``key`` (``model:vN:kind:subject``) as the platform's
+        actor (role deployer)."""
+        from carrara.auth import require_role
+        from carrara.monitoring.alerts import acknowledge_alert
+
+        actor = require_role(self._platform.actor, "deployer", "acknowledging an alert")
+        self.consumer  # noqa: B018 - creates the monitoring tables
+        return acknowledge_alert(self.db, key, actor.subject, comment)
 
 
 class Platform:

@@ -325,6 +325,19 @@ def test_client_drives_every_service_started_by_up(
                 break
         assert fired == [SHIFTED]
         assert SHIFTED in client.monitor.report(MODEL, champion)
+        # The JSON views behind the console, through the SDK.
+        drift = client.monitor.drift(MODEL, champion)
+        assert drift.version == champion and drift.windows
+        assert any(w.features[SHIFTED].status == "alert" for w in drift.windows)
+        psi_alert = drift.thresholds.psi_alert
+        assert max(w.features[SHIFTED].psi or 0.0 for w in drift.windows) >= psi_alert
+        dists = {f.feature: f for f in client.monitor.distributions(MODEL, champion).features}
+        assert sum(dists[SHIFTED].current) == pytest.approx(1.0)
+        assert dists[SHIFTED].current != dists[SHIFTED].reference
+        assert client.monitor.performance(MODEL, champion).version == champion
+        key = f"{MODEL}:v{champion}:drift:{SHIFTED}"
+        acked = client.monitor.acknowledge(key, "looking into it")
+        assert (acked.acknowledged_by, acked.ack_comment) == ("bootstrap", "looking into it")
         svc.check()  # every child is still running
 
     # Stopped gracefully: every child exited on SIGTERM (workers and the monitor by the signal).

@@ -110,6 +110,14 @@ def test_demo_small_run_holds_every_check(kept_demo: KeptDemo) -> None:
     assert (kept_demo.root / "console-token").read_text().strip() == report.console_token
     with Platform.open(settings) as p:
         assert [v.status for v in p.registry.list_versions("rider_churn")].count("PRODUCTION") == 1
+        # The monitoring views behind the console, through the local SDK.
+        drift = p.monitor.drift("rider_churn", champion.version)
+        assert any(w.features[SHIFTED].status == "alert" for w in drift.windows)
+        perf = p.monitor.performance("rider_churn", champion.version)
+        auc = next(m for m in perf.metrics if m.metric == "auc")
+        assert auc.baseline == pytest.approx(champion.auc)
+        assert auc.windows[-1].value == pytest.approx(report.served_auc)
+        assert p.monitor.distributions("rider_churn", champion.version).features
         who = p.registry.tokens.authenticate(report.console_token)
         assert (who.subject, sorted(who.roles)) == (
             "demo-user",
