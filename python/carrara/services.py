@@ -139,6 +139,7 @@ class ControlPlane:
         from carrara.console import Console
 
         self.console = Console(settings, self.auth)
+        self._closers.append(self.console.close)
         parts.append(("console", self.console.endpoints(), CONSOLE_PARAMS))
         own = [
             Endpoint("GET", "/healthz", "Liveness", Health, self._healthz),

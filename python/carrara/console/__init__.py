@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from carrara.auth import Authenticator, bearer_token
-from carrara.console.gateway_metrics import GatewayScraper, ServingFigures, http_fetch
+from carrara.console.gateway_metrics import GatewayScraper, HttpFetch, ServingFigures
 from carrara.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 from carrara.http import Endpoint, json_response
 
@@ -80,6 +80,7 @@ class Console:
         self.assets = _load_assets()
         self.gateway_url = gateway_url or settings.gateway_url
         self.scraper: GatewayScraper | None = None
+        self._fetch: HttpFetch | None = None
         if self.gateway_url:
             headers = (
                 {"Authorization": f"Bearer {settings.gateway_token}"}
@@ -88,9 +89,13 @@ class Console:
             )
             # A gateway with TLS: its own certificate is the CA to trust on loopback.
             verify: str | bool = settings.gateway_tls_cert or True
-            self.scraper = GatewayScraper(
-                self.gateway_url, http_fetch(self.gateway_url, headers, verify)
-            )
+            self._fetch = HttpFetch(self.gateway_url, headers, verify)
+            self.scraper = GatewayScraper(self.gateway_url, self._fetch)
+
+    def close(self) -> None:
+        """Close the gateway scrape's HTTP client."""
+        if self._fetch is not None:
+            self._fetch.close()
 
     def _asset(self, name: str, request: Request) -> Response:
         asset = self.assets.get(name)

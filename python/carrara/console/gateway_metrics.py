@@ -22,6 +22,7 @@ import msgspec
 
 __all__ = [
     "GatewayScraper",
+    "HttpFetch",
     "Sample",
     "ServingFigures",
     "VariantFigures",
@@ -262,15 +263,19 @@ def _figures(url: str, newest: Sample, base: Sample | None) -> ServingFigures:
     )
 
 
-def http_fetch(url: str, headers: Mapping[str, str], verify: str | bool) -> Fetch:
-    """A fetch of ``{url}/metrics`` over httpx (2 s timeout)."""
-    import httpx
+class HttpFetch:
+    """A fetch of ``{url}/metrics`` over one httpx client (2 s timeout); ``close()`` ends it."""
 
-    client = httpx.Client(timeout=2.0, headers=dict(headers), verify=verify)
+    def __init__(self, url: str, headers: Mapping[str, str], verify: str | bool) -> None:
+        import httpx
 
-    def fetch() -> str:
-        r = client.get(f"{url.rstrip('/')}/metrics")
+        self.url = f"{url.rstrip('/')}/metrics"
+        self.client = httpx.Client(timeout=2.0, headers=dict(headers), verify=verify)
+
+    def __call__(self) -> str:
+        r = self.client.get(self.url)
         r.raise_for_status()
         return r.text
 
-    return fetch
+    def close(self) -> None:
+        self.client.close()

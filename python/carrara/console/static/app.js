@@ -706,11 +706,15 @@ async function pageJob(id) {
   if (trials.length) {
     const params = [...new Set(trials.flatMap((t) => Object.keys(t.params || {})))].sort();
     const pick = h("select", { testid: "trial-param" }, params.map((p) => h("option", { value: p }, p)));
+    const space = (job.spec.search && job.spec.search.space) || {};
     const draw = () => {
       const p = pick.value;
-      const done = trials.filter((t) => t.value !== null && typeof (t.params || {})[p] === "number");
-      trialBox.querySelector(".plot").replaceChildren(lineChart([{ name: `${r.search.metric} (${r.search.direction})`, points: done.map((t) => [t.params[p], t.value]) }],
-        { xLabel: p, yLabel: r.search.metric, dotsOnly: true, testid: "trial-scatter" }));
+      const log = Boolean(space[p] && space[p].log);  // a log-scale range: plot log10(value)
+      const done = trials.filter((t) => t.value !== null && typeof (t.params || {})[p] === "number" && (!log || t.params[p] > 0));
+      const x = (v) => (log ? Math.log10(v) : v);
+      trialBox.querySelector(".plot").replaceChildren(lineChart([{ name: `${r.search.metric} (${r.search.direction})`, points: done.map((t) => [x(t.params[p]), t.value]) }],
+        { xLabel: log ? `${p} (log scale)` : p, yLabel: r.search.metric, dotsOnly: true, testid: "trial-scatter",
+          xFormat: log ? (v) => String(+Math.pow(10, v).toPrecision(3)) : undefined }));
     };
     pick.addEventListener("change", draw);
     trialBox.append(h("h2", {}, `Search: ${trials.length} trials, best #${r.search.best_trial} = ${fmt(r.search.best_value)}`),
