@@ -368,19 +368,15 @@ def _keep(
 ) -> None:
     """Write ``{root}/carrara.toml`` (the run's settings; `carrara up --config` opens it) and
     a console token for a user who may approve and deploy, and say how to open the console."""
+    from carrara.up import toml_value
+
     values = msgspec.structs.asdict(settings)
     defaults = msgspec.structs.asdict(type(settings)())
     lines = ["# The platform `carrara demo --keep` left in place: carrara up --config THIS_FILE"]
     for key, value in values.items():
         if key != "home" and value == defaults[key]:
             continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = msgspec.json.encode(str(value)).decode()
-        lines.append(f"{key} = {text}")
+        lines.append(f"{key} = {toml_value(value)}")
     settings_file = root / "carrara.toml"
     settings_file.write_text("\n".join(lines) + "\n")
     token = p.registry.tokens.create("demo-user", ["reader", "publisher", "deployer", "approver"])

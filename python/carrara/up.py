@@ -124,7 +124,8 @@ class Restart(msgspec.Struct, frozen=True, kw_only=True):
     at: float  # time.time() when the exit was seen
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML scalar (a settings file line's right-hand side)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -152,7 +153,7 @@ def load_up_config(path: str | Path | None, **overrides: Any) -> tuple[Settings,
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as out:
         for key, value in doc.items():
             if key != "up":
-                out.write(f"{key} = {_toml_value(value)}\n")
+                out.write(f"{key} = {toml_value(value)}\n")
     try:
         return load_settings(out.name), up
     finally:
