@@ -119,7 +119,20 @@ def _workers(folder: Path, url: str) -> list[subprocess.Popen[bytes]]:
     return procs
 
 
-def _run(queue: JobQueue, spec: JobSpec, timeout_s: float) -> tuple[Job, float, float]:
+def _diagnosis(queue: JobQueue, job: Job, folder: Path) -> str:
+    """The job's log and the tail of each worker's output, for a run that went wrong."""
+    parts = [f"job {job.job_id} log:"]
+    parts += [f"  {x.ts_us} {x.message}" for x in queue.logs(job.job_id)[-40:]]
+    for node in ("n1", "n2"):
+        out = folder / f"{node}.log"
+        text = out.read_text(errors="replace") if out.exists() else "(none)"
+        parts.append(f"worker {node} output (tail):\n{text[-4000:]}")
+    return "\n".join(parts)
+
+
+def _run(
+    queue: JobQueue, spec: JobSpec, timeout_s: float, folder: Path
+) -> tuple[Job, float, float]:
     job = queue.submit(spec, submitted_by="bench")
     t0 = time.monotonic()
     while True:
@@ -127,11 +140,16 @@ def _run(queue: JobQueue, spec: JobSpec, timeout_s: float) -> tuple[Job, float, 
         if done.state in ("SUCCEEDED", "FAILED", "CANCELLED"):
             break
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"job {job.job_id} still {done.state} after {timeout_s} s")
+            raise TimeoutError(
+                f"job {job.job_id} still {done.state} after {timeout_s} s\n"
+                + _diagnosis(queue, done, folder)
+            )
         time.sleep(0.05)
     total = time.monotonic() - t0
     if done.state != "SUCCEEDED":
-        raise RuntimeError(f"job {job.job_id} {done.state}: {done.error}")
+        raise RuntimeError(
+            f"job {job.job_id} {done.state}: {done.error}\n" + _diagnosis(queue, done, folder)
+        )
     lines = queue.logs(job.job_id)
     start = next(x.ts_us for x in lines if x.message.startswith("fitting "))
     end = next(x.ts_us for x in lines if x.message.startswith("fitted"))
@@ -169,7 +187,7 @@ def bench(
                         resources=Resources(nodes=nodes, processes_per_node=ranks),
                     )
                     for _ in range(repeats):
-                        _, fit_s, total_s = _run(queue, one, timeout_s)
+                        _, fit_s, total_s = _run(queue, one, timeout_s, folder)
                         fits.append(fit_s)
                         totals.append(total_s)
                     fits.sort()

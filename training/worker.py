@@ -1038,9 +1038,25 @@ class Worker:
                 daemon=True,
             )  # fmt: skip
             watcher.start()
+        failures = 0
         try:
             while not stop.is_set() and not self.preempted.is_set():
-                job = self.run_once()
+                try:
+                    job = self.run_once()
+                except Exception as exc:
+                    if until_idle:
+                        raise
+                    # The queue's database is unreachable or busy: a long-running worker waits
+                    # and claims again (backing off up to 10 s) instead of exiting.
+                    failures += 1
+                    wait = min(poll_interval_s * 2 ** min(failures, 6), 10.0)
+                    log.warning(
+                        "worker %s: claiming a job failed (%s: %s); retrying in %.1f s",
+                        self.worker_id, type(exc).__name__, exc, wait,
+                    )  # fmt: skip
+                    stop.wait(wait)
+                    continue
+                failures = 0
                 if job is not None:
                     finished.append(job)
                     continue

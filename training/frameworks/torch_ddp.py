@@ -16,6 +16,12 @@ ranks agree by a MAX all-reduce, so one node's file stops every node's ranks aft
 step). Rank 0 then writes ``ckpt-preempt.pt`` and a ``{"preempt": true, ...}`` line to
 ``events.jsonl``; every rank leaves ``preempted-rank<r>`` and exits 0 (the launcher, once it
 sees all its ranks' markers, does not wait for torchrun's teardown).
+
+Teardown: a rank that passed the final barrier leaves ``done-rank<r>``, destroys its process
+group and leaves with ``os._exit`` (no interpreter finalization: gloo's background threads,
+destroyed at exit while still joinable, can abort a finished rank with "terminate called
+without an active exception"). A launcher whose torchrun exits non-zero after every local rank
+left its marker and rank 0 wrote ``final.pt`` keeps the result and logs the exit code.
 """
 
 # mypy: disable-error-code="import-untyped"
@@ -51,10 +57,13 @@ from .torch_trainer import (
     train_loop,
 )
 
-__all__ = ["FAULT_ENV", "main", "run_rank"]
+__all__ = ["FAULT_ENV", "TEARDOWN_FAULT_ENV", "main", "run_rank"]
 
 #: Fault injection for tests: the rank named here raises before training.
 FAULT_ENV = "CARRARA_TORCH_DDP_FAIL_RANK"
+#: Fault injection for tests: the rank named here aborts (SIGABRT) after it finished, as a
+#: crash in the process group's teardown would.
+TEARDOWN_FAULT_ENV = "CARRARA_TORCH_DDP_ABORT_AT_EXIT"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -160,6 +169,7 @@ def run_rank(workdir: Path) -> None:
             )
             _write_atomic(workdir / "final.pt", buf.getvalue())
         dist.barrier()
+        _write_atomic(workdir / f"done-rank{rank}", b"done")
     finally:
         dist.destroy_process_group()
 
@@ -180,4 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0 and os.environ.get(TEARDOWN_FAULT_ENV) == os.environ.get("RANK"):
+        os.abort()
+    os._exit(code)  # skip finalization: see the module docstring (teardown)

@@ -106,6 +106,8 @@ __all__ = [
     "run_node",
 ]
 
+log = logging.getLogger(__name__)
+
 NATIVE_FORMAT = "torch-state-dict"
 Decision = Literal["continue", "stop", "cancel", "prune"]
 
@@ -913,6 +915,8 @@ def fit_distributed(
             raise failure
         rc = proc.returncode
         final_path = workdir / "final.pt"
+        if rc != 0 and _finished_despite(rc, workdir, nproc_per_node, "node rank 0"):
+            rc = 0
         if rc != 0 or not final_path.exists():
             raise RankFailedError(
                 f"distributed training failed (torchrun exit code {rc}, {nnodes} node(s) x "
@@ -1034,11 +1038,30 @@ def run_node(
             _stop(proc)
     if any(workdir.glob("preempted-rank*")):
         raise Preempted(f"node rank {node_rank}: ranks stopped for a preemption")
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not _finished_despite(
+        proc.returncode, workdir, nproc_per_node, f"node rank {node_rank}"
+    ):
         raise RankFailedError(
             f"node rank {node_rank}: torchrun exit code {proc.returncode} "
             f"({nproc_per_node} ranks):\n{_rank_errors(workdir, launcher_log)}"
         )
+
+
+def _done_ranks(workdir: Path) -> int:
+    """How many ranks passed the final barrier here (``done-rank<r>``, temp files not counted)."""
+    return sum(1 for f in workdir.glob("done-rank*") if f.name[9:].isdigit())
+
+
+def _finished_despite(rc: int | None, workdir: Path, ranks: int, where: str) -> bool:
+    """True when torchrun's non-zero exit came after every one of this node's ``ranks`` ranks
+    finished (a crash in teardown, after the result was written): the result stands."""
+    if rc == 0 or ranks <= 0 or _done_ranks(workdir) < ranks:
+        return False
+    log.warning(
+        "%s: torchrun exited with code %s after all %d local ranks finished; keeping the result",
+        where, rc, ranks,
+    )  # fmt: skip
+    return True
 
 
 def _preempted_ranks(workdir: Path) -> int:

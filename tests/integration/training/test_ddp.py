@@ -23,7 +23,7 @@ from carrara.training.frameworks.base import (  # noqa: E402
     Pruned,
     TrainData,
 )
-from carrara.training.frameworks.torch_ddp import FAULT_ENV  # noqa: E402
+from carrara.training.frameworks.torch_ddp import FAULT_ENV, TEARDOWN_FAULT_ENV  # noqa: E402
 from carrara.training.frameworks.torch_trainer import TRAINER, fit_distributed  # noqa: E402
 
 # Weights after a few epochs agree to float32 rounding of differently ordered sums.
@@ -128,6 +128,23 @@ def test_rank_failure_is_reported_with_its_traceback() -> None:
     message = str(info.value)
     assert "distributed training failed" in message and "2 ranks" in message
     assert "error-rank1" in message and "injected failure on rank 1" in message
+
+
+def test_a_crash_in_teardown_after_every_rank_finished_keeps_the_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """gloo can abort a rank at exit after the work is done ("terminate called without an
+    active exception"): the fit stands when every rank passed the final barrier."""
+    with caplog.at_level("WARNING", logger="carrara.training.frameworks.torch_trainer"):
+        result = fit_distributed(
+            "mlp", PARAMS, data(Y_BIN), LocalContext(), nproc_per_node=2, timeout_s=90,
+            env={TEARDOWN_FAULT_ENV: "1"},
+        )  # fmt: skip
+    assert result.extra["world_size"] == 2 and result.epochs_run == PARAMS["epochs"]
+    assert any(
+        "exited with code" in r.message and "all 2 local ranks finished" in r.message
+        for r in caplog.records
+    ), [r.message for r in caplog.records]
 
 
 @pytest.mark.parametrize("outcome", ["cancel", "prune"])

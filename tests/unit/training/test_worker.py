@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,3 +144,45 @@ def test_the_worker_reads_labels_only_under_its_data_roots(tmp_path: Path) -> No
         done = w.run_once()
         assert done is not None and done.job_id == job.job_id and done.state == "FAILED"
         assert done.error.startswith("PermissionDeniedError: label_source '/etc/passwd'")
+
+
+def test_a_serving_worker_survives_a_failing_claim_and_runs_the_job_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue's database refusing a claim (busy, restarting) must not end a long-running
+    worker: it backs off, claims again and runs the job; `until_idle` still raises."""
+    with JobQueue.open(f"sqlite:///{tmp_path / 'q.db'}") as q:
+        job = q.submit(make_spec())
+        real_claim = q.claim
+        refusals = [RuntimeError("database is locked"), RuntimeError("database is locked")]
+
+        def flaky_claim(*args: Any, **kwargs: Any) -> Job | None:
+            if refusals:
+                raise refusals.pop(0)
+            return real_claim(*args, **kwargs)
+
+        monkeypatch.setattr(q, "claim", flaky_claim)
+        monkeypatch.setattr(worker_module, "run_job", lambda j, **_: {})
+        stop = threading.Event()
+        w = Worker(q, features=None, registry=None)  # type: ignore[arg-type]
+        finished: list[Job] = []
+
+        def serve() -> None:
+            finished.extend(w.run(poll_interval_s=0.01, stop=stop))
+
+        t = threading.Thread(target=serve)
+        t.start()
+        deadline = time.monotonic() + 10
+        while q.get(job.job_id).state != "SUCCEEDED" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stop.set()
+        t.join(timeout=10)
+        assert not t.is_alive()
+        assert not refusals  # both refusals were met, and the worker went on
+        assert [j.job_id for j in finished] == [job.job_id]
+        assert q.get(job.job_id).state == "SUCCEEDED"
+
+        refusals.append(RuntimeError("database is locked"))
+        q.submit(make_spec())
+        with pytest.raises(RuntimeError, match="locked"):
+            w.run(until_idle=True)
