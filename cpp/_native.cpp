@@ -713,7 +713,7 @@ class PyEngine {
       py::list buckets;
       for (std::uint64_t b : v.buckets) buckets.append(b);
       variants.append(py::make_tuple(v.model, v.variant, v.version, v.requests, v.entities,
-                                     v.latency_sum_s, buckets));
+                                     v.latency_sum_s, buckets, v.errors, v.degraded));
     }
     d["variants"] = variants;
     py::list errors;

@@ -37,17 +37,34 @@ class _EngineCollector(Collector):
         predictions = CounterMetricFamily(
             "carrara_predictions", "Entities predicted", labels=["model", "version", "variant"]
         )
-        for model, variant, version, _requests, entities, total_s, buckets in m["variants"]:
+        variant_errors = CounterMetricFamily(
+            "carrara_variant_errors",
+            "Times a variant failed to answer (backend error or timeout, open breaker); a "
+            "fallback may have answered for it",
+            labels=["model", "version", "variant"],
+        )
+        variant_degraded = CounterMetricFamily(
+            "carrara_variant_degraded",
+            "Entities a variant answered degraded (defaults, store down, or as the fallback)",
+            labels=["model", "version", "variant"],
+        )
+        for row in m["variants"]:
+            model, variant, version, requests, entities, total_s, buckets, errors, degraded = row
             labels = [model, str(version), variant]
-            cumulative: list[tuple[str, float]] = []
-            running = 0
-            for bound, count in zip([*map(str, bounds), "+Inf"], buckets, strict=True):
-                running += count
-                cumulative.append((bound, float(running)))
-            latency.add_metric(labels, cumulative, total_s)
-            predictions.add_metric(labels, float(entities))
+            if requests:  # a variant that only failed has no latency or predictions yet
+                cumulative: list[tuple[str, float]] = []
+                running = 0
+                for bound, count in zip([*map(str, bounds), "+Inf"], buckets, strict=True):
+                    running += count
+                    cumulative.append((bound, float(running)))
+                latency.add_metric(labels, cumulative, total_s)
+                predictions.add_metric(labels, float(entities))
+            variant_errors.add_metric(labels, float(errors))
+            variant_degraded.add_metric(labels, float(degraded))
         yield latency
         yield predictions
+        yield variant_errors
+        yield variant_degraded
         errors = CounterMetricFamily(
             "carrara_predict_errors",
             "Failed predict calls by status code",

@@ -37,10 +37,11 @@ from carrara.gateway.service import Gateway
 
 
 def free_port() -> int:
-    """A loopback port free right now (for a process that must be told its port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free right now (for a process that must be told its port), below the
+    ephemeral range so no outgoing connection takes it before that process binds it."""
+    from carrara.ports import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import contextvars
 import hashlib
 import io
 import logging
-import socket
 import tarfile
 import tempfile
 import threading
@@ -29,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from carrara import ports
 from carrara.errors import DeadlineExceededError, FailedPreconditionError
 from carrara.storage import open_root, publish_bytes, refresh
 
@@ -69,13 +69,12 @@ def _unpack(blob: bytes, workdir: Path) -> None:
 
 
 def free_port(address: str) -> int:
-    """A free TCP port on ``address`` (rank 0's torchrun store listens there)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, 0))
-        except OSError:
-            s.bind(("", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on ``address`` (rank 0's torchrun store listens there), below the
+    ephemeral range so no outgoing connection takes it before torchrun binds it."""
+    try:
+        return ports.free_port(address)
+    except OSError:  # the address is not one of this machine's (a name for other nodes)
+        return ports.free_port("")
 
 
 class GangLink:

@@ -620,11 +620,20 @@ void finish(const std::shared_ptr<Call>& c, Status status);
 void run_group(const std::shared_ptr<Call>& c, std::size_t gi, std::uint16_t variant,
                bool is_fallback);
 
+// A variant failed to answer (its backend erred or timed out, or its breaker is open),
+// whether or not a fallback then answers for it.
+void count_variant_error(const Live& live, std::uint16_t variant) {
+  VariantCounters& vc = *live.variants[variant]->counters;
+  std::lock_guard<std::mutex> lock(vc.mu);
+  ++vc.m.errors;
+}
+
 void group_failed(const std::shared_ptr<Call>& c, std::size_t gi, std::uint16_t variant,
                   bool is_fallback, Status status) {
   const Live& live = *c->live;
   const bool caller_fault =
       status.code == ErrorCode::kInvalidArgument || status.code == ErrorCode::kDecode;
+  if (!caller_fault) count_variant_error(live, variant);
   if (caller_fault || is_fallback || live.fallback < 0 ||
       static_cast<std::uint16_t>(live.fallback) == variant) {
     finish(c, std::move(status));
@@ -674,6 +683,7 @@ void group_done(const std::shared_ptr<Call>& c, std::size_t gi, std::uint16_t us
     }
   }
   if (mismatch) {
+    count_variant_error(*c->live, used);
     finish(c, Status{ErrorCode::kInternal,
                      "variants of model '" + c->req.model + "' return different output widths"});
   } else if (last) {
@@ -692,7 +702,11 @@ void run_group(const std::shared_ptr<Call>& c, std::size_t gi, std::uint16_t var
   try {
     assemble(*c, v, g.rows.empty() ? nullptr : &g.rows, x, mask, degraded);
   } catch (const Error& e) {
-    finish(c, Status::From(e));
+    Status status = Status::From(e);
+    if (status.code != ErrorCode::kInvalidArgument && status.code != ErrorCode::kDecode) {
+      count_variant_error(live, variant);
+    }
+    finish(c, std::move(status));
     return;
   }
   {
@@ -812,10 +826,17 @@ void finish(const std::shared_ptr<Call>& c, Status status) {
       }
     }
     for (const Group& g : c->groups) {
+      std::uint64_t group_degraded = 0;
+      if (g.rows.empty()) {
+        group_degraded = degraded;
+      } else {
+        for (std::uint32_t row : g.rows) group_degraded += c->out.degraded[row];
+      }
       VariantCounters& vc = *live.variants[g.used]->counters;
       std::lock_guard<std::mutex> lock(vc.mu);
       ++vc.m.requests;
       vc.m.entities += g.rows.empty() ? n : g.rows.size();
+      vc.m.degraded += group_degraded;
       vc.m.latency_sum_s += seconds;
       ++vc.m.buckets[bucket];
     }
@@ -1018,7 +1039,7 @@ EngineMetrics Engine::metrics() const {
       std::lock_guard<std::mutex> clock(c->mu);
       for (const auto& [key, vc] : c->variants) {
         std::lock_guard<std::mutex> vlock(vc->mu);
-        if (vc->m.requests > 0) m.variants.push_back(vc->m);
+        if (vc->m.requests > 0 || vc->m.errors > 0) m.variants.push_back(vc->m);
       }
       m.degraded.emplace_back(name, c->degraded.load());
     }

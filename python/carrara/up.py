@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -180,10 +179,9 @@ def upgrade_schemas(url: str) -> None:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    from carrara.ports import free_port
+
+    return free_port(host)
 
 
 def _has_command(*words: str) -> bool:

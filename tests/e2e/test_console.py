@@ -293,11 +293,15 @@ def _walk(
                 polling=500,
             )
             observed = float(_text(page, "observed-canary").rstrip("%"))
-            assert "p99 ms" in _text(page, "live-table")
+            live_table = _text(page, "live-table")
+            assert all(c in live_table for c in ("p99 ms", "Errors", "Degraded"))
             figures = http.get("/serving/variants").json()
             rows = {v["variant"]: v for v in figures["variants"] if v["model"] == MODEL}
             assert rows["canary"]["version"] == challenger
             assert rows["champion"]["p50_ms"] is not None and rows["champion"]["p99_ms"] > 0
+            # Both variants answered every call: no variant failed to answer.
+            assert rows["champion"]["errors_total"] == rows["canary"]["errors_total"] == 0
+            assert _text(page, "errors-canary") == _text(page, "errors-champion") == "0"
             _shot(page, "07-deployments")
         assert traffic.errors == []
         assert 16.0 <= observed <= 24.0

@@ -101,8 +101,13 @@ def test_serving_figures_without_a_gateway_say_so(plane: ControlPlane) -> None:
 BOUNDS = ("0.001", "0.005", "0.01", "+Inf")
 
 
-def _text(counts: dict[str, tuple[float, float, list[float]]], errors: float = 0.0) -> str:
-    """Gateway /metrics text: variant -> (entities, requests, per-bucket counts)."""
+def _text(
+    counts: dict[str, tuple[float, float, list[float]]],
+    errors: float = 0.0,
+    variant_errors: dict[str, tuple[float, float]] | None = None,
+) -> str:
+    """Gateway /metrics text: variant -> (entities, requests, per-bucket counts);
+    ``variant_errors``: variant -> (errors, degraded entities)."""
     lines = ["# HELP carrara_predictions_total Entities predicted", "# TYPE x counter"]
     for variant, (entities, requests, buckets) in counts.items():
         version = "1" if variant == "champion" else "2"
@@ -116,6 +121,9 @@ def _text(counts: dict[str, tuple[float, float, list[float]]], errors: float = 0
             )
         lines.append(f"carrara_predict_latency_seconds_count{{{labels}}} {requests}")
         lines.append(f"carrara_predict_latency_seconds_sum{{{labels}}} 0.5")
+        failed, degraded = (variant_errors or {}).get(variant, (0.0, 0.0))
+        lines.append(f"carrara_variant_errors_total{{{labels}}} {failed}")
+        lines.append(f"carrara_variant_degraded_total{{{labels}}} {degraded}")
     lines.append(f'carrara_predict_errors_total{{model="m",code="UNAVAILABLE"}} {errors}')
     lines.append('carrara_predict_degraded_total{model="m"} 3.0')
     lines.append("carrara_predict_shed_total 2.0")
@@ -140,11 +148,16 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
 def test_windowed_rates_shares_and_latency(tmp_path: Path) -> None:
     now = [1000.0]
     texts = [
-        _text({"champion": (900.0, 90.0, [0, 90, 0, 0]), "canary": (100.0, 10.0, [0, 10, 0, 0])}),
+        _text(
+            {"champion": (900.0, 90.0, [0, 90, 0, 0]), "canary": (100.0, 10.0, [0, 10, 0, 0])},
+            variant_errors={"canary": (2.0, 0.0), "champion": (0.0, 5.0)},
+        ),
         # 5 s later: champion +800 entities (80 calls, all in (5, 10] ms), canary +200 (20 calls).
         _text(
             {"champion": (1700.0, 170.0, [0, 90, 80, 0]), "canary": (300.0, 30.0, [0, 10, 20, 0])},
             errors=4.0,
+            # the canary failed 7 more times; the champion answered 6 more entities degraded
+            variant_errors={"canary": (9.0, 0.0), "champion": (0.0, 11.0)},
         ),
     ]
     scraper = GatewayScraper("http://gw", lambda: texts.pop(0), clock=lambda: now[0])
@@ -154,6 +167,8 @@ def test_windowed_rates_shares_and_latency(tmp_path: Path) -> None:
     assert by["champion"].entities_per_s is None and by["champion"].share is None
     # No window yet: latency since the start (all in (1, 5] ms; median halfway in).
     assert by["champion"].p50_ms == pytest.approx(3.0)
+    # No window yet: the counts since the start.
+    assert (by["canary"].errors, by["champion"].degraded) == (2.0, 5.0)
     now[0] = 1005.0
     second = scraper.figures(10.0)
     assert second.window_s == pytest.approx(5.0)
@@ -167,6 +182,9 @@ def test_windowed_rates_shares_and_latency(tmp_path: Path) -> None:
     assert by["champion"].p50_ms == pytest.approx(7.5)
     assert by["champion"].p99_ms == pytest.approx(9.95)
     assert second.errors == {"m": 4.0} and second.degraded == {"m": 0.0}
+    assert (by["canary"].errors, by["canary"].errors_total) == (7.0, 9.0)
+    assert (by["champion"].degraded, by["champion"].degraded_total) == (6.0, 11.0)
+    assert by["champion"].errors == 0.0 and by["canary"].degraded == 0.0
     assert second.shed_total == 2.0
 
 

@@ -57,7 +57,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -785,9 +784,9 @@ TRAINER = TorchTrainer()
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from carrara.ports import free_port
+
+    return free_port("127.0.0.1")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

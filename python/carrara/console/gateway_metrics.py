@@ -5,8 +5,9 @@ in C++) on each call and keeps the scrapes of the last minute; a figure over a w
 difference between the newest scrape and the oldest one inside the window: entities predicted
 per second per variant (and so the observed traffic split), latency p50/p99 from the
 histogram's bucket deltas (interpolated inside a bucket, as Prometheus' ``histogram_quantile``
-does), and the error and degraded counts per model. Several browsers polling at once share the
-same samples, so none of them disturbs another's rates.
+does), each variant's errors (times it failed to answer, a fallback perhaps answering for it)
+and degraded entities, and the failed calls and degraded entities per model. Several browsers
+polling at once share the same samples, so none of them disturbs another's rates.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ class VariantFigures(msgspec.Struct, frozen=True, kw_only=True):
     share: float | None  # this variant's part of its model's entities in the window
     p50_ms: float | None  # over the window when it saw requests, else since the start
     p99_ms: float | None
+    #: Times the variant failed to answer (backend error or timeout, open breaker) in the
+    #: window (since the start without one); a fallback may have answered for it.
+    errors: float = 0.0
+    errors_total: float = 0.0
+    degraded: float = 0.0  # entities it answered degraded, in the window (likewise)
+    degraded_total: float = 0.0
 
 
 class ServingFigures(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,6 +206,10 @@ def _figures(url: str, newest: Sample, base: Sample | None) -> ServingFigures:
     keys = ("model", "variant", "version")
     entities = _by_label(newest.series, "carrara_predictions_total", keys)
     requests = _by_label(newest.series, "carrara_predict_latency_seconds_count", keys)
+    errors = _by_label(newest.series, "carrara_variant_errors_total", keys)
+    degraded = _by_label(newest.series, "carrara_variant_degraded_total", keys)
+    old_errors = _by_label(base.series, "carrara_variant_errors_total", keys) if base else {}
+    old_degraded = _by_label(base.series, "carrara_variant_degraded_total", keys) if base else {}
     buckets = _buckets(newest.series)
     span = newest.at - base.at if base is not None else 0.0
     old_entities = _by_label(base.series, "carrara_predictions_total", keys) if base else {}
@@ -214,7 +225,7 @@ def _figures(url: str, newest: Sample, base: Sample | None) -> ServingFigures:
     for key, value in moved.items():
         per_model[key[0]] = per_model.get(key[0], 0.0) + value
     variants: list[VariantFigures] = []
-    for key in sorted(set(entities) | set(requests)):
+    for key in sorted(set(entities) | set(requests) | set(errors)):
         model, variant, version = key
         cumulative = buckets.get((model, variant, version), [])
         window_buckets = cumulative
@@ -241,6 +252,18 @@ def _figures(url: str, newest: Sample, base: Sample | None) -> ServingFigures:
                 ),
                 p50_ms=_ms(quantile(0.5, window_buckets)),
                 p99_ms=_ms(quantile(0.99, window_buckets)),
+                errors=(
+                    _delta(errors.get(key, 0.0), old_errors.get(key, 0.0))
+                    if windowed
+                    else errors.get(key, 0.0)
+                ),
+                errors_total=errors.get(key, 0.0),
+                degraded=(
+                    _delta(degraded.get(key, 0.0), old_degraded.get(key, 0.0))
+                    if windowed
+                    else degraded.get(key, 0.0)
+                ),
+                degraded_total=degraded.get(key, 0.0),
             )
         )
 

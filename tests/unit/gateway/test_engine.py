@@ -237,6 +237,55 @@ def test_failing_backend_opens_breaker_and_fallback_answers(
     assert r.variants == ["v1"]
 
 
+def _variant_counts(engine: ServingEngine) -> dict[str, tuple[int, int, int]]:
+    """variant -> (entities, errors, degraded) from the engine's metrics."""
+    return {
+        row[1]: (int(row[4]), int(row[7]), int(row[8]))
+        for row in engine.native.metrics()["variants"]
+        if row[0] == "ranker"
+    }
+
+
+def test_errors_and_degraded_are_counted_per_variant(
+    engine: ServingEngine, models: tuple[Path, Path]
+) -> None:
+    """Each variant counts the entities it answered degraded and the times it failed to answer
+    (a fallback answering for it or not); caller errors are not a variant's."""
+    canary = SlowBackend(OnnxBackend(models[1]))
+    dep = ModelDeployment(
+        model="ranker",
+        policy=RoutingPolicy(
+            variants=(Variant("v1", 5_000), Variant("v2", 5_000)), salt="exp", fallback="v1"
+        ),
+        variants=(
+            VariantSpec(name="v1", version=1, features=SPEC),
+            VariantSpec(name="v2", version=2, features=SPEC, failure_threshold=1_000),
+        ),
+    )
+    engine.deploy(dep, {"v1": OnnxBackend(models[0]), "v2": canary})
+    ids = [f"u{i}" for i in range(300)]
+    r = engine.predict("ranker", ids)
+    expected_degraded = {
+        v: sum(1 for i, u in enumerate(r.variants) if u == v and i % 7 == 0) for v in ("v1", "v2")
+    }
+    assert all(expected_degraded.values())  # both variants drew entities without a row
+    counts = _variant_counts(engine)
+    assert counts == {v: (r.variants.count(v), 0, expected_degraded[v]) for v in ("v1", "v2")}, (
+        counts
+    )
+    with pytest.raises(InvalidArgumentError):
+        engine.predict("ranker", ids, overrides={"zz": 1.0})  # the caller's fault
+    assert _variant_counts(engine) == counts
+
+    canary.fail = True  # the canary's backend fails; the fallback answers its entities
+    again = engine.predict("ranker", ids)
+    assert set(again.variants) == {"v1"}
+    moved = r.variants.count("v2")
+    after = _variant_counts(engine)
+    assert after["v2"] == (moved, 1, expected_degraded["v2"])  # one failure, nothing answered
+    assert after["v1"] == (300 + r.variants.count("v1"), 0, expected_degraded["v1"] * 2 + moved)
+
+
 def test_bad_requests(engine: ServingEngine, models: tuple[Path, Path]) -> None:
     engine.deploy(deployment(), {"v1": OnnxBackend(models[0]), "v2": OnnxBackend(models[1])})
     with pytest.raises(NotFoundError, match="'nope' is not deployed; deployed: ranker"):

@@ -118,6 +118,13 @@ struct VariantMetrics {
   std::uint32_t version = 0;
   std::uint64_t requests = 0;
   std::uint64_t entities = 0;
+  // Times this variant failed to answer: its backend erred or timed out, its breaker was
+  // open, its features could not be assembled (caller errors are not counted). A fallback may
+  // then have answered for it (counted there, degraded).
+  std::uint64_t errors = 0;
+  // Entities this variant answered degraded (defaults for missing features, store down, or
+  // answered as the fallback of a failed variant).
+  std::uint64_t degraded = 0;
   double latency_sum_s = 0;
   std::array<std::uint64_t, kLatencyBuckets.size() + 1> buckets{};  // non-cumulative
 };

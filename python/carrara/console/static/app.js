@@ -91,7 +91,7 @@ function badge(text, cls) { return h("span", { class: `badge ${cls || text}` }, 
 function table(columns, rows, attrs) {
   // columns: [{label, num, cell: (row) => node|string}]
   return h("table", attrs || {},
-    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null }, c.label)))),
+    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: c.num ? "num" : null, title: c.title || null }, c.label)))),
     h("tbody", {}, rows.map((row, i) => h("tr", { "data-row": row._key !== undefined ? row._key : i },
       columns.map((c) => h("td", { class: c.num ? "num" : null }, c.cell(row)))))));
 }
@@ -571,9 +571,11 @@ async function pageDeployments() {
         { label: "Requests/s", num: true, cell: (v) => fmt(v.requests_per_s, 1) },
         { label: "p50 ms", num: true, cell: (v) => fmt(v.p50_ms, 2) },
         { label: "p99 ms", num: true, cell: (v) => fmt(v.p99_ms, 2) },
+        { label: "Errors", num: true, title: "Times the variant failed to answer (backend error, timeout, open breaker); a fallback may have answered for it", cell: (v) => h("span", { testid: `errors-${v.variant}`, class: v.errors > 0 ? "bad" : null }, fmt(v.errors)) },
+        { label: "Degraded", num: true, title: "Entities the variant answered degraded (defaults, store down, or as the fallback)", cell: (v) => h("span", { testid: `degraded-${v.variant}` }, fmt(v.degraded)) },
         { label: "Total entities", num: true, cell: (v) => fmt(v.entities_total) },
       ], rows, { testid: "live-table" }) : h("p", { class: "muted" }, "The gateway has served no request for this model yet."),
-      h("p", { testid: "live-errors" }, `Errors: ${fmt((f.errors || {})[chosen] || 0)} · degraded: ${fmt((f.degraded || {})[chosen] || 0)} · shed (all models): ${fmt(f.shed_total)}`));
+      h("p", { testid: "live-errors" }, `Model: failed calls ${fmt((f.errors || {})[chosen] || 0)} · degraded entities ${fmt((f.degraded || {})[chosen] || 0)} · shed (all models): ${fmt(f.shed_total)}`));
   };
   const form = h("div", {});
   if (active && can("deployer")) {
