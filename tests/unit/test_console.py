@@ -4,28 +4,17 @@ histogram quantiles) against hand-computed values."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from carrara.config import Settings
 from carrara.console.gateway_metrics import GatewayScraper, parse_metrics, quantile
 from carrara.services import ControlPlane
+from tests.asgi import call
 
 TOKEN = "console-unit-token"
-
-
-def call(app: Any, method: str, path: str, **kw: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return await client.request(method, path, **kw)
-
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module")

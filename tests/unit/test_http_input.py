@@ -9,7 +9,6 @@ only when the app asks for the next chunk: ``Body.pulled`` is how much the serve
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +45,7 @@ from carrara.http import (
     wrap,
 )
 from carrara.services import ControlPlane
+from tests.asgi import call
 from tests.servers import DictStore, scorer_engine, serve_app
 
 TOKEN = "input-test-admin-token"
@@ -65,23 +65,6 @@ class Body:
         for _ in range(self.n):
             self.pulled += 1
             yield self.chunk
-
-
-def call(
-    app: Any,
-    method: str,
-    path: str,
-    *,
-    headers: dict[str, str] | None = None,
-    content: Any = None,
-    json: Any = None,
-) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return await client.request(method, path, headers=headers, content=content, json=json)
-
-    return asyncio.run(go())
 
 
 def deep(levels: int, leaf: Any = 1) -> Any:

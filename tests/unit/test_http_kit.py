@@ -5,13 +5,11 @@ one bearer parser, and no copy of either in the source tree.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,20 +29,12 @@ from carrara.http import (
     with_document,
 )
 from carrara.services import ControlPlane
+from tests.asgi import call
 
 TOKEN = "kit-test-admin-token"
 ROOT = Path(__file__).resolve().parents[2]
 #: Where the package's modules live (python/carrara and the parts mapped to carrara.<part>).
 SOURCES = ["python/carrara", "registry", "training", "feature_cache", "monitoring", "gateway"]
-
-
-def call(app: Any, method: str, path: str, **kw: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return await client.request(method, path, **kw)
-
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module")

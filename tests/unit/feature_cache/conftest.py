@@ -11,7 +11,15 @@ import msgspec
 import pandas as pd
 import pytest
 
-from carrara.feature_cache import Definitions, Entity, Feature, FeatureGroup, FeatureService
+from carrara.feature_cache import (
+    Definitions,
+    Entity,
+    Feature,
+    FeatureGroup,
+    FeatureService,
+    OnlineStore,
+    open_online_store,
+)
 
 
 class Backend(msgspec.Struct, frozen=True):
@@ -147,3 +155,15 @@ def spark_session() -> Iterator[object]:
 
     with hold_spark_session("local[2]") as session:
         yield session
+
+
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
+    """An online store: in process, and on the real Redis (a fresh namespace)."""
+    if request.param == "embedded":
+        s = open_online_store("memory://", namespace="ns")
+    else:
+        redis_url = request.getfixturevalue("redis_url")
+        s = open_online_store(redis_url, namespace=request.getfixturevalue("redis_namespace"))
+    yield s
+    s.close()

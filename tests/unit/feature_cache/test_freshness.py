@@ -6,7 +6,6 @@ Redis (and the PostgreSQL catalog), like every feature store test."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,17 +20,6 @@ from carrara.transport import Transport
 from tests.servers import serve_app
 
 HOUR_US = 3_600 * 1_000_000
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
-def store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
-    if request.param == "embedded":
-        s = open_online_store("memory://", namespace="ns")
-    else:
-        redis_url = request.getfixturevalue("redis_url")
-        s = open_online_store(redis_url, namespace=request.getfixturevalue("redis_namespace"))
-    yield s
-    s.close()
 
 
 def _vec(entity: str, event_us: int, version: int = 3) -> FeatureVector:

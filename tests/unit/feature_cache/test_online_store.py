@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,17 +25,6 @@ from carrara.feature_cache import (
 )
 
 DAY_US = 86_400 * 1_000_000
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
-def store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
-    if request.param == "embedded":
-        s = open_online_store("memory://", namespace="ns")
-    else:
-        redis_url = request.getfixturevalue("redis_url")
-        s = open_online_store(redis_url, namespace=request.getfixturevalue("redis_namespace"))
-    yield s
-    s.close()
 
 
 def _vec(entity: str, values: list[float], event_us: int, created_us: int = 0) -> FeatureVector:
