@@ -58,6 +58,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway_tls_key: str = ""  # PEM private key of gateway_tls_cert
     # The gateway's HTTP front whose /metrics the web console shows live (carrara up sets it).
     gateway_url: str = ""
+    # Every gateway replica's HTTP front, comma-separated, for the console to scrape and sum
+    # ("" = gateway_url alone); "dns+http://NAME:PORT" scrapes every address NAME resolves to
+    # at each scrape (a Kubernetes headless Service).
+    gateway_metrics_urls: str = ""
     # Folders training jobs may read label files from (os.pathsep-separated, like PATH);
     # "" = {home} and the offline store. Checked at submission and again by the worker.
     data_roots: str = ""

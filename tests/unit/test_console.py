@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,3 +203,149 @@ def test_an_unreachable_gateway_is_reported_not_raised() -> None:
 
     figures = GatewayScraper("http://gw", fetch).figures(10.0)
     assert not figures.reachable and "refused" in figures.error and figures.variants == []
+
+
+# -- several gateway replicas ---------------------------------------------------------------
+
+
+def test_replicas_are_summed_each_over_its_own_window() -> None:
+    """Two replicas behind one Service: rates, shares and latency are the sums of each
+    replica's own increases (a replica that restarted counts from zero, it does not spike the
+    sum); a replica that does not answer is named while the others' figures stand."""
+    now = [100.0]
+    a = [
+        _text({"champion": (900.0, 90.0, [0, 90, 0, 0]), "canary": (100.0, 10.0, [0, 10, 0, 0])}),
+        # +450 / +50 entities; 45 + 5 calls, all in (5, 10] ms
+        _text(
+            {"champion": (1350.0, 135.0, [0, 90, 45, 0]), "canary": (150.0, 15.0, [0, 10, 5, 0])}
+        ),
+    ]
+    b = [
+        _text({"champion": (5000.0, 500.0, [500, 0, 0, 0]), "canary": (0.0, 0.0, [0, 0, 0, 0])}),
+        # restarted inside the window: its counters start again from 0
+        _text(
+            {"champion": (350.0, 35.0, [0, 35, 0, 0]), "canary": (150.0, 15.0, [0, 15, 0, 0])},
+            variant_errors={"canary": (3.0, 0.0)},
+        ),
+    ]
+    down = [False]
+
+    def fetch_b() -> str:
+        if down[0]:
+            raise ConnectionError("connection refused")
+        return b.pop(0)
+
+    scraper = GatewayScraper(
+        "dns+http://gateway:8080",
+        targets=lambda: {"http://a": lambda: a.pop(0), "http://b": fetch_b},
+        clock=lambda: now[0],
+    )
+    first = scraper.figures(10.0)
+    assert [r.url for r in first.replicas] == ["http://a", "http://b"]
+    by = {v.variant: v for v in first.variants}
+    assert by["champion"].entities_total == 5900.0 and by["champion"].entities_per_s is None
+    now[0] = 105.0
+    second = scraper.figures(10.0)
+    by = {v.variant: v for v in second.variants}
+    assert second.window_s == pytest.approx(5.0)
+    # champion: +450 on a, +350 on b (restarted) = 800 in 5 s; canary: +50 and +150 = 200.
+    assert by["champion"].entities_per_s == pytest.approx(160.0)
+    assert by["canary"].entities_per_s == pytest.approx(40.0)
+    assert by["champion"].share == pytest.approx(0.8)
+    assert by["canary"].errors == 3.0 and by["canary"].errors_total == 3.0
+    # canary latency in the window: 5 calls in (5, 10] ms on a, 15 in (1, 5] ms on b; the
+    # 10th of 20 is 10/15 into the (1, 5] ms bucket: 1 + 4 * 10 / 15 ms.
+    assert by["canary"].p50_ms == pytest.approx(1 + 4 * 10 / 15, abs=1e-3)
+    assert second.reachable and second.error == ""
+
+    down[0] = True
+    now[0] = 107.0
+    a.append(
+        _text({"champion": (1550.0, 155.0, [0, 90, 65, 0]), "canary": (150.0, 15.0, [0, 10, 5, 0])})
+    )
+    third = scraper.figures(10.0)
+    assert third.reachable and "http://b: connection refused" in third.error
+    assert [(r.url, r.reachable) for r in third.replicas] == [
+        ("http://a", True),
+        ("http://b", False),
+    ]
+    by = {v.variant: v for v in third.variants}
+    # a alone over its 7 s window: +650 champion entities.
+    assert by["champion"].entities_per_s == pytest.approx(650.0 / 7.0, rel=1e-3)
+
+
+def test_replica_targets_resolve_dns_and_close_what_left() -> None:
+    from carrara.console.gateway_metrics import ReplicaTargets
+    from carrara.errors import ConfigError
+
+    answers = [["10.0.0.7", "10.0.0.5"], ["10.0.0.5", "fd00::9"]]
+
+    def resolve(host: str, port: int, **_: Any) -> list[Any]:
+        assert (host, port) == ("gateway-headless", 8080)
+        return [(None, None, None, "", (ip, port)) for ip in answers.pop(0)]
+
+    targets = ReplicaTargets(
+        ["dns+http://gateway-headless:8080", "http://other:9000/"], {}, True, resolve=resolve
+    )
+    first = targets()
+    assert list(first) == ["http://10.0.0.5:8080", "http://10.0.0.7:8080", "http://other:9000"]
+    gone = first["http://10.0.0.7:8080"]
+    second = targets()
+    assert list(second) == ["http://10.0.0.5:8080", "http://[fd00::9]:8080", "http://other:9000"]
+    assert second["http://10.0.0.5:8080"] is first["http://10.0.0.5:8080"]  # kept, reused
+    assert gone.client.is_closed  # the replica that left is closed
+    targets.close()
+    assert all(f.client.is_closed for f in second.values())
+    for bad, match in [
+        ("dns+https://g:1", "TLS"),
+        ("ftp://g", "must be"),
+        ("http://", "no host"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            ReplicaTargets([bad], {}, True)
+    with pytest.raises(ConfigError, match="no gateway"):
+        ReplicaTargets([" ", ""], {}, True)
+
+
+def test_the_control_plane_sums_the_replicas_it_is_given(tmp_path: Path) -> None:
+    """``gateway_metrics_urls`` lists the replicas: /serving/variants scrapes each over HTTP
+    (with the gateway token) and answers their sums; a dead replica is named, not fatal."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from tests.servers import free_port, serve_app
+
+    seen: list[str] = []
+
+    def replica(entities: float) -> Starlette:
+        async def metrics(request: Request) -> PlainTextResponse:
+            seen.append(request.headers.get("authorization", ""))
+            counts = {"champion": (entities, entities / 10, [0, entities / 10, 0, 0])}
+            return PlainTextResponse(_text(counts))
+
+        return Starlette(routes=[Route("/metrics", metrics)])
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve_app(replica(300.0)) as one, serve_app(replica(700.0)) as two:
+        settings = Settings(
+            home=str(tmp_path),
+            online_store_url="memory://",
+            api_token=TOKEN,
+            gateway_token="gw-secret",
+            gateway_metrics_urls=f"{one}, {two}/,{dead}",
+        )
+        cp = ControlPlane(settings)
+        try:
+            body = call(cp.app, "GET", "/serving/variants").json()
+        finally:
+            cp.close()
+    assert body["reachable"] is True
+    assert [(r["url"], r["reachable"]) for r in body["replicas"]] == sorted(
+        [(one, True), (two, True), (dead, False)]
+    )
+    assert dead in body["error"]
+    [champion] = body["variants"]
+    assert champion["entities_total"] == 1000.0 and champion["requests_total"] == 100.0
+    assert seen == ["Bearer gw-secret", "Bearer gw-secret"]

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from carrara.auth import Authenticator, bearer_token
-from carrara.console.gateway_metrics import GatewayScraper, HttpFetch, ServingFigures
+from carrara.console.gateway_metrics import GatewayScraper, ReplicaTargets, ServingFigures
 from carrara.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 from carrara.http import Endpoint, json_response
 
@@ -79,9 +79,13 @@ class Console:
         self.auth = auth
         self.assets = _load_assets()
         self.gateway_url = gateway_url or settings.gateway_url
+        # Every replica's /metrics when listed (their sums are shown), else the one gateway.
+        urls = [u.strip() for u in settings.gateway_metrics_urls.split(",") if u.strip()]
+        if not urls and self.gateway_url:
+            urls = [self.gateway_url]
         self.scraper: GatewayScraper | None = None
-        self._fetch: HttpFetch | None = None
-        if self.gateway_url:
+        self._targets: ReplicaTargets | None = None
+        if urls:
             headers = (
                 {"Authorization": f"Bearer {settings.gateway_token}"}
                 if settings.gateway_token
@@ -89,13 +93,13 @@ class Console:
             )
             # A gateway with TLS: its own certificate is the CA to trust on loopback.
             verify: str | bool = settings.gateway_tls_cert or True
-            self._fetch = HttpFetch(self.gateway_url, headers, verify)
-            self.scraper = GatewayScraper(self.gateway_url, self._fetch)
+            self._targets = ReplicaTargets(urls, headers, verify)
+            self.scraper = GatewayScraper(", ".join(urls), targets=self._targets)
 
     def close(self) -> None:
-        """Close the gateway scrape's HTTP client."""
-        if self._fetch is not None:
-            self._fetch.close()
+        """Close the gateway scrapes' HTTP clients."""
+        if self._targets is not None:
+            self._targets.close()
 
     def _asset(self, name: str, request: Request) -> Response:
         asset = self.assets.get(name)
@@ -135,7 +139,10 @@ class Console:
                 ServingFigures(
                     gateway_url="",
                     reachable=False,
-                    error="no gateway configured (carrara up sets one; else settings.gateway_url)",
+                    error=(
+                        "no gateway configured (carrara up sets one; else the gateway_url or "
+                        "gateway_metrics_urls setting)"
+                    ),
                     scraped_at=0.0,
                     window_s=0.0,
                     variants=[],

@@ -543,6 +543,13 @@ function splitBar(variants) {
       `${v.name} ${v.weight_bp / 100}%`)));
 }
 
+function replicaText(f) {
+  const replicas = f.replicas || [];
+  if (replicas.length <= 1) return `From ${(replicas[0] || {}).url || f.gateway_url}/metrics`;
+  const up = replicas.filter((r) => r.reachable).length;
+  return `Summed over ${up} of ${replicas.length} gateway replicas (${f.gateway_url})`;
+}
+
 async function pageDeployments() {
   const models = await get("/models");
   const chosen = query().get("model") || (models.find((m) => m.production_version) || models[0] || {}).name;
@@ -562,7 +569,8 @@ async function pageDeployments() {
       return Object.assign({ _key: v.variant, configured: conf ? conf.weight_bp / 100 : null }, v);
     });
     live.replaceChildren(
-      h("p", { class: "muted" }, `From ${f.gateway_url}/metrics, over the last ${f.window_s ? f.window_s.toFixed(1) + " s" : "— (one scrape so far)"}; refreshes every 2 s.`),
+      h("p", { class: "muted", testid: "live-source" }, `${replicaText(f)}, over the last ${f.window_s ? f.window_s.toFixed(1) + " s" : "— (one scrape so far)"}; refreshes every 2 s.`),
+      f.error ? h("p", { class: "error", testid: "live-replica-errors" }, `Not answering: ${f.error}`) : null,
       rows.length ? table([
         { label: "Variant", cell: (v) => v.variant }, { label: "Version", cell: (v) => `v${v.version}` },
         { label: "Configured", num: true, cell: (v) => v.configured === null ? "—" : `${v.configured}%` },
