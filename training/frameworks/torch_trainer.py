@@ -21,7 +21,8 @@ Distributed data parallel (:func:`fit_distributed`)::
     fit_distributed(estimator, params, data, ctx, *, nproc_per_node, nnodes=1,
                     backend=None, gpus=0, timeout_s=3600.0, env=None) -> FitResult
 
-launches ``python -m torch.distributed.run --nproc_per_node=N --nnodes=1 --rdzv-backend=c10d
+launches (through :mod:`.launch`, so it ends with the worker) ``python -m torch.distributed.run
+--nproc_per_node=N --nnodes=1 --rdzv-backend=c10d
 --rdzv-endpoint=127.0.0.1:<free port> -m carrara.training.frameworks.torch_ddp <workdir>``
 (the worker calls it instead of ``TRAINER.fit`` when ``resources.processes_per_node > 1``, with
 ``nproc_per_node=processes_per_node, gpus=resources.gpus``; only ``nnodes=1`` so far). Each
@@ -968,8 +969,10 @@ def _torchrun_cmd(
             "--rdzv-backend=static", f"--node-rank={node_rank}",
             f"--master-addr={master[0]}", f"--master-port={master[1]}",
         ]  # fmt: skip
+    # Through `launch`: torchrun gets SIGTERM (and stops its ranks) if this process dies.
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "carrara.training.frameworks.launch", str(os.getpid()),
+        "torch.distributed.run",
         f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}", *rdzv, "--max-restarts=0",
         "-m", "carrara.training.frameworks.torch_ddp", str(workdir),
     ]  # fmt: skip

@@ -163,3 +163,83 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(tmp_path: Path) -> None
         queue.close()
         registry.close()
         features.close()
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (from /proc: each process's parent)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # zombies are already gone
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path) -> None:
+    """A worker killed while torchrun trains a 2-rank job: torchrun gets SIGTERM from the
+    kernel as its parent dies and stops its ranks; nothing keeps training unowned."""
+    from carrara.training.spec import Resources
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    features = FeatureService.open(catalog_url=url, offline_path=str(tmp_path / "offline"))
+    queue = JobQueue.open(url)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        params = {"epochs": 500, "batch_size": 16, "hidden": [8], "lr": 0.01}
+        spec = mlp_job(
+            features, tmp_path, model_name="orphans", n=N, params=params,
+            resources=Resources(processes_per_node=2),
+        )  # fmt: skip
+        queue.submit(spec, submitted_by="ci")
+        with open(tmp_path / "worker.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "carrara", "train", "worker", "--until-idle"],
+                env=worker_env(tmp_path, url),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
+        below: set[int] = set()
+        while len(below) < 3:  # torchrun and its two ranks
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"no torchrun with 2 ranks under the worker ({proc.returncode}):\n"
+                    + (tmp_path / "worker.log").read_text()[-3000:]
+                )
+            time.sleep(0.2)
+            below = _descendants(proc.pid)
+        time.sleep(1.0)  # the ranks are training
+        below = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 45
+        while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in below if _alive(pid)]
+        for pid in left:  # leave nothing running whatever the outcome
+            os.kill(pid, signal.SIGKILL)
+        assert left == [], f"still running after the worker died: {left}"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        queue.close()
+        features.close()
