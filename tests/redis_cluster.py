@@ -25,13 +25,18 @@ def available() -> bool:
 
 
 def _free_ports(n: int) -> list[int]:
-    """``n`` free ports whose cluster bus ports (+10000) are free too."""
+    """``n`` free ports whose cluster bus ports (+10000) are free too; both below the
+    ephemeral range when it leaves room (no outgoing connection takes them meanwhile)."""
+    from carrara.ports import ephemeral_range, free_port
+
+    low, _ = ephemeral_range()
     ports: list[int] = []
+    tries = 0
     while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + 10000 > 65535 or port in ports:
+        tries += 1
+        port = free_port("127.0.0.1")
+        below = port + 10000 < low
+        if port + 10000 > 65535 or port in ports or (not below and tries < 200):
             continue
         with socket.socket() as s:
             try:
