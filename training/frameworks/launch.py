@@ -5,9 +5,10 @@
 runs ``python -m MODULE ARGS...`` in this process after asking Linux to send it SIGTERM when
 the process that started it dies (``prctl(PR_SET_PDEATHSIG)``). A training worker that is
 SIGKILLed (OOM killer, a node drain's hard kill) therefore leaves no orphan torchrun training
-on: torchrun, on SIGTERM, stops its ranks. If the parent died before the request was made
-(``getppid()`` is no longer ``PARENT_PID``) this exits at once. Elsewhere than Linux the module
-just runs.
+on: torchrun, on SIGTERM, stops its ranks, and each rank also leaves on its own once the
+launcher is gone (it watches ``$CARRARA_LAUNCHER_PID``, set here). If the parent died before
+the request was made (``getppid()`` is no longer ``PARENT_PID``) this exits at once. Elsewhere
+than Linux the module just runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import runpy
 import signal
 import sys
 
-__all__ = ["main"]
+__all__ = ["LAUNCHER_PID_ENV", "main"]
+
+#: Set for the launched module (and so for torchrun's ranks): this process's pid.
+LAUNCHER_PID_ENV = "CARRARA_LAUNCHER_PID"
 
 PR_SET_PDEATHSIG = 1
 #: Exit status when the parent was already gone (as a SIGTERM'd process would report).
@@ -38,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent:
             return ORPHANED
+    # The ranks torchrun starts watch this process (see torch_ddp): if torchrun itself dies
+    # without stopping them, they end too.
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     sys.argv = [module, *args[2:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from carrara.errors import CancelledError, DeadlineExceededError
 
 from .base import Preempted, Pruned, TrainData
+from .launch import LAUNCHER_PID_ENV, ORPHANED
 from .torch_trainer import (
     Decision,
     Distributed,
@@ -105,8 +107,28 @@ def _leader_preempt(workdir: Path) -> Callable[[int, int, Callable[[], bytes]], 
     return on_preempt
 
 
+def _leave_with_launcher(poll_s: float = 0.5) -> None:
+    """End this rank (exit status 143, as for SIGTERM) once the launcher that started it is
+    gone: torchrun killed without the chance to stop its ranks must not leave them training.
+    The launcher is ``$CARRARA_LAUNCHER_PID`` (set by :mod:`.launch`, torchrun itself), else
+    this process's parent at start."""
+    expected = os.environ.get(LAUNCHER_PID_ENV, "")
+    parent = int(expected) if expected.isdigit() else os.getppid()
+    if os.getppid() != parent:
+        os._exit(ORPHANED)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # reparented: the launcher died
+                os._exit(ORPHANED)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def run_rank(workdir: Path) -> None:
     """Train this rank's share; rank 0 reports and writes the final state."""
+    _leave_with_launcher()
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -185,6 +185,31 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()[:400]
+    except OSError:
+        return ""
+
+
+def _training(pids: set[int]) -> dict[int, str]:
+    """The torchrun launchers and ranks among ``pids``, with their command lines."""
+    out = {}
+    for pid in pids:
+        cmd = _cmdline(pid)
+        if "torch.distributed.run" in cmd or "carrara.training.frameworks.torch_ddp" in cmd:
+            out[pid] = cmd
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -193,9 +218,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["worker", "torchrun"])
+def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path, victim: str) -> None:
     """A worker killed while torchrun trains a 2-rank job: torchrun gets SIGTERM from the
-    kernel as its parent dies and stops its ranks; nothing keeps training unowned."""
+    kernel as its parent dies and stops its ranks; nothing keeps training unowned. torchrun
+    itself SIGKILLed (it cannot stop its ranks then): each rank sees its launcher gone and
+    leaves."""
     from carrara.training.spec import Resources
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
@@ -217,26 +245,31 @@ def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path) -> None:
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 120
-        below: set[int] = set()
-        while len(below) < 3:  # torchrun and its two ranks
+        training: dict[int, str] = {}
+        while len(training) < 3:  # torchrun and its two ranks
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(
                     f"no torchrun with 2 ranks under the worker ({proc.returncode}):\n"
                     + (tmp_path / "worker.log").read_text()[-3000:]
                 )
             time.sleep(0.2)
-            below = _descendants(proc.pid)
+            training = _training(_descendants(proc.pid))
         time.sleep(1.0)  # the ranks are training
-        below = _descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        training = _training(_descendants(proc.pid))
+        if victim == "worker":
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        else:
+            [launcher] = [pid for pid, cmd in training.items() if "torch.distributed.run" in cmd]
+            os.kill(launcher, signal.SIGKILL)
         deadline = time.monotonic() + 45
-        while any(_alive(pid) for pid in below) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in training) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [pid for pid in below if _alive(pid)]
+        left = {pid: training[pid] for pid in training if _alive(pid)}
+        states = {pid: _status(pid) for pid in left}
         for pid in left:  # leave nothing running whatever the outcome
             os.kill(pid, signal.SIGKILL)
-        assert left == [], f"still running after the worker died: {left}"
+        assert left == {}, f"still running after the worker died: {left}\n{states}"
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

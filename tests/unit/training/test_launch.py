@@ -4,8 +4,11 @@ the parent that asked for it is gone."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +35,51 @@ def test_a_parent_already_gone_means_no_start() -> None:
 def test_usage() -> None:
     assert launch.main(["not-a-pid", "json.tool"]) == 2
     assert launch.main([]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_leaves_once_its_launcher_is_gone(tmp_path: Path) -> None:
+    """A rank whose launcher (torchrun) was SIGKILLed, so never stopped it, ends by itself."""
+    pid_file = tmp_path / "rank.pid"
+    rank = (
+        "import os, sys, time\n"
+        "from carrara.training.frameworks.torch_ddp import _leave_with_launcher\n"
+        "_leave_with_launcher(poll_s=0.05)\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    launcher = (
+        "import os, subprocess, sys, time\n"
+        f"env = dict(os.environ, {launch.LAUNCHER_PID_ENV}=str(os.getpid()))\n"
+        "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], env=env)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher, rank, str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert _running(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gone = not _running(child)
+        if not gone:
+            os.kill(child, signal.SIGKILL)
+        assert gone, "the rank outlived its launcher"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
