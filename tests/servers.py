@@ -34,14 +34,7 @@ from carrara.gateway.engine import ModelDeployment, OnlineReader, ServingEngine,
 from carrara.gateway.onnx_models import write_linear_model
 from carrara.gateway.server import GatewayServer, ServerThread
 from carrara.gateway.service import Gateway
-
-
-def free_port() -> int:
-    """A loopback port free right now (for a process that must be told its port), below the
-    ephemeral range so no outgoing connection takes it before that process binds it."""
-    from carrara.ports import free_port as pick
-
-    return pick("127.0.0.1")
+from carrara.ports import free_port as free_port  # re-exported: tests pick ports here
 
 
 @contextmanager

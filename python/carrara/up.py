@@ -56,6 +56,7 @@ import msgspec
 
 from carrara.config import ENV_PREFIX, Settings, load_settings, read_config_file
 from carrara.errors import ConfigError, FailedPreconditionError, UnavailableError
+from carrara.ports import free_port
 
 __all__ = [
     "ChildExitedError",
@@ -178,12 +179,6 @@ def upgrade_schemas(url: str) -> None:
         importlib.import_module(module_name).upgrade(url)
 
 
-def _free_port(host: str) -> int:
-    from carrara.ports import free_port
-
-    return free_port(host)
-
-
 def _has_command(*words: str) -> bool:
     """Whether ``carrara WORDS...`` exists (e.g. ``train triggers``, added by another part)."""
     from carrara.cli import build_parser
@@ -247,9 +242,9 @@ class Services:
         self._python = python
         self.run_dir = Path(config.run_dir or Path(settings.home) / "run")
         host = config.host
-        self.api_port = config.api_port or _free_port(host)
-        self.http_port = config.gateway_http_port or _free_port(host)
-        self.grpc_port = config.gateway_grpc_port or _free_port(host)
+        self.api_port = config.api_port or free_port(host)
+        self.http_port = config.gateway_http_port or free_port(host)
+        self.grpc_port = config.gateway_grpc_port or free_port(host)
         self.api_url = f"http://{host}:{self.api_port}"
         tls = bool(settings.gateway_tls_cert)
         self.gateway_url = f"{'https' if tls else 'http'}://{host}:{self.http_port}"

@@ -79,6 +79,7 @@ from carrara.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from carrara.ports import free_port
 
 from .base import (
     FitResult,
@@ -784,12 +785,6 @@ TRAINER = TorchTrainer()
 # --- torchrun launcher ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    from carrara.ports import free_port
-
-    return free_port("127.0.0.1")
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -915,7 +910,7 @@ def fit_distributed(
             raise failure
         rc = proc.returncode
         final_path = workdir / "final.pt"
-        if rc != 0 and _finished_despite(rc, workdir, nproc_per_node, "node rank 0"):
+        if _finished_despite(rc, workdir, nproc_per_node, "node rank 0"):
             rc = 0
         if rc != 0 or not final_path.exists():
             raise RankFailedError(
@@ -963,7 +958,7 @@ def _torchrun_cmd(
     """torchrun for one node: a local c10d rendezvous when alone, else a static one on node
     rank 0's store (``--nnodes N --node-rank r --master-addr A --master-port P``)."""
     if master is None:
-        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port('127.0.0.1')}"]
     else:
         rdzv = [
             "--rdzv-backend=static", f"--node-rank={node_rank}",
@@ -1049,26 +1044,23 @@ def run_node(
         )
 
 
-def _done_ranks(workdir: Path) -> int:
-    """How many ranks passed the final barrier here (``done-rank<r>``, temp files not counted)."""
-    return sum(1 for f in workdir.glob("done-rank*") if f.name[9:].isdigit())
+def _marked_ranks(workdir: Path, marker: str) -> int:
+    """How many ranks left a ``<marker>-rank<r>`` file here (temp files not counted):
+    ``done`` (passed the final barrier), ``preempted`` (stopped for a preemption)."""
+    prefix = f"{marker}-rank"
+    return sum(1 for f in workdir.glob(f"{prefix}*") if f.name[len(prefix) :].isdigit())
 
 
 def _finished_despite(rc: int | None, workdir: Path, ranks: int, where: str) -> bool:
     """True when torchrun's non-zero exit came after every one of this node's ``ranks`` ranks
     finished (a crash in teardown, after the result was written): the result stands."""
-    if rc == 0 or ranks <= 0 or _done_ranks(workdir) < ranks:
+    if rc == 0 or ranks <= 0 or _marked_ranks(workdir, "done") < ranks:
         return False
     log.warning(
         "%s: torchrun exited with code %s after all %d local ranks finished; keeping the result",
         where, rc, ranks,
     )  # fmt: skip
     return True
-
-
-def _preempted_ranks(workdir: Path) -> int:
-    """How many ranks left a ``preempted-rank<r>`` marker here (temp files not counted)."""
-    return sum(1 for f in workdir.glob("preempted-rank*") if f.name[14:].isdigit())
 
 
 #: How long a stop may wait for the ranks' next epoch before they are ended.
@@ -1100,7 +1092,7 @@ def _relay(
         # Handed back once the checkpoint is saved and every local rank has stopped training:
         # no need to wait for torchrun's own teardown (seconds); the caller stops it.
         # (Rank 0 appends its preempt event before its marker: read below in this pass.)
-        stopped = ranks > 0 and _preempted_ranks(workdir) >= ranks
+        stopped = ranks > 0 and _marked_ranks(workdir, "preempted") >= ranks
         if stopped and proc.poll() is None:
             # Every local rank stopped training and left its marker; what is left is process
             # teardown (~1 s here) that a machine being preempted should not wait for.
@@ -1157,7 +1149,7 @@ def _relay(
                 "distributed training ran past its timeout; raise timeout_s or train less"
             )
         time.sleep(0.01)
-    if failure is None and _preempted_ranks(workdir):
+    if failure is None and _marked_ranks(workdir, "preempted"):
         at_epoch, at_step = handback if handback is not None else (None, 0)
         where = f" after step {at_step} of epoch {at_epoch + 2}" if at_epoch is not None else ""
         failure = Preempted(f"distributed training preempted{where}", epoch=at_epoch, step=at_step)

@@ -411,7 +411,8 @@ class ReplicaTargets:
             url = raw.strip().rstrip("/")
             if not url:
                 continue
-            scheme = urlsplit(url).scheme
+            parts = urlsplit(url)
+            scheme = parts.scheme
             if scheme == "dns+https":
                 raise ConfigError(
                     f"{url}: dns+ discovery scrapes each address over plain HTTP; for a gateway "
@@ -419,7 +420,7 @@ class ReplicaTargets:
                 )
             if scheme not in ("http", "https", "dns+http"):
                 raise ConfigError(f"gateway metrics URL {raw!r} must be http(s):// or dns+http://")
-            if urlsplit(url).hostname is None:
+            if parts.hostname is None:
                 raise ConfigError(f"gateway metrics URL {raw!r} names no host")
             self.urls.append(url)
         if not self.urls:

@@ -18,6 +18,7 @@ from carrara.training.checkpoints import CheckpointStore, checkpoint_root
 from carrara.training.queue import JobQueue
 from carrara.training.spec import JobSpec
 from carrara.training.worker import Worker, run_job
+from tests.proc import alive, cmdline, descendants, status
 from tests.training_data import mlp_job, worker_env
 
 DAY_US = 86_400_000_000
@@ -165,57 +166,14 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(tmp_path: Path) -> None
         features.close()
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (from /proc: each process's parent)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":  # zombies are already gone
-            parents[int(entry.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.replace(b"\0", b" ").decode(errors="replace")
-
-
-def _status(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text()[:400]
-    except OSError:
-        return ""
-
-
 def _training(pids: set[int]) -> dict[int, str]:
     """The torchrun launchers and ranks among ``pids``, with their command lines."""
     out = {}
     for pid in pids:
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         if "torch.distributed.run" in cmd or "carrara.training.frameworks.torch_ddp" in cmd:
             out[pid] = cmd
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("victim", ["worker", "torchrun"])
@@ -253,9 +211,9 @@ def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path, victim: st
                     + (tmp_path / "worker.log").read_text()[-3000:]
                 )
             time.sleep(0.2)
-            training = _training(_descendants(proc.pid))
+            training = _training(descendants(proc.pid))
         time.sleep(1.0)  # the ranks are training
-        training = _training(_descendants(proc.pid))
+        training = _training(descendants(proc.pid))
         if victim == "worker":
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
@@ -263,10 +221,10 @@ def test_a_sigkilled_worker_leaves_no_torchrun_behind(tmp_path: Path, victim: st
             [launcher] = [pid for pid, cmd in training.items() if "torch.distributed.run" in cmd]
             os.kill(launcher, signal.SIGKILL)
         deadline = time.monotonic() + 45
-        while any(_alive(pid) for pid in training) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in training) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = {pid: training[pid] for pid in training if _alive(pid)}
-        states = {pid: _status(pid) for pid in left}
+        left = {pid: training[pid] for pid in training if alive(pid)}
+        states = {pid: status(pid) for pid in left}
         for pid in left:  # leave nothing running whatever the outcome
             os.kill(pid, signal.SIGKILL)
         assert left == {}, f"still running after the worker died: {left}\n{states}"

@@ -33,6 +33,7 @@ from carrara.training.spec import (
     Resources,
 )
 from carrara.training.worker import run_job
+from tests.proc import cmdline
 from tests.training_data import mlp_job, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -137,13 +138,7 @@ def _rank_pids(marker: str) -> list[int]:
     """The torchrun rank processes whose command line holds ``marker`` (a work folder)."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        text = b" ".join(cmd).decode(errors="replace")
+        text = cmdline(entry.name) if entry.name.isdigit() else ""
         if (
             "carrara.training.frameworks.torch_ddp" in text
             and marker in text

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from carrara.training.frameworks import launch
+from tests.proc import alive
 
 SHIM = [sys.executable, "-m", "carrara.training.frameworks.launch"]
 
@@ -61,13 +62,13 @@ def test_a_rank_leaves_once_its_launcher_is_gone(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and parent.poll() is None
             time.sleep(0.05)
         child = int(pid_file.read_text())
-        assert _running(child)
+        assert alive(child)
         parent.kill()
         parent.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while _running(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        gone = not _running(child)
+        gone = not alive(child)
         if not gone:
             os.kill(child, signal.SIGKILL)
         assert gone, "the rank outlived its launcher"
@@ -75,11 +76,3 @@ def test_a_rank_leaves_once_its_launcher_is_gone(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
